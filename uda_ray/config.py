@@ -1,0 +1,444 @@
+"""The run configuration: a tree of frozen dataclasses, the one source of defaults.
+
+A YAML file may set only fields that exist; dotted overrides (``loss.cluda.temperature=0.1``) are parsed to the
+field's type. Every bound of METHODS.md is declared next to its field and checked on load, so a wrong key, type or
+value fails with the key's name, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value that is not allowed; the message names the source and the key."""
+
+
+def _f(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+       lt: float | None = None, choices: tuple | None = None, doc: str = "") -> Any:
+    """A dataclass field with its allowed range recorded in metadata."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, doc=doc).items() if v not in (None, "")}
+    return field(default=default, metadata=meta)
+
+
+def _sub(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+# ----------------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The built-in procedural domain pair (see uda_ray/data/synthetic.py)."""
+
+    cache_dir: str = _f("~/.cache/uda-ray/synthetic", doc="generated once per parameter set under this folder")
+    seed: int = _f(0, ge=0)
+    num_source: int = _f(300, ge=1)
+    num_target: int = _f(300, ge=1)
+    num_val: int = _f(60, ge=1)
+    height: int = _f(96, ge=16)
+    width: int = _f(192, ge=16)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f("synthetic", choices=("synthetic", "gta5", "synthia"))
+    target: str = _f("synthetic", choices=("synthetic", "cityscapes"))
+    source_root: str = _f("", doc="dataset folder; empty for the synthetic pair's cache")
+    target_root: str = _f("")
+    protocol: int = _f(19, choices=(19, 16, 13), doc="evaluation classes (METHODS.md §7)")
+    source_resize: tuple[int, int] = _f((96, 192), ge=1, doc="(height, width) before cropping")
+    target_resize: tuple[int, int] = _f((96, 192), ge=1)
+    crop: tuple[int, int] = _f((64, 64), ge=1, doc="(height, width) random crop, at most the resize")
+    val_resize: tuple[int, int] = _f((96, 192), ge=1, doc="inference size; logits are upsampled to the label")
+    flip: bool = _f(True)
+    batch_size: int = _f(2, ge=1, doc="images per domain per worker")
+    loader_workers: int = _f(0, ge=0)
+    val_max_images: int = _f(0, ge=0, doc="0 = the whole val split")
+    synthetic: SyntheticConfig = _sub(SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = _f("resnet18", doc="any timm model that supports features_only")
+    pretrained: bool = _f(False)
+    pretrained_path: str = _f("", doc="local state dict for the backbone (loaded with weights_only=True)")
+    out_indices: tuple[int, ...] = _f((), ge=0, doc="backbone levels; empty = the last four")
+    embed_dim: int = _f(256, ge=1, doc="channels each level is embedded to in the fusion decoder")
+    dropout: float = _f(0.1, ge=0.0, lt=1.0)
+    sync_bn: bool = _f(False, doc="SyncBatchNorm under DDP")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    alpha: float = _f(0.999, ge=0.0, lt=1.0, doc="EMA: alpha_t = min(1 - 1/(t+1), alpha)")
+    pseudo_threshold: float = _f(0.968, ge=0.0, le=1.0)
+    weighting: str = _f("scalar", choices=("scalar", "pixel"), doc="scalar: fraction above threshold per image")
+    ignore_top: int = _f(0, ge=0, doc="pixels at the top with pseudo-label weight 0")
+    ignore_bottom: int = _f(0, ge=0)
+
+
+@dataclass(frozen=True)
+class TargetToSourceConfig:
+    enabled: bool = _f(False)
+    t_max: float = _f(0.95, ge=0.0, le=1.0, doc="target pixels above this teacher confidence are pasted")
+    weight: float = _f(0.1, ge=0.0)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    class_ratio: float = _f(0.5, ge=0.0, le=1.0, doc="fraction (ceil) of source classes pasted by ClassMix")
+    prob: float = _f(1.0, ge=0.0, le=1.0, doc="probability that an image pair is ClassMixed")
+    jitter_strength: float = _f(0.2, ge=0.0, le=1.0)
+    jitter_prob: float = _f(0.8, ge=0.0, le=1.0)
+    blur_prob: float = _f(0.5, ge=0.0, le=1.0)
+    blur_sigma_min: float = _f(0.15, gt=0.0)
+    blur_sigma_max: float = _f(1.15, gt=0.0)
+    target_to_source: TargetToSourceConfig = _sub(TargetToSourceConfig)
+
+
+@dataclass(frozen=True)
+class CludaConfig:
+    weight: float = _f(0.0, ge=0.0, doc="0 removes the term (METHODS default when on: 1.0)")
+    temperature: float = _f(1.0, gt=0.0)
+    fm_size: int = _f(65, ge=1, doc="features and labels are resized to fm_size x fm_size")
+    on_source: bool = _f(True)
+    on_mix: bool = _f(True)
+    chunk_size: int = _f(0, ge=0, doc="anchor block size; 0 = direct N x N form")
+
+
+@dataclass(frozen=True)
+class CFContraConfig:
+    weight: float = _f(0.0, ge=0.0, doc="each of the four src/tgt x bank pairs (METHODS default 0.001)")
+    temperature: float = _f(0.07, gt=0.0)
+    bank_size: int = _f(1, ge=1, doc="entries per class; 1 = momentum centroid")
+    momentum: float = _f(0.9, ge=0.0, le=1.0)
+    margin: float = _f(0.05, ge=0.0)
+    proj_dim: int = _f(128, ge=1)
+
+
+@dataclass(frozen=True)
+class EntropyConfig:
+    weight: float = _f(0.0, ge=0.0, doc="MinEnt on target predictions (METHODS default 0.001)")
+
+
+@dataclass(frozen=True)
+class SDCAConfig:
+    weight_feat: float = _f(0.0, ge=0.0, doc="backbone-feature level (METHODS default 1.0)")
+    weight_out: float = _f(0.0, ge=0.0, doc="logit level")
+    tau: float = _f(100.0, gt=0.0)
+    delta: float = _f(0.9, ge=0.0, le=1.0, doc="target pixels need this teacher confidence")
+
+
+@dataclass(frozen=True)
+class CrossViewConfig:
+    pixel_weight: float = _f(0.0, ge=0.0, doc="METHODS default 0.01 (GTA) / 0.008 (SYNTHIA)")
+    proto_weight: float = _f(0.0, ge=0.0)
+    pixel_temperature: float = _f(0.05, gt=0.0)
+    proto_temperature: float = _f(0.14, gt=0.0)
+    grid_size: int = _f(32, ge=1, doc="views are compared on a grid_size x grid_size grid of pixels")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    source_weight: float = _f(1.0, ge=0.0)
+    mix_weight: float = _f(1.0, ge=0.0, doc="weighted CE on the mixed image; 0 = source-only")
+    cluda: CludaConfig = _sub(CludaConfig)
+    cfcontra: CFContraConfig = _sub(CFContraConfig)
+    entropy: EntropyConfig = _sub(EntropyConfig)
+    sdca: SDCAConfig = _sub(SDCAConfig)
+    cross_view: CrossViewConfig = _sub(CrossViewConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _f("adamw", choices=("adamw", "sgd"))
+    lr: float = _f(6e-5, gt=0.0)
+    head_lr_mult: float = _f(10.0, gt=0.0)
+    weight_decay: float = _f(0.01, ge=0.0)
+    momentum: float = _f(0.9, ge=0.0, lt=1.0, doc="SGD only")
+    warmup_iters: int = _f(1500, ge=0)
+    warmup_ratio: float = _f(1e-6, ge=0.0, le=1.0, doc="learning-rate factor at iteration 0 of the warm-up")
+    poly_power: float = _f(1.0, ge=0.0)
+    grad_clip: float = _f(0.0, ge=0.0, doc="max gradient norm; 0 = off")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    iterations: int = _f(40000, ge=1)
+    eval_every: int = _f(4000, ge=1)
+    checkpoint_every: int = _f(4000, ge=1)
+    log_every: int = _f(50, ge=1)
+    seed: int = _f(0, ge=0)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    precision: str = _f("fp32", choices=("fp32", "bf16"), doc="bf16 = torch.autocast with bfloat16")
+    output_dir: str = _f("results")
+    name: str = _f("", doc="run folder name under output_dir; empty = derived from the config file and time")
+    threads: int = _f(0, ge=0, doc="torch intra-op threads; 0 = torch's default")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = _sub(DataConfig)
+    model: ModelConfig = _sub(ModelConfig)
+    teacher: TeacherConfig = _sub(TeacherConfig)
+    mix: MixConfig = _sub(MixConfig)
+    loss: LossConfig = _sub(LossConfig)
+    optim: OptimConfig = _sub(OptimConfig)
+    run: RunConfig = _sub(RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> Config:
+        return from_dict(d, source=source)
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) that ``from_dict`` turns back into an equal config."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{dotted key: value}`` for every leaf field; tuples stay tuples."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = v
+
+    walk(cfg, "")
+    return out
+
+
+def all_keys() -> list[str]:
+    return list(flatten(Config()))
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    return f" (closest valid key: '{match[0]}')" if match else ""
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    lo = f"> {meta['gt']}" if "gt" in meta else (f">= {meta['ge']}" if "ge" in meta else "")
+    hi = f"< {meta['lt']}" if "lt" in meta else (f"<= {meta['le']}" if "le" in meta else "")
+    return " and ".join(p for p in (lo, hi) if p) or "any value"
+
+
+def _check_range(value: Any, meta: dict[str, Any]) -> bool:
+    if "choices" in meta:
+        return value in meta["choices"]
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return not (("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
+                or ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"]))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' = {value!r}: expected {expected}")
+
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list of {'any number of' if args[-1] is Ellipsis else len(args)} integers")
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(_coerce(v, args[0], key, source) for v in value)
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def from_dict(d: dict[str, Any], *, source: str = "<dict>", cls: type = Config, prefix: str = "") -> Any:
+    """Build a (sub)config from a nested dict; unknown keys, wrong types and out-of-range values raise."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{source}: unknown key '{key}'{_closest(key, all_keys())}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(value, source=source, cls=tp, prefix=f"{key}.")
+            continue
+        v = _coerce(value, tp, key, source)
+        meta = dict(fields[name].metadata)
+        items = v if isinstance(v, tuple) else (v,)
+        if not all(_check_range(x, meta) for x in items):
+            raise ConfigError(f"{source}: key '{key}' = {value!r} is out of range: expected {_describe(meta)}")
+        kwargs[name] = v
+    obj = cls(**kwargs)
+    if cls is Config:
+        _check_cross(obj, source)
+    return obj
+
+
+def _check_cross(cfg: Config, source: str) -> None:
+    """Constraints that involve more than one field."""
+    d = cfg.data
+    for name in ("source_resize", "target_resize"):
+        size = getattr(d, name)
+        if d.crop[0] > size[0] or d.crop[1] > size[1]:
+            raise ConfigError(f"{source}: key 'data.crop' = {list(d.crop)} is larger than 'data.{name}' = "
+                              f"{list(size)}: the crop must fit inside the resized image")
+    if cfg.mix.blur_sigma_min > cfg.mix.blur_sigma_max:
+        raise ConfigError(f"{source}: key 'mix.blur_sigma_min' = {cfg.mix.blur_sigma_min} exceeds "
+                          f"'mix.blur_sigma_max' = {cfg.mix.blur_sigma_max}")
+    for side in ("source", "target"):
+        if getattr(d, side) != "synthetic" and not getattr(d, f"{side}_root"):
+            raise ConfigError(f"{source}: key 'data.{side}_root' is empty but 'data.{side}' = "
+                              f"{getattr(d, side)!r} needs the dataset folder")
+
+
+# ------------------------------------------------------------------------------------------------- overrides
+def _nested_set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def field_type(key: str) -> Any:
+    """The annotation of a dotted key; raises ConfigError for unknown keys."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if p not in hints:
+            raise ConfigError(f"unknown key '{key}'{_closest(key, all_keys())}")
+        cls = hints[p]
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown key '{key}'{_closest(key, all_keys())}")
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"key '{key}' is a section, not a value{_closest(key, all_keys())}")
+    return cls
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'loss.cluda.temperature=0.1'`` → ``('loss.cluda.temperature', 0.1)``, typed by the field."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    tp = field_type(key)
+    if tp is str:
+        return key, raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value {raw!r}: {e}") from e
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str], *, source: str = "overrides") -> Config:
+    """A new config with dotted overrides applied (a dict of typed values or a list of ``key=value`` strings)."""
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(parse_override(o) for o in overrides)
+    d = to_dict(cfg)
+    for key, value in overrides.items():
+        field_type(key)  # unknown keys fail here with the closest valid key
+        _nested_set(d, key, value)
+    return from_dict(d, source=source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def load_dict(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a config YAML with its ``base:`` file merged under it (one level)."""
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base' must be a file path, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    base_data = _read_yaml(base_path)
+    if "base" in base_data:
+        raise ConfigError(f"{base_path}: a base config may not name another base (only one level is allowed)")
+    from_dict(base_data, source=str(base_path))  # errors in the base name the base file
+    return _deep_merge(base_data, data)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Load a run config YAML (with its optional ``base:``) and apply dotted overrides."""
+    cfg = from_dict(load_dict(path), source=str(path))
+    return apply_overrides(cfg, overrides, source=f"{path} (overrides)") if overrides else cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
