@@ -1,0 +1,740 @@
+"""Search-space YAML → a validated ``SearchSpec`` → an Optuna define-by-run function (no Ray import here).
+
+File format (``search_spaces/*.yaml``; the first line is a comment holding the command that runs the file)::
+
+    # uda-ray tune search_spaces/demo.yaml
+    experiment: demo                      # a folder-safe name; the driver makes it unique
+    base:
+      config: base/synthetic.yaml         # a run config, relative to this YAML file
+      overrides: {run.iterations: 120}    # optional: dotted keys with typed values
+    metric: val/miou                      # or a list, e.g. [val/miou, time/iter_s] (multi-objective)
+    mode: max                             # max | min, or a list as long as ``metric``
+    sampler: {type: tpe, seed: 0}         # tpe | cmaes | gp | random | nsga2; optional, default {type: tpe, seed: 0}
+                                          # tpe, gp, cmaes also take n_startup_trials; nsga2 takes population_size
+    num_samples: 8                        # trials
+    max_concurrent: 2                     # optional, default 1
+    max_failures: 0                       # optional, default 0: Tune FailureConfig retries per trial
+    scheduler: {type: asha, grace_period: 40, max_t: 120, reduction_factor: 2}   # in iterations; or {type: none}
+    resources: {workers: 0, gpus_per_worker: 0, cpus_per_worker: 1}
+                                          # optional (these are the defaults); workers 0 = in-process, with one
+                                          # worker's GPUs and CPUs
+    switches:                             # optional: named categorical choices that are not config keys
+      method:
+        choice: [base, cluda, target_mix]
+        apply:                            # the overrides each value implies; a value without an entry implies none
+          target_mix: {mix.target_to_source.enabled: true}
+        when: {...}                       # optional, may name earlier switches only
+    params:                               # dotted config keys, sampled in this order after the switches
+      loss.cluda.weight: {loguniform: [1.0e-4, 1.0], when: {method: cluda}}
+      loss.cluda.temperature: {uniform: [0.03, 1.0], step: 0.01}     # step optional
+      loss.cluda.fm_size: {int: [32, 65]}                             # log: true and step: k optional
+      teacher.weighting: {choice: [scalar, pixel]}
+      mix.target_to_source.t_max: {fixed: 0.95, when: {method: target_mix}}   # a conditional constant
+      teacher.alpha: 0.999                                            # an unconditional constant
+
+``when: {name: value}`` or ``when: {name: [v1, v2]}`` (any of) makes an entry conditional on an earlier switch or
+param (several names: all must hold); it may name switches, ``choice``, ``int`` and constant entries, never a
+continuous one. An entry whose condition fails is not sampled and its key keeps the base config's value.
+Write floats with a dot (``1.0e-4``): YAML 1.1 reads ``1e-4`` as a string.
+
+Everything is validated before Ray starts: unknown keys, config keys that do not exist (with the closest valid
+key), empty or reversed ranges, log ranges reaching 0, non-integer ``int`` bounds, every bound, choice and constant
+checked against the config's own range rules, conditions on unknown, later or continuous entries or on values the
+entry can never take, a key that a switch value implies and that a ``params`` entry may set in the same trial (a
+param may share a key with a switch only under ``when: {switch: [values that do not imply it]}``), metric names
+outside ``train/ val/ pseudo/ time/``, multi-objective with ASHA or with CMA-ES, and an ASHA ``max_t`` beyond the
+base run's iterations. Every error is a ``SpaceError`` naming the file and the key.
+
+How it meets Ray (``ray.tune.search.optuna.OptunaSearch``, define-by-run, Ray 2.60): the function from
+``define_by_run`` receives Ray's wrapper of an ``optuna.Trial``; every ``trial.suggest_*`` value is captured under its
+name (the switch name or the dotted key), and the dict the function returns (the constants: active fixed entries and
+the implications of the chosen switch values) is merged over them into the Tune trial config. ``trial_overrides``
+turns that Tune config back into the trainer's dotted overrides: base overrides, then switch implications, then
+sampled and constant values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import itertools
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+import yaml
+
+from uda_ray.config import Config, ConfigError, apply_overrides, field_type, load_config
+
+
+class SpaceError(ValueError):
+    """A search-space or ablation YAML that cannot run; the message names the file and the key at fault."""
+
+
+SAMPLERS = ("tpe", "cmaes", "gp", "random", "nsga2")
+SAMPLER_OPTIONS = {"tpe": ("n_startup_trials",), "cmaes": ("n_startup_trials",), "gp": ("n_startup_trials",),
+                   "random": (), "nsga2": ("population_size",)}
+SCHEDULERS = ("none", "asha")
+MODES = ("max", "min")
+METRIC_PATTERN = re.compile(r"^(train|val|pseudo|time)/[A-Za-z0-9_.\-/]+$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
+
+_TOP_KEYS = {"experiment", "base", "metric", "mode", "sampler", "num_samples", "max_concurrent", "max_failures",
+             "scheduler", "resources", "switches", "params"}
+_REQUIRED = ("experiment", "base", "metric", "mode", "num_samples", "params")
+
+
+# --------------------------------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class Scheduler:
+    """``type`` none | asha; the ASHA budget fields are in training iterations (None for ``none``)."""
+
+    type: str = "none"
+    grace_period: int | None = None
+    max_t: int | None = None
+    reduction_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per trial: Ray Train workers (0 = in-process) and what each worker (or the in-process trial) reserves."""
+
+    workers: int = 0
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+
+
+Condition = tuple[tuple[str, tuple[Any, ...]], ...]  # ((name, allowed values), ...): all must hold
+
+
+@dataclass(frozen=True)
+class Param:
+    """One ``params`` entry. ``kind`` is uniform | loguniform | int | choice | fixed."""
+
+    name: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    step: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    value: Any = None
+    when: Condition = ()
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A named categorical choice that is not a config key; each value may imply dotted overrides."""
+
+    name: str
+    choices: tuple[Any, ...]
+    apply: tuple[tuple[Any, dict[str, Any]], ...] = ()
+    when: Condition = ()
+
+    def implied(self, value: Any) -> dict[str, Any]:
+        """The overrides implied by one of the switch's values ({} for a value without an ``apply`` entry)."""
+        for v, overrides in self.apply:
+            if _same(v, value):
+                return dict(overrides)
+        return {}
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A validated search-space YAML. ``metric``/``mode`` are lists for multi-objective searches."""
+
+    path: Path
+    experiment: str
+    base_config: Path
+    base_overrides: dict[str, Any]
+    metric: str | list[str]
+    mode: str | list[str]
+    sampler: str
+    seed: int
+    num_samples: int
+    sampler_options: dict[str, int] = field(default_factory=dict)
+    max_concurrent: int = 1
+    max_failures: int = 0
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    switches: tuple[Switch, ...] = ()
+    params: tuple[Param, ...] = ()
+
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
+    @property
+    def conditional(self) -> bool:
+        """True when some entry has a ``when`` condition (the Optuna search space changes between trials)."""
+        return any(e.when for e in (*self.switches, *self.params))
+
+
+class HasBase(Protocol):
+    base_config: Path
+    base_overrides: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------- shared YAML helpers
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (plain PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping, refusing duplicate keys; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"{path}: file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise SpaceError(f"{path}: expected a mapping of top-level keys, got {type(data).__name__}")
+    return data
+
+
+def _closest(name: str, candidates: list[str] | set[str]) -> str:
+    match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.0)
+    return f" (closest: '{match[0]}')" if match else ""
+
+
+def check_keys(data: dict[str, Any], allowed: set[str], path: Path, where: str) -> None:
+    """Refuse keys outside ``allowed``, naming the closest allowed one."""
+    for key in data:
+        if key not in allowed:
+            raise SpaceError(f"{path}: {where}unknown key '{key}'{_closest(str(key), allowed)}; "
+                             f"expected some of {', '.join(sorted(allowed))}")
+
+
+def _number(value: Any, path: Path, where: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML 1.1 reads numbers like 1e-4 as strings: write 1.0e-4)"
+            except ValueError:
+                pass
+        raise SpaceError(f"{path}: {where} = {value!r}: expected a number{hint}")
+    if not math.isfinite(value):
+        raise SpaceError(f"{path}: {where} = {value!r}: expected a finite number")
+    return value
+
+
+def _int(value: Any, path: Path, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpaceError(f"{path}: {where} = {value!r}: expected an integer")
+    if value < minimum:
+        raise SpaceError(f"{path}: {where} = {value}: expected an integer >= {minimum}")
+    return value
+
+
+def parse_experiment(value: Any, path: Path) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise SpaceError(f"{path}: experiment = {value!r}: expected a folder-safe name (letters, digits, _ . -)")
+    return value
+
+
+def parse_base(value: Any, path: Path) -> tuple[Path, dict[str, Any], Config]:
+    """``base: {config, overrides}`` → (absolute config path, overrides, the validated base config)."""
+    if not isinstance(value, dict):
+        raise SpaceError(f"{path}: base = {value!r}: expected a mapping {{config: FILE, overrides: {{...}}}}")
+    check_keys(value, {"config", "overrides"}, path, "base: ")
+    if not isinstance(value.get("config"), str):
+        raise SpaceError(f"{path}: base.config = {value.get('config')!r}: expected a run-config path "
+                         "relative to this file")
+    config_path = (path.parent / value["config"]).resolve()
+    overrides = value.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise SpaceError(f"{path}: base.overrides = {overrides!r}: expected a mapping of dotted keys to values")
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as e:
+        raise SpaceError(f"{path}: base: {e}") from e
+    return config_path, dict(overrides), cfg
+
+
+def parse_objective(metric: Any, mode: Any, path: Path) -> tuple[str | list[str], str | list[str]]:
+    """One metric and mode, or equally long lists of distinct metrics and modes."""
+    metrics = metric if isinstance(metric, list) else [metric]
+    modes = mode if isinstance(mode, list) else [mode]
+    if not metrics:
+        raise SpaceError(f"{path}: metric is an empty list")
+    for m in metrics:
+        if not isinstance(m, str) or not METRIC_PATTERN.match(m):
+            raise SpaceError(f"{path}: metric {m!r} does not look like a uda-ray metric: expected a name under "
+                             "train/, val/, pseudo/ or time/ (e.g. val/miou)")
+    if len(set(metrics)) != len(metrics):
+        raise SpaceError(f"{path}: metric {metrics} names a metric twice")
+    for m in modes:
+        if m not in MODES:
+            raise SpaceError(f"{path}: mode {m!r}: expected max or min")
+    if isinstance(metric, list) != isinstance(mode, list) or len(metrics) != len(modes):
+        raise SpaceError(f"{path}: metric {metric!r} and mode {mode!r} must both be single values or lists of "
+                         "the same length")
+    return metric, mode
+
+
+def parse_resources(value: Any, path: Path) -> Resources:
+    if value is None:
+        return Resources()
+    if not isinstance(value, dict):
+        raise SpaceError(f"{path}: resources = {value!r}: expected a mapping")
+    check_keys(value, {"workers", "gpus_per_worker", "cpus_per_worker"}, path, "resources: ")
+    workers = _int(value.get("workers", 0), path, "resources.workers", 0)
+    gpus = _number(value.get("gpus_per_worker", 0.0), path, "resources.gpus_per_worker")
+    cpus = _number(value.get("cpus_per_worker", 1.0), path, "resources.cpus_per_worker")
+    if gpus < 0:
+        raise SpaceError(f"{path}: resources.gpus_per_worker = {gpus}: expected >= 0")
+    if cpus <= 0:
+        raise SpaceError(f"{path}: resources.cpus_per_worker = {cpus}: expected > 0")
+    return Resources(workers, float(gpus), float(cpus))
+
+
+def parse_counts(data: dict[str, Any], path: Path) -> tuple[int, int]:
+    """(max_concurrent, max_failures) with their defaults 1 and 0."""
+    return (_int(data.get("max_concurrent", 1), path, "max_concurrent", 1),
+            _int(data.get("max_failures", 0), path, "max_failures", 0))
+
+
+def check_overrides(cfg: Config, overrides: dict[str, Any], path: Path, where: str) -> Config:
+    """The config with ``overrides`` applied; a ConfigError becomes a SpaceError naming ``where``."""
+    if not isinstance(overrides, dict):
+        raise SpaceError(f"{path}: {where} = {overrides!r}: expected a mapping of dotted keys to values")
+    try:
+        return apply_overrides(cfg, overrides, source=str(path))
+    except ConfigError as e:
+        raise SpaceError(f"{path}: {where}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------- conditions
+def _same(a: Any, b: Any) -> bool:
+    """Equality that keeps booleans apart from the integers 0 and 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a is b
+    return a == b
+
+
+def _holds(when: Condition, values: dict[str, Any]) -> bool:
+    return all(name in values and any(_same(values[name], v) for v in allowed) for name, allowed in when)
+
+
+def _can_take(entry: Param | Switch, value: Any) -> bool | None:
+    """Whether ``entry`` can take ``value``; None when the entry is continuous (no condition may name it)."""
+    if isinstance(entry, Switch) or entry.kind == "choice":
+        return any(_same(c, value) for c in entry.choices)
+    if entry.kind == "fixed":
+        return _same(entry.value, value)
+    if entry.kind == "int":
+        return (isinstance(value, int) and not isinstance(value, bool) and entry.low <= value <= entry.high
+                and (value - entry.low) % (entry.step or 1) == 0)
+    return None
+
+
+def _parse_when(value: Any, earlier: dict[str, Param | Switch], later: set[str], path: Path, where: str) -> Condition:
+    if not isinstance(value, dict) or not value:
+        raise SpaceError(f"{path}: {where}.when = {value!r}: expected a non-empty mapping {{name: value or [values]}}")
+    out = []
+    for name, allowed in value.items():
+        if name not in earlier:
+            if name in later:
+                raise SpaceError(f"{path}: {where}.when names '{name}', which is not sampled before it: a condition "
+                                 "may only name an earlier switch or param (sampling follows the YAML order, "
+                                 "switches first)")
+            raise SpaceError(f"{path}: {where}.when names unknown '{name}'{_closest(str(name), set(earlier))}")
+        values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if not values:
+            raise SpaceError(f"{path}: {where}.when.{name} is an empty list")
+        for v in values:
+            ok = _can_take(earlier[name], v)
+            if ok is None:
+                raise SpaceError(f"{path}: {where}.when names '{name}', a continuous param: conditions may name "
+                                 "switches and choice, int or constant params only")
+            if not ok:
+                raise SpaceError(f"{path}: {where}.when: '{name}' can never take the value {v!r}")
+        out.append((name, values))
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------- params, switches
+def _scalar_choices(values: Any, path: Path, where: str) -> tuple[Any, ...]:
+    if not isinstance(values, list) or len(values) < 2:
+        raise SpaceError(f"{path}: {where}.choice = {values!r}: expected a list of at least 2 values "
+                         "(use a constant for one value)")
+    for v in values:
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise SpaceError(f"{path}: {where}.choice value {v!r}: choices must be numbers, strings, booleans "
+                             "or null (Optuna categorical)")
+    for i, v in enumerate(values):
+        if any(_same(v, w) for w in values[:i]):
+            raise SpaceError(f"{path}: {where}.choice lists {v!r} twice")
+    return tuple(values)
+
+
+def _parse_range(spec: dict[str, Any], kind: str, name: str, tp: Any, path: Path, where: str) -> Param:
+    bounds = spec[kind]
+    if not isinstance(bounds, list) or len(bounds) != 2:
+        raise SpaceError(f"{path}: {where}.{kind} = {bounds!r}: expected [low, high]")
+    low, high = (_number(b, path, f"{where}.{kind}") for b in bounds)
+    step = spec.get("step")
+    log = spec.get("log", False)
+    if kind == "int":
+        if tp not in (int, float):
+            raise SpaceError(f"{path}: {where}: int ranges need a numeric config field, '{name}' is {tp}")
+        if not all(isinstance(b, int) for b in (low, high)):
+            raise SpaceError(f"{path}: {where}.int = {bounds!r}: expected integer bounds")
+        if not isinstance(log, bool):
+            raise SpaceError(f"{path}: {where}.log = {log!r}: expected true or false")
+        step = 1 if step is None else _int(step, path, f"{where}.step", 1)
+        if log and step != 1:
+            raise SpaceError(f"{path}: {where}: log int ranges cannot have a step (Optuna)")
+    else:
+        if tp is not float:
+            hint = ": use int: [low, high]" if tp is int else ""
+            raise SpaceError(f"{path}: {where}: {kind} needs a float config field, '{name}' is {tp}{hint}")
+        if "log" in spec:
+            raise SpaceError(f"{path}: {where}: 'log' belongs to int ranges; use loguniform for floats")
+        log = kind == "loguniform"
+        if step is not None:
+            if log:
+                raise SpaceError(f"{path}: {where}: loguniform ranges cannot have a step (Optuna)")
+            step = _number(step, path, f"{where}.step")
+            n = (high - low) / step if step > 0 else -1.0
+            if step <= 0 or n < 1 or abs(n - round(n)) > 1e-9 * max(1.0, n):
+                raise SpaceError(f"{path}: {where}.step = {step}: expected > 0 and dividing high - low = "
+                                 f"{high - low} into whole steps")
+    if low >= high:
+        raise SpaceError(f"{path}: {where}.{kind} = {bounds!r}: low must be below high")
+    if log and low <= 0:
+        raise SpaceError(f"{path}: {where}.{kind} = {bounds!r}: a log range needs low > 0")
+    return Param(name, "int" if kind == "int" else ("loguniform" if log else "uniform"),
+                 low=low if kind == "int" else float(low), high=high if kind == "int" else float(high),
+                 step=step, log=bool(log))
+
+
+def _parse_param(name: Any, spec: Any, earlier: dict[str, Param | Switch], later: set[str], cfg: Config,
+                 path: Path) -> Param:
+    where = f"params.{name}"
+    if not isinstance(name, str):
+        raise SpaceError(f"{path}: params key {name!r}: expected a dotted config key")
+    try:
+        tp = field_type(name)
+    except ConfigError as e:
+        raise SpaceError(f"{path}: {where}: {e}") from e
+    if not isinstance(spec, dict):
+        param = Param(name, "fixed", value=spec)
+    else:
+        kinds = [k for k in KINDS if k in spec]
+        if len(kinds) != 1:
+            raise SpaceError(f"{path}: {where} = {spec!r}: expected exactly one of {', '.join(KINDS)}")
+        kind = kinds[0]
+        extra = {"uniform": {"step", "log"}, "loguniform": {"step", "log"}, "int": {"log", "step"}, "choice": set(),
+                 "fixed": set()}[kind]  # step/log on float ranges reach _parse_range for a pointed message
+        check_keys(spec, {kind, "when"} | extra, path, f"{where}: ")
+        if kind == "choice":
+            param = Param(name, "choice", choices=_scalar_choices(spec["choice"], path, where))
+        elif kind == "fixed":
+            param = Param(name, "fixed", value=spec["fixed"])
+        else:
+            param = _parse_range(spec, kind, name, tp, path, where)
+        if "when" in spec:
+            when = _parse_when(spec["when"], earlier, later, path, where)
+            param = dataclasses.replace(param, when=when)
+    probes = {"fixed": [("value", param.value)], "choice": [("choice", c) for c in param.choices]}.get(
+        param.kind, [("low", param.low), ("high", param.high)])
+    for label, value in probes:
+        check_overrides(cfg, {name: value}, path, f"{where} ({label} {value!r})")
+    return param
+
+
+def _parse_switch(name: Any, spec: Any, earlier: dict[str, Param | Switch], later: set[str], cfg: Config,
+                  path: Path) -> Switch:
+    where = f"switches.{name}"
+    if not isinstance(name, str) or not IDENTIFIER.match(name):
+        raise SpaceError(f"{path}: switch name {name!r}: expected a simple identifier (not a dotted config key)")
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{path}: {where} = {spec!r}: expected {{choice: [...], apply: {{value: {{...}}}}}}")
+    check_keys(spec, {"choice", "apply", "when"}, path, f"{where}: ")
+    if "choice" not in spec:
+        raise SpaceError(f"{path}: {where}: missing 'choice'")
+    choices = _scalar_choices(spec["choice"], path, where)
+    apply = spec.get("apply") or {}
+    if not isinstance(apply, dict):
+        raise SpaceError(f"{path}: {where}.apply = {apply!r}: expected a mapping of switch values to overrides")
+    pairs = []
+    for value, overrides in apply.items():
+        if not any(_same(value, c) for c in choices):
+            raise SpaceError(f"{path}: {where}.apply names {value!r}, which is not one of its choices {list(choices)}")
+        check_overrides(cfg, overrides, path, f"{where}.apply.{value}")
+        pairs.append((value, dict(overrides)))
+    when = _parse_when(spec["when"], earlier, later, path, where) if "when" in spec else ()
+    return Switch(name, choices, tuple(pairs), when)
+
+
+def _parse_scheduler(value: Any, cfg: Config, path: Path) -> Scheduler:
+    if value is None:
+        return Scheduler()
+    if not isinstance(value, dict) or value.get("type") not in SCHEDULERS:
+        raise SpaceError(f"{path}: scheduler = {value!r}: expected {{type: none}} or {{type: asha, grace_period, "
+                         "max_t, reduction_factor}")
+    if value["type"] == "none":
+        check_keys(value, {"type"}, path, "scheduler (none): ")
+        return Scheduler()
+    check_keys(value, {"type", "grace_period", "max_t", "reduction_factor"}, path, "scheduler: ")
+    for key in ("grace_period", "max_t"):
+        if key not in value:
+            raise SpaceError(f"{path}: scheduler.{key} is missing (in iterations)")
+    grace = _int(value["grace_period"], path, "scheduler.grace_period", 1)
+    max_t = _int(value["max_t"], path, "scheduler.max_t", 1)
+    rf = _number(value.get("reduction_factor", 2), path, "scheduler.reduction_factor")
+    if rf <= 1:
+        raise SpaceError(f"{path}: scheduler.reduction_factor = {rf}: expected > 1")
+    if grace > max_t:
+        raise SpaceError(f"{path}: scheduler.grace_period = {grace} exceeds scheduler.max_t = {max_t}")
+    if max_t > cfg.run.iterations:
+        raise SpaceError(f"{path}: scheduler.max_t = {max_t} exceeds the base run's run.iterations = "
+                         f"{cfg.run.iterations}: ASHA's budget must fit in the run")
+    return Scheduler("asha", grace, max_t, float(rf))
+
+
+def _parse_sampler(value: Any, path: Path) -> tuple[str, int, dict[str, int]]:
+    if value is None:
+        return "tpe", 0, {}
+    if not isinstance(value, dict) or value.get("type") not in SAMPLERS:
+        raise SpaceError(f"{path}: sampler = {value!r}: expected {{type: {' | '.join(SAMPLERS)}, seed: N}}")
+    kind = value["type"]
+    check_keys(value, {"type", "seed", *SAMPLER_OPTIONS[kind]}, path, f"sampler ({kind}): ")
+    seed = _int(value.get("seed", 0), path, "sampler.seed", 0)
+    options = {k: _int(value[k], path, f"sampler.{k}", 2 if k == "population_size" else 0)
+               for k in SAMPLER_OPTIONS[kind] if k in value}
+    if kind == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise SpaceError(f"{path}: sampler.type = cmaes needs the 'cmaes' package: pip install cmaes")
+    return kind, seed, options
+
+
+def _check_combinations(switches: tuple[Switch, ...], params: tuple[Param, ...], cfg: Config, path: Path) -> None:
+    """Each combination of switch values with its implications and the constants it activates is a valid config."""
+    for combo in itertools.product(*(s.choices for s in switches)):
+        values: dict[str, Any] = {}
+        overrides: dict[str, Any] = {}
+        for s, value in zip(switches, combo):
+            if _holds(s.when, values):
+                values[s.name] = value
+                overrides.update(s.implied(value))
+        for p in params:
+            if p.kind == "fixed" and all(n in values for n, _ in p.when) and _holds(p.when, values):
+                overrides[p.name] = p.value
+        label = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "constants"
+        check_overrides(cfg, overrides, path, f"params with {label}")
+
+
+def load_space(path: str | Path) -> SearchSpec:
+    """Read and validate a search-space YAML (see the module docstring); raises ``SpaceError``."""
+    path = Path(path)
+    data = read_yaml(path)
+    check_keys(data, _TOP_KEYS, path, "")
+    for key in _REQUIRED:
+        if key not in data:
+            raise SpaceError(f"{path}: missing required key '{key}'")
+    experiment = parse_experiment(data["experiment"], path)
+    base_path, base_overrides, cfg = parse_base(data["base"], path)
+    metric, mode = parse_objective(data["metric"], data["mode"], path)
+    sampler, seed, options = _parse_sampler(data.get("sampler"), path)
+    scheduler = _parse_scheduler(data.get("scheduler"), cfg, path)
+    num_samples = _int(data["num_samples"], path, "num_samples", 1)
+    max_concurrent, max_failures = parse_counts(data, path)
+    resources = parse_resources(data.get("resources"), path)
+
+    raw_switches = data.get("switches") or {}
+    raw_params = data["params"] or {}
+    if not isinstance(raw_switches, dict) or not isinstance(raw_params, dict):
+        raise SpaceError(f"{path}: switches and params must be mappings")
+    order = [str(n) for n in (*raw_switches, *raw_params)]
+    earlier: dict[str, Param | Switch] = {}
+    switches = []
+    for i, (name, spec) in enumerate(raw_switches.items()):
+        s = _parse_switch(name, spec, earlier, set(order[i:]), cfg, path)
+        switches.append(s)
+        earlier[s.name] = s
+    params = []
+    for i, (name, spec) in enumerate(raw_params.items()):
+        p = _parse_param(name, spec, earlier, set(order[len(switches) + i:]), cfg, path)
+        params.append(p)
+        earlier[p.name] = p
+    if not any(p.kind != "fixed" for p in params) and not switches:
+        raise SpaceError(f"{path}: params holds no range or choice and there are no switches: nothing to search")
+    implied_by = {}
+    for s in switches:
+        for _, overrides in s.apply:
+            for key in overrides:
+                if implied_by.setdefault(key, s.name) != s.name:
+                    raise SpaceError(f"{path}: key '{key}' is implied by both switches '{implied_by[key]}' and "
+                                     f"'{s.name}': set it in one place")
+    by_name = {s.name: s for s in switches}
+    for p in params:
+        if p.name not in implied_by:
+            continue
+        s = by_name[implied_by[p.name]]
+        setting = [v for v, overrides in s.apply if p.name in overrides]
+        allowed = dict(p.when).get(s.name)
+        if allowed is None or any(_same(v, w) for v in allowed for w in setting):
+            raise SpaceError(f"{path}: params.{p.name} is also implied by switch '{s.name}' (value(s) "
+                             f"{setting}): make the param conditional on the switch's other values "
+                             f"(when: {{{s.name}: [...]}}) or set the key in one place")
+    _check_combinations(tuple(switches), tuple(params), cfg, path)
+
+    if isinstance(metric, list):
+        if scheduler.type == "asha":
+            raise SpaceError(f"{path}: scheduler asha needs a single metric; a multi-objective search "
+                             f"(metric {metric}) takes scheduler {{type: none}}")
+        if sampler == "cmaes":
+            raise SpaceError(f"{path}: sampler cmaes cannot optimise several objectives (metric {metric}): use "
+                             "nsga2, tpe, gp or random")
+    if scheduler.type == "asha" and any(p.name == "run.iterations" for p in params):
+        raise SpaceError(f"{path}: params.run.iterations cannot be searched under asha, whose budget is the "
+                         "run's iterations")
+    return SearchSpec(path=path, experiment=experiment, base_config=base_path, base_overrides=base_overrides,
+                      metric=metric, mode=mode, sampler=sampler, seed=seed, sampler_options=options,
+                      num_samples=num_samples, max_concurrent=max_concurrent, max_failures=max_failures,
+                      scheduler=scheduler, resources=resources, switches=tuple(switches), params=tuple(params))
+
+
+# --------------------------------------------------------------------------------------------- to Optuna/Tune
+def base_config(spec: HasBase) -> Config:
+    """The base run config of a search or ablation spec: its base file with the base overrides applied."""
+    return load_config(spec.base_config, spec.base_overrides or None)
+
+
+def param_distributions(spec: SearchSpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of every sampled entry (switches and non-constant params), as define_by_run uses."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for s in spec.switches:
+        out[s.name] = optuna.distributions.CategoricalDistribution(s.choices)
+    for p in spec.params:
+        if p.kind == "choice":
+            out[p.name] = optuna.distributions.CategoricalDistribution(p.choices)
+        elif p.kind == "int":
+            out[p.name] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=p.step)
+        elif p.kind in ("uniform", "loguniform"):
+            out[p.name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    return out
+
+
+def define_by_run(spec: SearchSpec) -> Callable[[optuna.Trial], dict[str, Any]]:
+    """The define-by-run function for ``OptunaSearch(space=...)`` or a plain ``study.ask()`` trial.
+
+    Suggests the switches, then the params, in YAML order, skipping entries whose ``when`` fails. Returns the
+    constants (active fixed params and the implications of the chosen switch values), which Ray merges over the
+    suggested values into the Tune config; the same dict is stored as the Optuna user attribute ``constants``.
+    """
+    def space(trial: optuna.Trial) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for s in spec.switches:
+            if _holds(s.when, values):
+                values[s.name] = trial.suggest_categorical(s.name, s.choices)
+                constants.update(s.implied(values[s.name]))
+        for p in spec.params:
+            if not _holds(p.when, values):
+                continue
+            if p.kind == "fixed":
+                values[p.name] = constants[p.name] = p.value
+            elif p.kind == "choice":
+                values[p.name] = trial.suggest_categorical(p.name, p.choices)
+            elif p.kind == "int":
+                values[p.name] = trial.suggest_int(p.name, p.low, p.high, step=p.step, log=p.log)
+            else:
+                values[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+        trial.set_user_attr("constants", constants)
+        return constants
+
+    return space
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (e.g. from parquet rows) → Python scalars; everything else unchanged."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's dotted overrides for one trial: base overrides, switch implications, sampled and constants.
+
+    ``tune_config`` is the Tune trial config that ``define_by_run`` produced (switch names and dotted keys); any
+    other key is an error, as is a constant that disagrees with what its switch value implies.
+    """
+    switches = {s.name: s for s in spec.switches}
+    out = dict(spec.base_overrides)
+    implied: dict[str, Any] = {}
+    for name, s in switches.items():
+        if name in tune_config:
+            value = _plain(tune_config[name])
+            if not any(_same(value, c) for c in s.choices):
+                raise SpaceError(f"{spec.path}: trial config switch '{name}' = {value!r} is not one of "
+                                 f"{list(s.choices)}")
+            implied.update(s.implied(value))
+    out.update(implied)
+    for key, value in tune_config.items():
+        if key in switches:
+            continue
+        try:
+            field_type(key)
+        except ConfigError as e:
+            raise SpaceError(f"{spec.path}: trial config key '{key}' is neither a switch nor a config key: {e}") from e
+        value = _plain(value)
+        if key in implied and not _same(implied[key], value):
+            raise SpaceError(f"{spec.path}: trial config '{key}' = {value!r} contradicts {implied[key]!r}, which "
+                             "its switch value implies")
+        out[key] = value
+    return out
+
+
+def trial_config(spec: SearchSpec, tune_config: dict[str, Any]) -> Config:
+    """The full run config of one trial (the base file with ``trial_overrides`` applied)."""
+    return apply_overrides(load_config(spec.base_config), trial_overrides(spec, tune_config),
+                           source=f"{spec.path} (trial)")
+
+
+def build_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
+    """The seeded Optuna sampler named by the spec.
+
+    tpe: multivariate TPE with ``constant_liar`` (parallel trials see each other's pending points) and
+    ``group=True`` when the space is conditional; gp: ``GPSampler`` (needs torch and scipy); cmaes: CMA-ES (needs the
+    ``cmaes`` package; categorical and conditional entries fall back to seeded random sampling); random; nsga2.
+    """
+    options = dict(spec.sampler_options)
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=spec.conditional,
+                                          constant_liar=True, **options)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=spec.seed, **options)
+    if spec.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=spec.seed, **options)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=spec.seed, **options)
+    raise SpaceError(f"{spec.path}: sampler {spec.sampler!r}: expected one of {', '.join(SAMPLERS)}")
