@@ -1,0 +1,130 @@
+"""One UDA iteration: metrics, EMA, the registry of terms (each alone and all together), determinism, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from uda_ray.config import Config, apply_overrides
+from uda_ray.train.loop import build_model, build_optimizer, build_scheduler, step_settings
+from uda_ray.train.step import DivergedError, step
+from uda_ray.train.terms import TERMS, build_terms
+
+# each registry entry switched on alone, with the metric names it must report
+TERM_ON = {
+    "cluda": ({"loss.cluda.weight": 1.0, "loss.cluda.fm_size": 9}, ["train/loss_cluda"]),
+    "cfcontra": ({"loss.cfcontra.weight": 0.1, "loss.cfcontra.proj_dim": 8}, ["train/loss_cfcontra"]),
+    "entropy": ({"loss.entropy.weight": 0.1}, ["train/loss_entropy"]),
+    "sdca": ({"loss.sdca.weight_feat": 1.0, "loss.sdca.weight_out": 1.0}, ["train/loss_sdca"]),
+    "cross_view": ({"loss.cross_view.pixel_weight": 0.1, "loss.cross_view.proto_weight": 0.1,
+                    "loss.cross_view.grid_size": 8}, ["train/loss_cross_view_pixel", "train/loss_cross_view_proto"]),
+    "target_mix": ({"mix.target_to_source.enabled": True, "mix.target_to_source.t_max": 0.0},
+                   ["train/loss_t2s"]),
+}
+
+TINY = {"model.backbone": "resnet18", "model.embed_dim": 8, "model.dropout": 0.0, "optim.lr": 1e-3,
+        "optim.warmup_iters": 0, "run.iterations": 10, "data.crop": [32, 32], "teacher.pseudo_threshold": 0.5}
+
+
+def _cfg(extra: dict | None = None) -> Config:
+    return apply_overrides(Config(), {**TINY, **(extra or {})})
+
+
+def _batches(seed: int = 0, b: int = 2, h: int = 32, w: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    src = {"image": torch.rand(b, 3, h, w, generator=g), "label": torch.randint(0, 5, (b, h, w), generator=g)}
+    src["label"][:, :2] = 255
+    tgt = {"image": torch.rand(b, 3, h, w, generator=g)}
+    return src, tgt
+
+
+def _setup(cfg: Config, seed: int = 0):
+    torch.manual_seed(seed)
+    student = build_model(cfg)
+    from uda_ray.models import make_teacher
+
+    teacher = make_teacher(student)
+    terms = torch.nn.ModuleList(build_terms(cfg, 19, student.feature_channels[-1]))
+    opt = build_optimizer(cfg, student)
+    sched = build_scheduler(cfg, opt)
+    return student, teacher, terms, opt, sched
+
+
+def _run(cfg: Config, iters: int = 2, seed: int = 0) -> tuple[list[dict], torch.nn.Module, torch.nn.Module]:
+    student, teacher, terms, opt, sched = _setup(cfg, seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for it in range(iters):
+        src, tgt = _batches(it)
+        out.append(step(student, teacher, opt, sched, src, tgt, it, settings=step_settings(cfg, torch.device("cpu")),
+                        terms=terms, generator=gen))
+    return out, student, teacher
+
+
+def test_base_step_reports_losses_and_updates_teacher():
+    cfg = _cfg()
+    student, teacher, terms, opt, sched = _setup(cfg)
+    before_s = [p.detach().clone() for p in student.parameters()]
+    before_t = [p.detach().clone() for p in teacher.parameters()]
+    src, tgt = _batches()
+    m = step(student, teacher, opt, sched, src, tgt, 0, settings=step_settings(cfg, torch.device("cpu")),
+             terms=terms, generator=torch.Generator().manual_seed(0))
+    for key in ("train/loss", "train/loss_src", "train/loss_mix", "pseudo/keep_frac", "train/lr"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["train/loss"] == pytest.approx(m["train/loss_src"] + m["train/loss_mix"], rel=1e-5)
+    assert 0.0 <= m["pseudo/keep_frac"] <= 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before_s, student.parameters()))
+    # alpha_0 = min(1 - 1/1, alpha) = 0: the teacher becomes the updated student
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        assert torch.allclose(pt, ps)
+    assert any(not torch.equal(a, b) for a, b in zip(before_t, teacher.parameters()))
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_source_only_skips_the_teacher():
+    cfg = _cfg({"loss.mix_weight": 0.0})
+    (m,), _, _ = _run(cfg, iters=1)
+    assert "train/loss_mix" not in m and "pseudo/keep_frac" not in m
+    assert m["train/loss"] == pytest.approx(m["train/loss_src"])
+
+
+def test_registry_builds_nothing_by_default():
+    assert build_terms(_cfg(), 19, 512) == []
+
+
+@pytest.mark.parametrize("name", list(TERMS))
+def test_each_term_alone(name: str):
+    overrides, keys = TERM_ON[name]
+    cfg = _cfg(overrides)
+    assert [t.name for t in build_terms(cfg, 19, 512)], name
+    metrics, _, _ = _run(cfg, iters=2)
+    for m in metrics:
+        for k in keys:
+            assert k in m and math.isfinite(m[k]), (name, k, m)
+        parts = sum(v for k, v in m.items() if k.startswith("train/loss_"))
+        assert m["train/loss"] == pytest.approx(parts, rel=1e-4, abs=1e-6)
+
+
+def test_all_terms_together_and_deterministic():
+    overrides = {k: v for o, _ in TERM_ON.values() for k, v in o.items()}
+    cfg = _cfg(overrides)
+    a, sa, _ = _run(cfg, iters=2, seed=3)
+    b, sb, _ = _run(cfg, iters=2, seed=3)
+    assert a == b
+    for pa, pb in zip(sa.parameters(), sb.parameters()):
+        assert torch.equal(pa, pb)
+    assert all(k in a[-1] for _, keys in TERM_ON.values() for k in keys)
+
+
+def test_non_finite_loss_raises_before_any_update():
+    cfg = _cfg()
+    student, teacher, terms, opt, sched = _setup(cfg)
+    before = [p.detach().clone() for p in student.parameters()]
+    src, tgt = _batches()
+    src["image"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(DivergedError, match="Diverged at iteration 4: non-finite .*train/loss"):
+        step(student, teacher, opt, sched, src, tgt, 4, settings=step_settings(cfg, torch.device("cpu")),
+             terms=terms, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))

@@ -1,0 +1,117 @@
+"""``uda-ray``: thin subcommands over the package (train, evaluate, tune, ablate, analyze, retrain)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from uda_ray.config import ConfigError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from uda_ray.config import apply_overrides, load_config
+    from uda_ray.train.run import default_run_name, train_local
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir or args.name:
+        cfg = apply_overrides(cfg, {k: v for k, v in (("run.output_dir", args.output_dir),
+                                                       ("run.name", args.name)) if v})
+    name = cfg.run.name or default_run_name(args.config)
+    run_dir = Path(cfg.run.output_dir) / name
+    print(f"uda-ray train: {args.config} → {run_dir}")
+    result = train_local(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+                         overrides=args.overrides)
+    miou = result.metrics.get("val/miou")
+    print(f"status: {result.status} at iteration {result.iteration}"
+          + (f", val/miou {100 * miou:.2f}" if miou is not None else "")
+          + (f"\n{result.error}" if result.error else ""))
+    print(f"run folder: {run_dir}")
+    return 0 if result.status == "completed" else 3
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from uda_ray.train.run_eval import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, use_teacher=args.teacher,
+                                  overrides=args.overrides)
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        print(f"{k:<{width}}  {100 * v:6.2f}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from uda_ray.tune.search import run_search
+
+    out = run_search(args.space, address=args.address, storage=args.storage, name=args.name, resume=args.resume,
+                     num_samples=args.num_samples)
+    _print_outcome(out.experiment.uri, out.best, args.space)
+    print(f"optuna study: {out.study_storage} (study '{out.experiment.name}'; open with optuna-dashboard)")
+    return 0
+
+
+def _print_outcome(uri: str, best: dict | None, source: str) -> None:
+    import json
+
+    print(f"\ntrials:  {uri}/trials/*.parquet\nmetrics: {uri}/metrics/*.parquet")
+    if best is None:
+        print("no trial finished with a finite metric")
+        return
+    metrics = {k[len("best/"):]: v for k, v in best.items() if k.startswith("best/val/miou")}
+    print(f"best trial {best['trial_id']}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+    print(f"  overrides: {json.dumps(json.loads(best['overrides']), sort_keys=True)}")
+    print(f"  retrain:   uda-ray retrain {uri}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uda-ray", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="one training run on this machine (no search)")
+    t.add_argument("config", help="run config YAML, e.g. search_spaces/base/synthetic.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. loss.cluda.weight=1.0")
+    t.add_argument("--name", help="run folder name (default: <config stem>-<time>)")
+    t.add_argument("--output-dir", help="parent folder of the run (default: run.output_dir)")
+    t.add_argument("--resume", action="store_true", help="continue the named run from its newest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="mIoU of a checkpoint on the target split")
+    e.add_argument("checkpoint", help="checkpoint.pt or the folder holding it")
+    e.add_argument("--split", default="val", choices=("val", "train"))
+    e.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
+    e.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config (e.g. data paths)")
+    e.set_defaults(func=_cmd_evaluate)
+
+    u = sub.add_parser("tune", help="hyper-parameter search from a search-space YAML on Ray Tune + Optuna")
+    u.add_argument("space", help="search-space YAML, e.g. search_spaces/demo.yaml")
+    _ray_args(u)
+    u.add_argument("--num-samples", type=int, help="override the YAML's num_samples")
+    u.set_defaults(func=_cmd_tune)
+    return p
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start a local Ray")
+    p.add_argument("--storage", help="results root: a folder or a pyarrow.fs URI such as s3://bucket/uda-ray "
+                                     "(default: ./results)")
+    p.add_argument("--name", help="experiment folder name (default: <experiment>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted experiment (--name, or the newest one of this YAML)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"uda-ray: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"uda-ray: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""What one UDA iteration knows: the batches, the student's and teacher's outputs, pseudo-labels and mixes.
+
+Loss terms read from a ``StepContext``; outputs that only some terms need (the student on the plain target image,
+pseudo-labels) are computed on first use and cached, so a term with weight 0 costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uda_ray.adaptation import pseudo_labels
+from uda_ray.models import SegOutput
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    labels: Tensor  # (B, H, W) int64, teacher argmax
+    weights: Tensor  # (B, H, W) float, confidence weighting (scalar per image or per pixel)
+    confidence: Tensor  # (B, H, W) float, max softmax of the teacher
+
+
+@dataclass
+class StepContext:
+    """Inputs and lazily computed outputs of one iteration; terms read, never write, what they did not create."""
+
+    student: nn.Module
+    teacher: nn.Module
+    x_src: Tensor  # (B, 3, H, W) in [0, 1]
+    y_src: Tensor  # (B, H, W) train ids, 255 = ignore
+    x_tgt: Tensor  # (B, 3, H, W) in [0, 1]
+    out_src: SegOutput
+    pseudo_fn: Callable[[Tensor], PseudoLabels]
+    generator: torch.Generator
+    autocast: Callable[[], torch.autocast]
+    num_classes: int
+    _pseudo: PseudoLabels | None = None
+    _out_tgt: SegOutput | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def pseudo(self) -> PseudoLabels:
+        """Teacher pseudo-labels of the un-augmented target batch (computed once)."""
+        if self._pseudo is None:
+            with torch.no_grad(), self.autocast():
+                logits = self.teacher(self.x_tgt).logits
+            logits = upsample(logits.float(), self.x_tgt.shape[-2:])  # (B, C, H, W)
+            self._pseudo = self.pseudo_fn(logits)
+        return self._pseudo
+
+    @property
+    def out_tgt(self) -> SegOutput:
+        """The student on the plain target batch (computed once, with gradients)."""
+        if self._out_tgt is None:
+            with self.autocast():
+                self._out_tgt = self.student(self.x_tgt)
+        return self._out_tgt
+
+
+def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear resize of a (B, C, h, w) map to ``size`` (no-op when it already matches)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Nearest resize of (B, H, W) integer labels (or weights) to ``size``."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    out = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")  # (B, 1, h, w)
+    return out[:, 0].to(labels.dtype)  # (B, h, w)
+
+
+def make_pseudo_fn(*, threshold: float, weighting: str, ignore_top: int,
+                   ignore_bottom: int) -> Callable[[Tensor], PseudoLabels]:
+    def fn(logits: Tensor) -> PseudoLabels:
+        labels, weights, confidence = pseudo_labels(logits, threshold=threshold, weighting=weighting,
+                                                    ignore_top=ignore_top, ignore_bottom=ignore_bottom)
+        return PseudoLabels(labels, weights, confidence)
+
+    return fn

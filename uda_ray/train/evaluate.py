@@ -1,0 +1,66 @@
+"""mIoU on the target val split: one confusion matrix accumulated over the whole split (METHODS.md §1).
+
+IoU_c = TP / (TP + FP + FN) per class; mIoU is the mean over the protocol's classes (19, 16 or 13) of the classes
+that occur in the ground truth or the prediction. Under ``torch.distributed`` every rank evaluates its shard and
+the confusion matrices are summed before the metrics are computed, so all ranks report the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from uda_ray.data.labels import CLASSES
+from uda_ray.train.context import upsample
+
+IGNORE = 255
+
+
+def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int) -> Tensor:
+    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction; 255 is skipped."""
+    keep = label != IGNORE
+    idx = label[keep].long() * num_classes + pred[keep].long()  # (K,)
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
+    """Per-class IoU; NaN for classes absent from both ground truth and prediction."""
+    tp = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+
+def miou_metrics(conf: np.ndarray, class_ids: Sequence[int], prefix: str = "val") -> dict[str, float]:
+    """``{prefix}/miou`` over ``class_ids`` and ``{prefix}/iou/<class>`` for each of them (names with '_')."""
+    iou = iou_from_confusion(conf)
+    sel = iou[list(class_ids)]
+    out = {f"{prefix}/miou": float(np.nanmean(sel)) if np.isfinite(sel).any() else float("nan")}
+    for c in class_ids:
+        out[f"{prefix}/iou/{CLASSES[c].replace(' ', '_')}"] = float(iou[c])
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], *, num_classes: int,
+             class_ids: Sequence[int], device: torch.device, autocast_dtype: torch.dtype | None = None,
+             prefix: str = "val") -> dict[str, float]:
+    """Evaluate ``model`` on the val batches (image at the inference size, label at full resolution)."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for batch in batches:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(x).logits
+        pred = upsample(logits.float(), y.shape[-2:]).argmax(dim=1)  # (B, H, W)
+        conf += confusion_matrix(pred, y, num_classes)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(conf)
+    model.train(was_training)
+    return miou_metrics(conf.cpu().numpy(), class_ids, prefix)

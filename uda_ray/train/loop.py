@@ -1,0 +1,305 @@
+"""``fit``: the training loop around ``step``, written out (no callbacks, no trainer hierarchy) and Ray-free.
+
+Builds data, student, teacher, optimiser, schedule and terms from the config, optionally resumes from a
+checkpoint, then iterates: step → (every ``log_every``) report averaged metrics → (every ``eval_every``) mIoU on
+the target val split → (every ``checkpoint_every``) checkpoint. Under ``torch.distributed`` the caller has set up
+the process group; metrics are all-reduced before they are reported, so every rank reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from uda_ray.config import Config, to_dict
+from uda_ray.data.labels import eval_class_ids
+from uda_ray.data.loaders import build_train_loader, build_val_loader
+from uda_ray.data.readers import build_dataset
+from uda_ray.data.synthetic import ensure_synthetic
+from uda_ray.data.transforms import EvalTransform, TrainTransform
+from uda_ray.models import build_segmenter, make_teacher
+from uda_ray.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from uda_ray.train.evaluate import evaluate
+from uda_ray.train.step import DivergedError, StepSettings, step
+from uda_ray.train.terms import build_terms
+
+NUM_CLASSES = 19  # train ids; the protocol (19/16/13) selects the classes that are evaluated
+
+Reporter = Callable[[dict[str, float], "Path | None"], None]
+
+
+@dataclass
+class FitResult:
+    status: str  # "completed" | "diverged"
+    iteration: int
+    metrics: dict[str, float] = field(default_factory=dict)  # the last report
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @staticmethod
+    def current() -> DistInfo:
+        if dist.is_available() and dist.is_initialized():
+            return DistInfo(dist.get_rank(), dist.get_world_size())
+        return DistInfo()
+
+
+# -------------------------------------------------------------------------------------------------- builders
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device = 'cuda' but torch sees no CUDA device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def data_roots(cfg: Config) -> tuple[Path, Path]:
+    """Source and target dataset folders; the synthetic pair is generated (once) into its cache."""
+    d, s = cfg.data, cfg.data.synthetic
+    src, tgt = Path(d.source_root), Path(d.target_root)
+    if d.source == "synthetic" or d.target == "synthetic":
+        syn_src, syn_tgt = ensure_synthetic(s.cache_dir, seed=s.seed, num_source=s.num_source,
+                                            num_target=s.num_target, num_val=s.num_val, height=s.height,
+                                            width=s.width)
+        src = syn_src if d.source == "synthetic" else src
+        tgt = syn_tgt if d.target == "synthetic" else tgt
+    return src, tgt
+
+
+def _reader(name: str, side: str) -> str:
+    return {"synthetic": "gta5" if side == "source" else "cityscapes"}.get(name, name)
+
+
+def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> tuple[Iterator, Iterator, object]:
+    """Infinite source and target batch iterators (resuming at ``start_iteration``) and the val loader."""
+    d = cfg.data
+    src_root, tgt_root = data_roots(cfg)
+    cache = d.source == "synthetic"
+    src_ds = build_dataset(_reader(d.source, "source"), src_root, "train",
+                           TrainTransform(d.source_resize, d.crop, d.flip), cache_in_memory=cache)
+    tgt_ds = build_dataset(_reader(d.target, "target"), tgt_root, "train",
+                           TrainTransform(d.target_resize, d.crop, d.flip), cache_in_memory=d.target == "synthetic")
+    val_ds = build_dataset(_reader(d.target, "target"), tgt_root, "val", EvalTransform(d.val_resize),
+                           cache_in_memory=d.target == "synthetic")
+    start = start_iteration * d.batch_size
+    common = dict(batch_size=d.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
+                  num_workers=d.loader_workers, start=start)
+    # distinct seeds per domain so source and target orders are not correlated
+    src_it = build_train_loader(src_ds, seed=cfg.run.seed, **common)
+    tgt_it = build_train_loader(tgt_ds, seed=cfg.run.seed + 1_000_003, **common)
+    val = build_val_loader(val_ds, rank=dist_info.rank, world_size=dist_info.world_size,
+                           max_images=d.val_max_images, num_workers=d.loader_workers)
+    return src_it, tgt_it, val
+
+
+def build_model(cfg: Config) -> nn.Module:
+    m, cf = cfg.model, cfg.loss.cfcontra
+    return build_segmenter(m.backbone, NUM_CLASSES, pretrained=m.pretrained, pretrained_path=m.pretrained_path,
+                           out_indices=m.out_indices, embed_dim=m.embed_dim, dropout=m.dropout,
+                           proj_dim=cf.proj_dim if cf.weight > 0 else 0)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = model.param_groups(o.lr, o.head_lr_mult, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def lr_factor(iteration: int, *, total: int, warmup: int, warmup_ratio: float, power: float) -> float:
+    """Poly decay ``(1 - t/T)^power`` times a linear warm-up from ``warmup_ratio`` to 1 (DAFormer's schedule)."""
+    poly = (1.0 - min(iteration, total) / total) ** power
+    if iteration < warmup:
+        return poly * (1.0 - (1.0 - iteration / warmup) * (1.0 - warmup_ratio))
+    return poly
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(
+        t, total=cfg.run.iterations, warmup=o.warmup_iters, warmup_ratio=o.warmup_ratio, power=o.poly_power))
+
+
+def step_settings(cfg: Config, device: torch.device) -> StepSettings:
+    t, m, lo = cfg.teacher, cfg.mix, cfg.loss
+    return StepSettings(num_classes=NUM_CLASSES, source_weight=lo.source_weight, mix_weight=lo.mix_weight,
+                        pseudo_threshold=t.pseudo_threshold, weighting=t.weighting, ignore_top=t.ignore_top,
+                        ignore_bottom=t.ignore_bottom, class_ratio=m.class_ratio, mix_prob=m.prob,
+                        jitter_strength=m.jitter_strength, jitter_prob=m.jitter_prob, blur_prob=m.blur_prob,
+                        blur_sigma=(m.blur_sigma_min, m.blur_sigma_max), ema_alpha=t.alpha,
+                        grad_clip=cfg.optim.grad_clip,
+                        autocast_dtype=torch.bfloat16 if cfg.run.precision == "bf16" else None)
+
+
+def seed_everything(seed: int, rank: int) -> torch.Generator:
+    """Seed torch's global RNG (initialisation: identical on every rank) and return the mixing generator."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed * 1000 + rank + 1)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+class _Window:
+    """Averages per-iteration metrics over the iterations since the last report."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return out
+
+
+def all_reduce_mean(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean over ranks of every metric (all ranks report the same keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+# -------------------------------------------------------------------------------------------------------- fit
+def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, resume_from: str | Path | None = None,
+        device: torch.device | None = None, progress: bool = False) -> FitResult:
+    """Train one UDA run. Checkpoints go to ``<work_dir>/checkpoints/iter_<k>/`` (rank 0; only the newest kept).
+
+    ``report(metrics, checkpoint_dir)`` is called every ``run.log_every`` iterations, at every evaluation and at
+    the end, with train metrics averaged over the window, ``iteration``, ``time/iter_s``, and val metrics at
+    evaluation iterations; ``checkpoint_dir`` is the checkpoint written at that iteration, if any.
+    """
+    di = DistInfo.current()
+    device = device or resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    work_dir = Path(work_dir)
+    ckpt_root = work_dir / "checkpoints"
+    generator = seed_everything(cfg.run.seed, di.rank)
+
+    student = build_model(cfg).to(device)
+    teacher = make_teacher(student)
+    terms = nn.ModuleList(build_terms(cfg, NUM_CLASSES, student.feature_channels[-1])).to(device)
+    optimizer = build_optimizer(cfg, student)
+    scheduler = build_scheduler(cfg, optimizer)
+    start = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        terms.load_state_dict(state["terms"])
+        set_rng_state(state["rng"], generator)
+        start = int(state["iteration"])
+    if di.world_size > 1:
+        if cfg.model.sync_bn:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    src_it, tgt_it, val_loader = build_data(cfg, di, start)
+    settings = step_settings(cfg, device)
+    class_ids = eval_class_ids(cfg.data.protocol)
+    model_for_eval = getattr(student, "module", student)
+    resolved = to_dict(cfg)
+    window, last = _Window(), {}
+    bar = _progress_bar(start, cfg.run.iterations) if progress and di.rank == 0 else None
+    best_miou = -math.inf
+
+    iteration = start
+    try:
+        while iteration < cfg.run.iterations:
+            t0 = time.perf_counter()
+            src = _to_device(next(src_it), device)
+            tgt = _to_device(next(tgt_it), device)
+            metrics = step(student, teacher, optimizer, scheduler, src, tgt, iteration, settings=settings,
+                           terms=terms, generator=generator)
+            iteration += 1
+            metrics["time/iter_s"] = time.perf_counter() - t0
+            window.add(metrics)
+
+            is_last = iteration == cfg.run.iterations
+            do_eval = iteration % cfg.run.eval_every == 0 or is_last
+            do_ckpt = iteration % cfg.run.checkpoint_every == 0 or is_last
+            if not (do_eval or do_ckpt or iteration % cfg.run.log_every == 0):
+                if bar is not None:
+                    bar.update(1)
+                continue
+            out = all_reduce_mean(window.pop(), device)
+            out["iteration"] = float(iteration)
+            if do_eval:
+                out.update(evaluate(model_for_eval, val_loader, num_classes=NUM_CLASSES, class_ids=class_ids,
+                                    device=device, autocast_dtype=settings.autocast_dtype))
+                best_miou = max(best_miou, out["val/miou"]) if math.isfinite(out["val/miou"]) else best_miou
+            ckpt_dir = None
+            if do_ckpt:
+                ckpt_dir = ckpt_root / f"iter_{iteration:07d}"
+                if di.rank == 0:
+                    save_checkpoint(ckpt_dir, iteration=iteration, student=student, teacher=teacher,
+                                    optimizer=optimizer, scheduler=scheduler, terms=terms, generator=generator,
+                                    config=resolved)
+                    _prune_checkpoints(ckpt_root, keep=ckpt_dir)
+                else:
+                    ckpt_dir = None
+            last = out
+            if report is not None:
+                report(out, ckpt_dir)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(_postfix(out, best_miou))
+    except DivergedError as e:
+        last = {**{k: float("nan") if not math.isfinite(v) else v for k, v in e.metrics.items()},
+                "iteration": float(e.iteration)}
+        if report is not None:
+            report(last, None)
+        return FitResult("diverged", e.iteration, last, str(e))
+    finally:
+        if bar is not None:
+            bar.close()
+    return FitResult("completed", iteration, last)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _prune_checkpoints(root: Path, keep: Path) -> None:
+    for d in root.glob("iter_*"):
+        if d != keep and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _progress_bar(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+
+
+def _postfix(m: dict[str, float], best_miou: float) -> dict[str, str]:
+    out = {"loss": f"{m.get('train/loss', float('nan')):.3f}"}
+    if "val/miou" in m:
+        out["mIoU"] = f"{100 * m['val/miou']:.1f}"
+    if math.isfinite(best_miou):
+        out["best"] = f"{100 * best_miou:.1f}"
+    return out

@@ -1,0 +1,145 @@
+"""One UDA iteration of the student–teacher base (DACS / DAFormer, METHODS.md §1) plus the registered terms.
+
+    source CE  +  ClassMix CE weighted by the teacher's confidence  +  Σ terms
+    → backward → clip → optimiser and schedule step → EMA teacher update
+
+Everything the iteration measured comes back as one flat metrics dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from uda_ray.adaptation import classmix_masks, mix
+from uda_ray.data.photometric import color_jitter, gaussian_blur
+from uda_ray.losses import cross_entropy
+from uda_ray.models import ema_update
+from uda_ray.train.context import StepContext, make_pseudo_fn, upsample
+from uda_ray.train.terms import Term
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The flat knobs of one iteration (built from the config once, by the loop)."""
+
+    num_classes: int
+    source_weight: float = 1.0
+    mix_weight: float = 1.0
+    pseudo_threshold: float = 0.968
+    weighting: str = "scalar"
+    ignore_top: int = 0
+    ignore_bottom: int = 0
+    class_ratio: float = 0.5
+    mix_prob: float = 1.0
+    jitter_strength: float = 0.2
+    jitter_prob: float = 0.8
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.15, 1.15)
+    ema_alpha: float = 0.999
+    grad_clip: float = 0.0
+    autocast_dtype: torch.dtype | None = None  # None = full precision
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite; the run stops with status ``diverged``."""
+
+    def __init__(self, iteration: int, metrics: dict[str, float]) -> None:
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        super().__init__(f"Diverged at iteration {iteration}: non-finite {', '.join(bad)}")
+        self.iteration, self.metrics = iteration, metrics
+
+
+def _autocast_factory(device: torch.device,
+                      dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` holds on any rank, so that all ranks stop together instead of deadlocking."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.LRScheduler, src: dict[str, Tensor], tgt: dict[str, Tensor],
+         iteration: int, *, settings: StepSettings, terms: Sequence[Term], generator: torch.Generator,
+         ) -> dict[str, float]:
+    """Run one iteration in place (student, teacher, optimiser, schedule, term state) and return its metrics.
+
+    ``src`` and ``tgt`` hold ``image`` (B, 3, H, W) in [0, 1] on the student's device; ``src`` also ``label``
+    (B, H, W). ``generator`` (CPU) drives ClassMix and the photometric augmentation, so a seed fixes them.
+    Raises ``DivergedError`` before any weight changes if a loss is not finite.
+    """
+    s = settings
+    student.train()
+    x_src, y_src, x_tgt = src["image"], src["label"], tgt["image"]
+    autocast = _autocast_factory(x_src.device, s.autocast_dtype)
+    optimizer.zero_grad(set_to_none=True)
+
+    with autocast():
+        out_src = student(x_src)
+    losses: dict[str, Tensor] = {"src": s.source_weight * cross_entropy(upsample(out_src.logits.float(),
+                                                                                y_src.shape[-2:]), y_src)}
+    ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
+                      pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
+                                               ignore_top=s.ignore_top, ignore_bottom=s.ignore_bottom),
+                      generator=generator, autocast=autocast, num_classes=s.num_classes)
+
+    if s.mix_weight > 0:
+        losses["mix"] = s.mix_weight * _classmix_loss(ctx, s)
+    for term in terms:
+        losses.update(term(ctx))
+
+    total = sum(losses.values())
+    names = ["train/loss"] + [f"train/loss_{name}" for name in losses]
+    values = [total] + list(losses.values())
+    if ctx._pseudo is not None:
+        names.append("pseudo/keep_frac")
+        values.append((ctx.pseudo.confidence >= s.pseudo_threshold).float().mean())
+    stacked = torch.stack([v.detach().float() for v in values])  # (M,): one device→host copy for all
+    metrics = dict(zip(names, stacked.tolist()))
+    if _any_rank(not all(math.isfinite(v) for v in metrics.values()), stacked.device):
+        raise DivergedError(iteration, metrics)
+
+    total.backward()
+    if s.grad_clip > 0:
+        metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip))
+    metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    ema_update(teacher, _unwrap(student), iteration, s.ema_alpha)
+    return metrics
+
+
+def _classmix_loss(ctx: StepContext, s: StepSettings) -> Tensor:
+    """ClassMix source→target: paste half the source classes onto the target; CE weighted by confidence."""
+    p = ctx.pseudo
+    mask = classmix_masks(ctx.y_src.cpu(), ratio=s.class_ratio, prob=s.mix_prob, generator=ctx.generator)
+    mask = mask.to(ctx.x_src.device)  # (B, H, W) bool
+    x = mix(mask, ctx.x_src, ctx.x_tgt)  # (B, 3, H, W)
+    y = mix(mask, ctx.y_src, p.labels)  # (B, H, W)
+    w = mix(mask, torch.ones_like(p.weights), p.weights)  # (B, H, W)
+    # the augmentation draws on the CPU generator, so the same seed gives the same images on any device
+    x = color_jitter(x.cpu(), strength=s.jitter_strength, prob=s.jitter_prob, generator=ctx.generator)
+    x = gaussian_blur(x, sigma_min=s.blur_sigma[0], sigma_max=s.blur_sigma[1], prob=s.blur_prob,
+                      generator=ctx.generator).to(ctx.x_src.device)
+    with ctx.autocast():
+        out = ctx.student(x)
+    ctx.extra.update(mix_fused=out.fused, mix_labels=y, mix_weights=w)
+    return cross_entropy(upsample(out.logits.float(), y.shape[-2:]), y, w)

@@ -1,0 +1,49 @@
+"""Registered loss terms: each contrastive method is one term that the step sums and reports.
+
+A term is a callable ``term(ctx) -> {name: weighted loss}``; it reads what it needs from the ``StepContext``
+(the fused map, a backbone level, logits, the projection, pseudo-labels), which computes those on first use.
+Terms that keep state (memory banks, class statistics) are ``nn.Module``s so their buffers move to the device
+and are saved in checkpoints. ``TERMS`` maps the config's method names to builders; a builder returns ``None``
+when the method's weights are 0, which removes the term and its compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from torch import Tensor
+
+from uda_ray.config import Config
+from uda_ray.train.context import StepContext
+from uda_ray.train.terms.cfcontra import build_cfcontra
+from uda_ray.train.terms.cluda import build_cluda
+from uda_ray.train.terms.cross_view import build_cross_view
+from uda_ray.train.terms.entropy import build_entropy
+from uda_ray.train.terms.sdca import build_sdca
+from uda_ray.train.terms.target_mix import build_target_mix
+
+
+class Term(Protocol):
+    name: str
+
+    def __call__(self, ctx: StepContext) -> dict[str, Tensor]: ...
+
+
+TermBuilder = Callable[[Config, int, int], "Term | None"]
+
+# name -> builder(cfg, num_classes, deepest backbone feature channels)
+TERMS: dict[str, TermBuilder] = {
+    "cluda": build_cluda,
+    "cfcontra": build_cfcontra,
+    "entropy": build_entropy,
+    "sdca": build_sdca,
+    "cross_view": build_cross_view,
+    "target_mix": build_target_mix,
+}
+
+
+def build_terms(cfg: Config, num_classes: int, feat_dim: int) -> list[Term]:
+    """The enabled terms of a config, in registry order."""
+    terms = (build(cfg, num_classes, feat_dim) for build in TERMS.values())
+    return [t for t in terms if t is not None]

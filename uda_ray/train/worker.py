@@ -1,0 +1,106 @@
+"""Ray Train entry: run ``fit`` on Ray Train workers (DDP over gloo/NCCL) or in-process for 0 workers.
+
+With ``num_workers >= 1`` a ``TorchTrainer`` starts the workers, sets up the process group, and each worker runs
+``fit``: DDP wraps the student only, every rank updates its teacher from the synchronised student, samplers shard
+source, target and val by rank, and metrics (losses, confusion matrix) are all-reduced before
+``ray.train.report``; rank 0 attaches the checkpoint. The Train run is named after the Tune trial id, so a retried
+trial finds its own run in storage and resumes from its newest checkpoint (``ray.train.get_checkpoint()``).
+
+With ``num_workers == 0`` the run happens in the calling process (Ray's local mode for CPU and one-GPU trials):
+inside a Tune trial it reports with ``ray.tune.report`` and resumes from ``ray.tune.get_checkpoint()``, because
+Ray Train's local mode keeps reports to itself and would hide intermediate results from Tune's scheduler.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import ray.tune
+from ray.train import Checkpoint
+from ray.train.torch import TorchTrainer
+
+from uda_ray.config import Config, from_dict, to_dict
+from uda_ray.train.loop import FitResult, fit
+
+
+class TrialDiverged(RuntimeError):
+    """Raised by a trial whose loss became NaN/inf, so Tune records it as failed with this message."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    num_workers: int = 0
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def resources_per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker or 1.0
+        return res
+
+
+def _run_fit(cfg: Config, checkpoint: Checkpoint | None, device: Any,
+             report: Callable[[dict[str, float], Checkpoint | None], None]) -> FitResult:
+    with tempfile.TemporaryDirectory(prefix="uda-ray-") as work:
+
+        def reporter(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
+            report(metrics, Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None)
+
+        if checkpoint is None:
+            return fit(cfg, work_dir=work, report=reporter, device=device)
+        with checkpoint.as_directory() as resume_dir:
+            local = Path(work) / "resume"
+            # copy out of the (possibly temporary) download folder before training writes new checkpoints
+            shutil.copytree(resume_dir, local)
+        return fit(cfg, work_dir=work, report=reporter, resume_from=local, device=device)
+
+
+def _raise_if_diverged(result: FitResult) -> None:
+    if result.status == "diverged":
+        raise TrialDiverged(result.error)
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker: rebuild the config, resume if Train has a checkpoint, run ``fit``."""
+    cfg = from_dict(loop_config["config"], source="ray train loop config")
+    device = ray.train.torch.get_device()
+    rank = ray.train.get_context().get_world_rank()
+
+    def report(metrics: dict[str, float], checkpoint: Checkpoint | None) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
+
+    _raise_if_diverged(_run_fit(cfg, ray.train.get_checkpoint(), device, report))
+
+
+def run_in_process(cfg: Config) -> FitResult:
+    """0 workers: train in the Tune trial's own process, reporting straight to Tune."""
+    from uda_ray.train.loop import resolve_device
+
+    result = _run_fit(cfg, ray.tune.get_checkpoint(), resolve_device(cfg.run.device),
+                      lambda m, c: ray.tune.report(m, checkpoint=c))
+    _raise_if_diverged(result)
+    return result
+
+
+def run_trainer(cfg: Config, scaling: Scaling, *, name: str, storage_path: str,
+                callbacks: list | None = None) -> ray.train.Result:
+    """One Ray Train run of ``cfg`` on ``scaling.num_workers >= 1`` workers (DDP)."""
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=scaling.resources_per_worker()),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+    )
+    return trainer.fit()
