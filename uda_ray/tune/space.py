@@ -642,21 +642,26 @@ def param_distributions(spec: SearchSpec) -> dict[str, optuna.distributions.Base
     return out
 
 
-def define_by_run(spec: SearchSpec) -> Callable[[optuna.Trial], dict[str, Any]]:
+class DefineByRun:
     """The define-by-run function for ``OptunaSearch(space=...)`` or a plain ``study.ask()`` trial.
 
     Suggests the switches, then the params, in YAML order, skipping entries whose ``when`` fails. Returns the
     constants (active fixed params and the implications of the chosen switch values), which Ray merges over the
     suggested values into the Tune config; the same dict is stored as the Optuna user attribute ``constants``.
+    A class rather than a closure: Ray pickles the searcher, and with it this function, into the experiment state.
     """
-    def space(trial: optuna.Trial) -> dict[str, Any]:
+
+    def __init__(self, spec: SearchSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
         constants: dict[str, Any] = {}
-        for s in spec.switches:
+        for s in self.spec.switches:
             if _holds(s.when, values):
                 values[s.name] = trial.suggest_categorical(s.name, s.choices)
                 constants.update(s.implied(values[s.name]))
-        for p in spec.params:
+        for p in self.spec.params:
             if not _holds(p.when, values):
                 continue
             if p.kind == "fixed":
@@ -670,7 +675,9 @@ def define_by_run(spec: SearchSpec) -> Callable[[optuna.Trial], dict[str, Any]]:
         trial.set_user_attr("constants", constants)
         return constants
 
-    return space
+
+def define_by_run(spec: SearchSpec) -> DefineByRun:
+    return DefineByRun(spec)
 
 
 def _plain(value: Any) -> Any:
