@@ -45,6 +45,7 @@ class SyntheticConfig:
     num_val: int = _f(60, ge=1)
     height: int = _f(96, ge=16)
     width: int = _f(192, ge=16)
+    shift_strength: float = _f(1.0, ge=0.0, doc="0 = the target looks like the source; 1 = the default domain gap")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ class ModelConfig:
     out_indices: tuple[int, ...] = _f((), ge=0, doc="backbone levels; empty = the last four")
     embed_dim: int = _f(256, ge=1, doc="channels each level is embedded to in the fusion decoder")
     dropout: float = _f(0.1, ge=0.0, lt=1.0)
-    sync_bn: bool = _f(False, doc="SyncBatchNorm under DDP")
+    decoder_norm: str = _f("batch", choices=("batch", "group"),
+                           doc="norm of the decoder and projection head; group = per sample (batch-split invariant)")
+    sync_bn: bool = _f(False, doc="SyncBatchNorm under DDP (CUDA only)")
 
 
 @dataclass(frozen=True)

@@ -9,23 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import tiny_overrides
 from uda_ray.config import Config, apply_overrides
 from uda_ray.train.loop import fit, lr_factor
 from uda_ray.train.run import latest_checkpoint, train_local
 
 
 def tiny_config(cache: Path, **extra) -> Config:
-    overrides = {
-        "data.synthetic.cache_dir": str(cache), "data.synthetic.num_source": 6, "data.synthetic.num_target": 6,
-        "data.synthetic.num_val": 3, "data.synthetic.height": 32, "data.synthetic.width": 64,
-        "data.source_resize": [32, 64], "data.target_resize": [32, 64], "data.val_resize": [32, 64],
-        "data.crop": [32, 32], "data.batch_size": 2,
-        "model.backbone": "test_resnet", "model.embed_dim": 8, "model.dropout": 0.0,
-        "optim.lr": 1e-3, "optim.warmup_iters": 2, "teacher.pseudo_threshold": 0.5,
-        "run.iterations": 6, "run.eval_every": 3, "run.checkpoint_every": 3, "run.log_every": 1, "run.threads": 1,
-    }
-    overrides.update(extra)
-    return apply_overrides(Config(), overrides)
+    return apply_overrides(Config(), tiny_overrides(cache, **extra))
 
 
 def _strip_time(rows: list[dict]) -> list[dict]:

@@ -2,7 +2,7 @@
 
 The decoder follows DAFormer's all-MLP fusion head (Hoyer et al., CVPR 2022; METHODS.md §2), which CLUDA uses as its
 contrast space: every backbone level l with C_l channels is embedded to E channels by a 1×1 convolution, upsampled
-bilinearly to the finest level's grid, the L maps are concatenated and fused by a 1×1 convolution + BN + ReLU.
+bilinearly to the finest level's grid, the L maps are concatenated and fused by a 1×1 convolution + BN + ReLU (GroupNorm with ``norm="group"``).
 A dropout and a 1×1 classifier give the logits.
 
     e_l = Up(W_l f_l + b_l)                    (B, E, h, w)
@@ -22,10 +22,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+NORMS = {
+    "batch": lambda c: nn.BatchNorm2d(c),
+    # per-sample: results do not depend on how a batch is split over workers (no SyncBatchNorm needed)
+    "group": lambda c: nn.GroupNorm(min(32, c), c),
+}
+
+
+def make_norm(name: str, channels: int) -> nn.Module:
+    if name not in NORMS:
+        raise ValueError(f"norm {name!r}: expected one of {', '.join(NORMS)}")
+    return NORMS[name](channels)
+
+
 class FusionDecoder(nn.Module):
     """DAFormer-style fusion of L backbone levels into one map at the finest level's resolution."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, *, embed_dim: int = 256, dropout: float = 0.1):
+    def __init__(self, in_channels: Sequence[int], num_classes: int, *, embed_dim: int = 256, dropout: float = 0.1,
+                 norm: str = "batch"):
         super().__init__()
         if len(in_channels) == 0:
             raise ValueError("FusionDecoder: in_channels is empty: expected the channel count of at least one level")
@@ -37,7 +51,7 @@ class FusionDecoder(nn.Module):
         self.embed = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in self.in_channels)
         self.fuse = nn.Sequential(
             nn.Conv2d(len(self.in_channels) * embed_dim, embed_dim, kernel_size=1, bias=False),
-            nn.BatchNorm2d(embed_dim),
+            make_norm(norm, embed_dim),
             nn.ReLU(inplace=True),
         )
         self.dropout = nn.Dropout2d(dropout)
@@ -63,7 +77,7 @@ class FusionDecoder(nn.Module):
 class ProjectionHead(nn.Module):
     """CFContra's projection MLP on one feature map: 1×1 conv, BN, ReLU, 1×1 conv; (B, C, h, w) → (B, P, h, w)."""
 
-    def __init__(self, in_channels: int, proj_dim: int, *, hidden_dim: int = 0):
+    def __init__(self, in_channels: int, proj_dim: int, *, hidden_dim: int = 0, norm: str = "batch"):
         super().__init__()
         if in_channels < 1 or proj_dim < 1 or hidden_dim < 0:
             raise ValueError(f"ProjectionHead: in_channels = {in_channels}, proj_dim = {proj_dim}, hidden_dim = "
@@ -71,7 +85,7 @@ class ProjectionHead(nn.Module):
         hidden = hidden_dim or in_channels
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden, kernel_size=1, bias=False),
-            nn.BatchNorm2d(hidden),
+            make_norm(norm, hidden),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, proj_dim, kernel_size=1),
         )

@@ -49,7 +49,8 @@ class Segmenter(nn.Module):
     """timm backbone with ``features_only=True`` → FusionDecoder (→ ProjectionHead on the deepest level)."""
 
     def __init__(self, backbone: str, num_classes: int = 19, *, pretrained: bool = False, pretrained_path: str = "",
-                 out_indices: tuple[int, ...] = (), embed_dim: int = 256, dropout: float = 0.1, proj_dim: int = 0):
+                 out_indices: tuple[int, ...] = (), embed_dim: int = 256, dropout: float = 0.1, proj_dim: int = 0,
+                 decoder_norm: str = "batch"):
         super().__init__()
         if pretrained and pretrained_path:
             raise ValueError(f"Segmenter({backbone!r}): pretrained=True and pretrained_path={pretrained_path!r} are "
@@ -67,8 +68,9 @@ class Segmenter(nn.Module):
                              f"{self.feature_reductions}: expected the levels finest first (non-decreasing stride)")
         if pretrained_path:
             load_backbone_checkpoint(self.backbone, backbone, pretrained_path)
-        self.decoder = FusionDecoder(self.feature_channels, num_classes, embed_dim=embed_dim, dropout=dropout)
-        self.proj = ProjectionHead(self.feature_channels[-1], proj_dim) if proj_dim > 0 else None
+        self.decoder = FusionDecoder(self.feature_channels, num_classes, embed_dim=embed_dim, dropout=dropout,
+                                     norm=decoder_norm)
+        self.proj = ProjectionHead(self.feature_channels[-1], proj_dim, norm=decoder_norm) if proj_dim > 0 else None
         self.num_classes = num_classes
         # Constants, not state: kept out of the state dict so checkpoints hold only learned weights and BN statistics.
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

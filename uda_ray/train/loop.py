@@ -72,7 +72,7 @@ def data_roots(cfg: Config) -> tuple[Path, Path]:
     if d.source == "synthetic" or d.target == "synthetic":
         syn_src, syn_tgt = ensure_synthetic(s.cache_dir, seed=s.seed, num_source=s.num_source,
                                             num_target=s.num_target, num_val=s.num_val, height=s.height,
-                                            width=s.width)
+                                            width=s.width, shift_strength=s.shift_strength)
         src = syn_src if d.source == "synthetic" else src
         tgt = syn_tgt if d.target == "synthetic" else tgt
     return src, tgt
@@ -108,7 +108,7 @@ def build_model(cfg: Config) -> nn.Module:
     m, cf = cfg.model, cfg.loss.cfcontra
     return build_segmenter(m.backbone, NUM_CLASSES, pretrained=m.pretrained, pretrained_path=m.pretrained_path,
                            out_indices=m.out_indices, embed_dim=m.embed_dim, dropout=m.dropout,
-                           proj_dim=cf.proj_dim if cf.weight > 0 else 0)
+                           proj_dim=cf.proj_dim if cf.weight > 0 else 0, decoder_norm=m.decoder_norm)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -214,6 +214,9 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
         start = int(state["iteration"])
     if di.world_size > 1:
         if cfg.model.sync_bn:
+            if device.type != "cuda":
+                raise RuntimeError("model.sync_bn = true needs CUDA devices (torch's SyncBatchNorm is GPU-only); "
+                                   "on CPU use model.decoder_norm = group with a LayerNorm backbone")
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny synthetic-pair configuration that trains in about a second per run on one CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = ROOT / "search_spaces" / "base" / "synthetic.yaml"
+
+
+def tiny_overrides(cache: Path, **extra: Any) -> dict[str, Any]:
+    """Overrides of base/synthetic.yaml: 32×64 images, 6+6 train and 3 val images, a 0.4M-parameter model."""
+    out: dict[str, Any] = {
+        "data.synthetic.cache_dir": str(cache), "data.synthetic.num_source": 6, "data.synthetic.num_target": 6,
+        "data.synthetic.num_val": 3, "data.synthetic.height": 32, "data.synthetic.width": 64,
+        "data.source_resize": [32, 64], "data.target_resize": [32, 64], "data.val_resize": [32, 64],
+        "data.crop": [32, 32], "data.batch_size": 2,
+        "model.backbone": "test_resnet", "model.embed_dim": 8, "model.dropout": 0.0,
+        "optim.lr": 1e-3, "optim.warmup_iters": 2, "teacher.pseudo_threshold": 0.5,
+        "run.iterations": 6, "run.eval_every": 3, "run.checkpoint_every": 3, "run.log_every": 1, "run.threads": 1,
+    }
+    out.update(extra)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic cache folder for the whole session (the tiny pair is generated once)."""
+    return tmp_path_factory.mktemp("synthetic-cache")

@@ -1,0 +1,92 @@
+"""Seeded, shardable loaders: an infinite train stream and a sharded, unpadded val loader.
+
+The train stream. Epoch e is a permutation ``perm_e`` of the dataset drawn from (seed, e), with one sample seed per
+position drawn from (seed, e) as well; the global stream is ``perm_0, perm_1, ...`` end to end, global position
+``g`` being position ``g mod N`` of epoch ``g div N``. Ranks take the global stream in blocks of ``batch_size``,
+round robin: rank r's stream position s is global position
+
+    g(s) = (s div b) * world_size * b + r * b + (s mod b).
+
+So at every step t the world_size ranks, each with batch b, together read the global positions
+[t * world_size * b, (t + 1) * world_size * b) — exactly the batch of a single worker with batch world_size * b,
+in rank order, with the same sample seeds (hence the same augmentation). Two workers × b therefore see the same
+images as one worker × 2b: ``batch_1x2b(t) == cat(batch_rank0(t), batch_rank1(t))``. Each rank's stream has the
+same length per step; no sample is duplicated or dropped across ranks. ``start`` jumps to stream position
+``start`` in O(N) work (one epoch's permutation), which is how a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size}: expected world_size >= 1 and 0 <= rank < world_size")
+
+
+class InfiniteSampler(Sampler):
+    """Yields ``(index, sample_seed)`` forever for one rank (see the module docstring for the order)."""
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 start: int = 0, batch_size: int = 1) -> None:
+        if size < 1:
+            raise ValueError(f"InfiniteSampler: dataset size {size}: expected at least 1 item")
+        if seed < 0 or start < 0 or batch_size < 1:
+            raise ValueError(f"InfiniteSampler: seed {seed}, start {start}, batch_size {batch_size}: expected "
+                             "seed >= 0, start >= 0, batch_size >= 1")
+        _check_rank(rank, world_size)
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.shuffle, self.start, self.batch_size = shuffle, start, batch_size
+
+    def global_position(self, s: int) -> int:
+        """Global stream position of this rank's stream position ``s``."""
+        b = self.batch_size
+        return (s // b) * self.world_size * b + self.rank * b + s % b
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) dataset indices and (N,) int64 sample seeds of epoch ``epoch``, functions of (seed, epoch) only."""
+        order = (np.random.default_rng([self.seed, epoch, 0]).permutation(self.size) if self.shuffle
+                 else np.arange(self.size))
+        seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**62, size=self.size, dtype=np.int64)
+        return order, seeds
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s, epoch, order, seeds = self.start, -1, np.empty(0, np.int64), np.empty(0, np.int64)
+        while True:
+            e, p = divmod(self.global_position(s), self.size)
+            if e != epoch:
+                epoch, (order, seeds) = e, self.epoch_plan(e)
+            yield int(order[p]), int(seeds[p])
+            s += 1
+
+
+def build_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                       num_workers: int = 0, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Infinite iterator of collated batches ``{"image": (B, 3, h, w), "label": (B, h, w), "index": (B,)}``.
+
+    ``start`` is the number of samples this rank has already consumed (iterations done × batch_size).
+    """
+    sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start,
+                              batch_size=batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+def val_indices(size: int, *, rank: int = 0, world_size: int = 1, max_images: int = 0) -> list[int]:
+    """Rank ``rank``'s share ``r::world_size`` of the first ``max_images`` (0 = all) indices, without padding."""
+    _check_rank(rank, world_size)
+    n = size if max_images <= 0 else min(size, max_images)
+    return list(range(n))[rank::world_size]
+
+
+def build_val_loader(dataset: Dataset, *, rank: int = 0, world_size: int = 1, max_images: int = 0,
+                     num_workers: int = 0) -> DataLoader:
+    """Batch-size-1 sequential loader over this rank's images; across ranks every image is read exactly once."""
+    indices = val_indices(len(dataset), rank=rank, world_size=world_size, max_images=max_images)
+    return DataLoader(dataset, batch_size=1, sampler=indices, num_workers=num_workers, shuffle=False)
