@@ -51,6 +51,24 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from uda_ray.tune.ablate import format_ablation, run_ablation
+
+    out = run_ablation(args.spec, address=args.address, storage=args.storage, name=args.name, resume=args.resume)
+    print("\n" + format_ablation(out))
+    return 0 if out.statuses.get("TERMINATED", 0) == out.summary.size else 3
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from uda_ray.tune.retrain import format_retrain, run_retrain
+
+    out = run_retrain(args.results, top=args.top, seeds=args.seeds, iterations=args.iterations, address=args.address,
+                      workers=args.workers, storage=args.storage, metric=args.metric, mode=args.mode,
+                      resume=args.resume)
+    print("\n" + format_retrain(out))
+    return 0 if (out.summary["n_unfinished"] == 0).all() else 3
+
+
 def _print_outcome(uri: str, best: dict | None, source: str) -> None:
     import json
 
@@ -89,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_args(u)
     u.add_argument("--num-samples", type=int, help="override the YAML's num_samples")
     u.set_defaults(func=_cmd_tune)
+
+    a = sub.add_parser("ablate", help="ablation study: components on/off x paired seeds as a Tune grid")
+    a.add_argument("spec", help="ablation YAML, e.g. search_spaces/ablations/components.yaml")
+    _ray_args(a)
+    a.set_defaults(func=_cmd_ablate)
+
+    r = sub.add_parser("retrain", help="retrain the best trials of an experiment with the full schedule x seeds")
+    r.add_argument("results", help="experiment folder or URI (or its name with --storage), e.g. results/demo-<time>")
+    r.add_argument("--top", type=int, default=1, help="how many of the best finished trials (default 1)")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per trial (default 0 1 2)")
+    r.add_argument("--iterations", type=int, help="schedule length (default: each trial's own run.iterations)")
+    r.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start a local Ray")
+    r.add_argument("--storage", help="results root holding the experiment named by RESULTS")
+    r.add_argument("--workers", type=int, help="Ray Train DDP workers per run (default: train in the trial)")
+    r.add_argument("--metric", default="val/miou", help="ranking metric (default val/miou)")
+    r.add_argument("--mode", default="max", choices=("max", "min"))
+    r.add_argument("--resume", action="store_true", help="continue the newest interrupted retrain of RESULTS")
+    r.set_defaults(func=_cmd_retrain)
     return p
 
 

@@ -113,7 +113,7 @@ def trial_resources(scaling: Scaling) -> dict[str, float]:
         if scaling.gpus_per_worker:
             res["GPU"] = scaling.gpus_per_worker
         return res
-    res = {"CPU": 0.0}
+    res = {"CPU": 0.01}  # Tune refuses an all-zero bundle; the driver only waits on its Train run
     if "train_driver" in ray.cluster_resources():
         res["train_driver"] = 1.0
     return res
@@ -155,6 +155,11 @@ class ExperimentSpec:
     scheduler: Any = None
 
 
+def _trial_dirname(trial: tune.experiment.Trial) -> str:
+    """Short trial folders (Tune's default encodes every override into the name)."""
+    return f"trial_{trial.trial_id}"
+
+
 def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> tune.ResultGrid:
     exp = spec.experiment
     first_metric = spec.metric[0] if isinstance(spec.metric, list) else spec.metric
@@ -172,7 +177,8 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> tune.Result
         trainable,
         param_space=spec.param_space or {},
         tune_config=tune.TuneConfig(search_alg=spec.search_alg, scheduler=spec.scheduler,
-                                    num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent),
+                                    num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
+                                    trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=exp.name, storage_path=exp.root, callbacks=[callback],
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),

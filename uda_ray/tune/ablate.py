@@ -1,0 +1,136 @@
+"""``uda-ray ablate``: an ablation spec's cells × paired seeds as a Tune grid (no Optuna, FIFO), trials to parquet.
+
+The spec (``uda_ray.tune.ablation``) is read and validated, and every cell's run config built, before Ray starts.
+The Tune ``param_space`` is ``{"trial": grid_search(grid(spec))}``: one trial per ``{"cell", "seed", "overrides"}``
+entry, so every cell runs exactly the spec's seeds and ``run.seed`` of trial (cell, s) is s (pairing). The parquet
+rows carry ``cell`` and ``seed``; ``<experiment>/ablation.yaml`` is a copy of the spec as it was launched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+
+from uda_ray.config import Config
+from uda_ray.results.schema import FINISHED
+from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
+from uda_ray.tune.ablation import AblationSpec, cell_config, expand, grid, load_ablation
+from uda_ray.tune.callback import TrialInfo
+from uda_ray.tune.driver import (
+    Experiment,
+    ExperimentError,
+    ExperimentSpec,
+    choose_experiment,
+    init_ray,
+    run_experiment,
+    storage_root,
+)
+from uda_ray.tune.search import scaling_of
+
+SPEC_COPY = "ablation.yaml"
+
+
+@dataclass(frozen=True)
+class AblationOutcome:
+    """Where the ablation was written, its spec, and ``summary``: rows = cells (spec order), columns = seeds,
+    values = ``best/<metric>`` of each finished trial (NaN where the trial did not finish)."""
+
+    experiment: Experiment
+    spec: AblationSpec
+    summary: pd.DataFrame
+    statuses: dict[str, int]
+
+
+def _entry(tune_config: dict[str, Any]) -> dict[str, Any]:
+    entry = tune_config.get("trial")
+    if not isinstance(entry, dict) or not {"cell", "seed", "overrides"} <= set(entry):
+        raise ValueError(f"ablation trial config {tune_config!r}: expected {{'trial': {{'cell', 'seed', "
+                         "'overrides'}}}} as produced by uda_ray.tune.ablation.grid")
+    return entry
+
+
+def ablation_summary(trials: pd.DataFrame, spec: AblationSpec) -> pd.DataFrame:
+    """Cells × seeds table of ``best/<metric>`` from the trials rows; a trial that is not TERMINATED gives NaN.
+
+    Rows follow the spec's cell order and columns its seeds, whether or not a trial has written its row yet.
+    """
+    col = f"best/{spec.metric}"
+    cells = [c.name for c in expand(spec)]
+    table = pd.DataFrame(float("nan"), index=pd.Index(cells, name="cell"),
+                         columns=pd.Index(list(spec.seeds), name="seed"))
+    if trials.empty or col not in trials:
+        return table  # no trial has written a row, or none has reported the metric yet
+    done = trials[trials["status"] == FINISHED]
+    for row in done[["cell", "seed", col]].itertuples(index=False):
+        cell, seed, value = row
+        if cell not in table.index or int(seed) not in table.columns:
+            raise ValueError(f"trial row with cell {cell!r}, seed {seed!r} is not in the spec's grid "
+                             f"(cells {cells}, seeds {list(spec.seeds)})")
+        table.loc[cell, int(seed)] = float(value)
+    return table
+
+
+def _check_resume_spec(exp: Experiment, spec_path: Path) -> None:
+    stored = join(exp.uri, SPEC_COPY)
+    if not exists(stored):
+        raise ExperimentError(f"--resume: {stored} is missing: {exp.uri} is not an ablation experiment")
+    if read_bytes(stored) != spec_path.read_bytes():
+        raise ExperimentError(f"--resume: {spec_path} differs from the spec the experiment was launched with "
+                              f"({stored}); the grid must not change when resuming")
+
+
+def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: str | None = None,
+                 name: str | None = None, resume: bool = False) -> AblationOutcome:
+    """Run (or with ``resume`` continue) the ablation of ``spec_path``; returns where it went and its summary."""
+    spec_path = Path(spec_path)
+    spec = load_ablation(spec_path)  # raises SpaceError before Ray starts
+    entries = grid(spec)
+    # every run config is built (and validated) here, so trials never read the YAML files on cluster nodes
+    configs: dict[tuple[str, int], Config] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}
+    exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
+    if resume:
+        _check_resume_spec(exp, spec_path)
+    else:
+        write_bytes(spec_path.read_bytes(), join(exp.uri, SPEC_COPY))
+    init_ray(address)
+
+    def config_of(tune_config: dict[str, Any]) -> Config:
+        e = _entry(tune_config)
+        return configs[(e["cell"], e["seed"])]
+
+    def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
+        e = _entry(tune_config)
+        return TrialInfo(config=configs[(e["cell"], e["seed"])], overrides=dict(e["overrides"]), cell=e["cell"],
+                         seed=e["seed"])
+
+    run_experiment(ExperimentSpec(
+        experiment=exp, kind="ablation", metric=spec.metric, mode=spec.mode, config_of=config_of,
+        trial_info=trial_info, scaling=scaling_of(spec), num_samples=1, max_concurrent=spec.max_concurrent,
+        max_failures=spec.max_failures, param_space={"trial": tune.grid_search(entries)},
+        scheduler=FIFOScheduler()), resume=resume)
+    trials = load_trials(exp.uri)
+    statuses = {str(k): int(v) for k, v in trials["status"].value_counts().items()} if not trials.empty else {}
+    return AblationOutcome(exp, spec, ablation_summary(trials, spec), statuses)
+
+
+def format_ablation(outcome: AblationOutcome) -> str:
+    """The text ``uda-ray ablate`` prints: where the tables are, and the cells × seeds table with each cell's mean."""
+    spec, uri = outcome.spec, outcome.experiment.uri
+    table = outcome.summary.copy()
+    table.columns = [f"seed {s}" for s in table.columns]
+    table["mean"] = outcome.summary.mean(axis=1, skipna=False)
+    lines = [f"trials:  {uri}/trials/*.parquet", f"metrics: {uri}/metrics/*.parquet", f"spec:    {uri}/{SPEC_COPY}",
+             "", f"best/{spec.metric} ({spec.mode}) per cell and seed:",
+             table.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")]
+    total = len(spec.seeds) * len(outcome.summary)
+    finished = outcome.statuses.get(FINISHED, 0)
+    if finished != total:
+        others = ", ".join(f"{n} {s}" for s, n in sorted(outcome.statuses.items()) if s != FINISHED)
+        lines.append(f"{finished} of {total} trials finished" + (f" ({others})" if others else ""))
+    lines.append(f"statistics: uda-ray analyze {uri}")
+    return "\n".join(lines)

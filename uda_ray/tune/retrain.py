@@ -1,0 +1,280 @@
+"""``uda-ray retrain``: retrain the best trials of a finished experiment with their full schedule over several seeds.
+
+From the source experiment's trials table alone (no YAML): the ``top`` TERMINATED trials by ``best/<metric>``
+(``uda_ray.analysis.best.best_trials``; pruned, failed, diverged and running trials are never picked), each trial's
+exact config rebuilt from its ``config/*`` columns (``config_from_row``), with ``run.seed`` set to every requested
+seed and ``run.iterations`` to the trial's own schedule (or ``iterations``). The runs are a Tune grid, one trial per
+(source trial, seed), written as an experiment inside the source one::
+
+    <source>/retrain/trials/*.parquet     kind "retrain", with source_trial_id and seed
+    <source>/retrain/metrics/*.parquet
+    <source>/retrain/<Tune trial folders>  the final checkpoint of every run
+    <source>/retrain/retrain.json         what was asked for (checked again by --resume)
+    <source>/retrain/summary.csv          per source trial: mean and sample std (ddof 1) over the finished seeds
+
+A second retrain of the same experiment goes to ``retrain-2``, then ``retrain-3``, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.tune.schedulers import FIFOScheduler
+
+from uda_ray.analysis.best import best_trials, config_from_row
+from uda_ray.config import Config, apply_overrides
+from uda_ray.results.schema import FINISHED
+from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
+from uda_ray.train.worker import Scaling
+from uda_ray.tune.callback import TrialInfo
+from uda_ray.tune.driver import (
+    TUNE_STATE,
+    Experiment,
+    ExperimentError,
+    ExperimentSpec,
+    init_ray,
+    run_experiment,
+    storage_root,
+)
+
+RETRAIN = "retrain"
+REQUEST_FILE = "retrain.json"
+SUMMARY_FILE = "summary.csv"
+
+
+@dataclass(frozen=True)
+class RetrainRun:
+    """One planned run: a source trial's config with one seed (and the schedule) set."""
+
+    source_trial_id: str
+    seed: int
+    config: Config
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    """``chosen``: the picked source rows (``best_trials``: ``rank`` first). ``runs``: one row per retrain trial
+    (``trial_id, source_trial_id, seed, status, best/<metric>, checkpoint``). ``summary``: one row per source
+    trial, as written to ``summary.csv``."""
+
+    source: str
+    experiment: Experiment
+    metric: str
+    mode: str
+    chosen: pd.DataFrame
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def source_uri(results_path: str, storage: str | None = None) -> str:
+    """The source experiment: ``results_path`` (a folder or URI), or with ``storage`` the experiment name
+    ``results_path`` under that results root."""
+    if storage is not None:
+        if "/" in results_path or "\\" in results_path:
+            raise ValueError(f"retrain {results_path!r} with storage {storage!r}: with a storage root, name the "
+                             "experiment folder inside it (no path separators), or give the full path without it")
+        return join(storage_root(storage), results_path)
+    if "://" in results_path:
+        return results_path.rstrip("/")
+    return str(Path(results_path).expanduser().resolve())
+
+
+def _check_request(top: int, seeds: Sequence[int], iterations: int | None, workers: int | None) -> None:
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"--top {top!r}: expected an integer >= 1")
+    if not seeds:
+        raise ValueError("--seeds: expected at least one seed")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"--seeds: {s!r} is not an integer >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {list(seeds)}: seeds repeat; each seed is one run")
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"--iterations {iterations!r}: expected an integer >= 1")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"--workers {workers!r}: expected an integer >= 0 (0: train inside the Tune trial)")
+
+
+def plan_retrain(trials: pd.DataFrame, *, top: int, seeds: Sequence[int], iterations: int | None, metric: str,
+                 mode: str, source: str = "<trials>") -> tuple[pd.DataFrame, list[RetrainRun]]:
+    """The chosen source rows and the runs (source trial × seed, best source first) — no Ray involved."""
+    _check_request(top, seeds, iterations, None)
+    if trials.empty:
+        raise ValueError(f"{source}: the trials table is empty; nothing to retrain")
+    if f"best/{metric}" not in trials:
+        have = sorted(c[len("best/"):] for c in trials.columns if c.startswith("best/"))
+        raise ValueError(f"{source}: --metric {metric}: no column 'best/{metric}' in the trials table "
+                         f"(metrics recorded: {have})")
+    chosen = best_trials(trials, metric, mode, top)
+    if chosen.empty:
+        counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+        raise ValueError(f"{source}: no TERMINATED trial with a finite best/{metric} to retrain (trials: {counts})")
+    runs = []
+    for _, row in chosen.iterrows():
+        tid = str(row["trial_id"])
+        cfg = config_from_row(row)
+        n = iterations if iterations is not None else cfg.run.iterations
+        recorded = row.get("overrides")
+        base = json.loads(recorded) if isinstance(recorded, str) and recorded else {}
+        for s in seeds:
+            changes = {"run.seed": s, "run.iterations": n}
+            runs.append(RetrainRun(tid, s, apply_overrides(cfg, changes, source=f"{source} trial {tid} seed {s}"),
+                                   {**base, **changes}))
+    return chosen, runs
+
+
+def _retrain_folders(source: str) -> tuple[list[str], str]:
+    """The existing ``retrain``, ``retrain-2``, ... folders of ``source`` in order, and the next free name."""
+    existing, k, name = [], 1, RETRAIN
+    while exists(join(source, name)):
+        existing.append(name)
+        k += 1
+        name = f"{RETRAIN}-{k}"
+    return existing, name
+
+
+def choose_retrain(source: str, *, resume: bool) -> Experiment:
+    """``<source>/retrain`` (or the next free ``retrain-<k>``); with ``resume`` the newest one with Tune state."""
+    existing, free = _retrain_folders(source)
+    if not resume:
+        return Experiment(source, free)
+    for name in reversed(existing):
+        if exists(join(source, name, TUNE_STATE)):
+            return Experiment(source, name)
+    raise ExperimentError(f"--resume: no retrain folder with Tune state ({TUNE_STATE}) under {source} "
+                          f"(found {existing or 'none'})")
+
+
+def _request(source: str, metric: str, mode: str, runs: list[RetrainRun]) -> dict[str, Any]:
+    return {"source": source, "metric": metric, "mode": mode,
+            "runs": [[r.source_trial_id, r.seed, r.config.run.iterations] for r in runs]}
+
+
+def _check_resume_request(exp: Experiment, request: dict[str, Any]) -> None:
+    uri = join(exp.uri, REQUEST_FILE)
+    if not exists(uri):
+        raise ExperimentError(f"--resume: {uri} is missing: {exp.uri} is not a retrain experiment")
+    stored = json.loads(read_bytes(uri))
+    if stored["runs"] != request["runs"] or stored["metric"] != request["metric"]:
+        raise ExperimentError(f"--resume: the runs asked for now ({request['runs']}, {request['metric']}) differ "
+                              f"from those of {uri} ({stored['runs']}, {stored['metric']}); pass the same --top, "
+                              "--seeds, --iterations and --metric, or start a new retrain without --resume")
+
+
+def retrain_scaling(workers: int | None) -> Scaling:
+    """``workers`` None or 0: train inside the Tune trial; >= 1: Ray Train DDP workers. Each worker (or the
+    in-process trial) takes one GPU when the cluster has any. Call after Ray is initialised."""
+    use_gpu = ray.cluster_resources().get("GPU", 0.0) > 0
+    return Scaling(num_workers=workers or 0, use_gpu=use_gpu, cpus_per_worker=1.0,
+                   gpus_per_worker=1.0 if use_gpu else 0.0)
+
+
+def seed_summary(rows: pd.DataFrame, chosen: pd.DataFrame, metric: str, seeds: Sequence[int]) -> pd.DataFrame:
+    """Per source trial: the source's own value, and mean / sample std (ddof 1) of ``best/<metric>`` over the
+    retrain runs that finished (std is NaN with fewer than 2 finished seeds)."""
+    col = f"best/{metric}"
+    out = []
+    for _, src in chosen.iterrows():
+        tid = src["trial_id"]
+        mine = rows[rows["source_trial_id"] == tid] if not rows.empty else rows
+        if col in mine:
+            mine = mine[(mine["status"] == FINISHED) & mine[col].astype("float64").map(math.isfinite)]
+            values = mine[col].astype("float64")
+            done = sorted(int(s) for s in mine["seed"])
+        else:
+            values, done = pd.Series([], dtype="float64"), []
+        out.append({"rank": int(src["rank"]), "source_trial_id": tid, "metric": metric,
+                    "source_value": float(src[col]), "seeds": " ".join(map(str, done)), "n": len(done),
+                    "n_unfinished": len(seeds) - len(done),
+                    "mean": float(values.mean()) if len(done) else math.nan,
+                    "std": float(values.std(ddof=1)) if len(done) > 1 else math.nan})
+    return pd.DataFrame(out)
+
+
+def _checkpoints(results: tune.ResultGrid) -> dict[str, str]:
+    """trial id → path of its last checkpoint: Tune's own (in-process runs) or the one Ray Train reported."""
+    out = {}
+    for r in results:
+        tid = r.metrics.get("trial_id") if r.metrics else None
+        if tid is None:
+            continue
+        if r.checkpoint is not None:
+            out[tid] = r.checkpoint.path
+        elif CHECKPOINT_PATH_KEY in r.metrics:
+            out[tid] = r.metrics[CHECKPOINT_PATH_KEY]
+    return out
+
+
+def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1, 2), iterations: int | None = None,
+                address: str | None = None, workers: int | None = None, storage: str | None = None,
+                metric: str = "val/miou", mode: str = "max", resume: bool = False) -> RetrainOutcome:
+    """Retrain the best ``top`` trials of ``results_path`` for every seed (see the module docstring)."""
+    seeds = list(seeds)
+    _check_request(top, seeds, iterations, workers)
+    source = source_uri(results_path, storage)
+    chosen, runs = plan_retrain(load_trials(source), top=top, seeds=seeds, iterations=iterations, metric=metric,
+                                mode=mode, source=source)  # everything is validated before Ray starts
+    exp = choose_retrain(source, resume=resume)
+    request = _request(source, metric, mode, runs)
+    if resume:
+        _check_resume_request(exp, request)
+    else:
+        write_bytes(json.dumps(request, indent=1).encode(), join(exp.uri, REQUEST_FILE))
+    init_ray(address)
+    by_key = {(r.source_trial_id, r.seed): r for r in runs}
+
+    def run_of(tune_config: dict[str, Any]) -> RetrainRun:
+        t = tune_config.get("trial")
+        if not isinstance(t, dict) or (t.get("source_trial_id"), t.get("seed")) not in by_key:
+            raise ValueError(f"retrain trial config {tune_config!r}: expected {{'trial': {{'source_trial_id', "
+                             f"'seed'}}}} naming one of the planned runs {sorted(by_key)}")
+        return by_key[(t["source_trial_id"], t["seed"])]
+
+    def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
+        r = run_of(tune_config)
+        return TrialInfo(config=r.config, overrides=r.overrides, seed=r.seed, source_trial_id=r.source_trial_id)
+
+    entries = [{"source_trial_id": r.source_trial_id, "seed": r.seed} for r in runs]
+    results = run_experiment(ExperimentSpec(
+        experiment=exp, kind="retrain", metric=metric, mode=mode, config_of=lambda c: run_of(c).config,
+        trial_info=trial_info, scaling=retrain_scaling(workers), num_samples=1, max_concurrent=len(runs),
+        param_space={"trial": tune.grid_search(entries)}, scheduler=FIFOScheduler()), resume=resume)
+
+    rows = load_trials(exp.uri)
+    col = f"best/{metric}"
+    keep = [c for c in ("trial_id", "source_trial_id", "seed", "status", "iterations", col) if c in rows]
+    table = rows[keep].copy()
+    ckpts = _checkpoints(results)
+    table["checkpoint"] = [ckpts.get(t) for t in table["trial_id"]]
+    table = table.sort_values(["source_trial_id", "seed"], kind="stable").reset_index(drop=True)
+    summary = seed_summary(rows, chosen, metric, seeds)
+    write_bytes(summary.to_csv(index=False).encode(), join(exp.uri, SUMMARY_FILE))
+    return RetrainOutcome(source, exp, metric, mode, chosen, table, summary)
+
+
+def format_retrain(outcome: RetrainOutcome) -> str:
+    """The text ``uda-ray retrain`` prints: where everything is, mean ± std per source trial, the checkpoints."""
+    uri, m = outcome.experiment.uri, outcome.metric
+    lines = [f"retrain of {outcome.source} (best/{m}, {outcome.mode})",
+             f"trials:      {uri}/trials/*.parquet", f"metrics:     {uri}/metrics/*.parquet",
+             f"summary:     {join(uri, SUMMARY_FILE)}",
+             "checkpoints: the last one of every run, listed below", ""]
+    for s in outcome.summary.itertuples(index=False):
+        spread = f"{s.mean:.4f} ± {s.std:.4f}" if s.n > 1 else (f"{s.mean:.4f}" if s.n else "-")
+        lines.append(f"#{s.rank} {s.source_trial_id}: source {s.source_value:.4f} → retrained {spread} over "
+                     f"{s.n} seed(s) [{s.seeds}]" + (f", {s.n_unfinished} unfinished" if s.n_unfinished else ""))
+    lines.append("")
+    for r in outcome.runs.itertuples(index=False):
+        lines.append(f"  {r.trial_id} (from {r.source_trial_id}, seed {r.seed}): {r.status}, "
+                     f"checkpoint {r.checkpoint or '-'}")
+    return "\n".join(lines)
