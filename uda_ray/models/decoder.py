@@ -2,7 +2,8 @@
 
 The decoder follows DAFormer's all-MLP fusion head (Hoyer et al., CVPR 2022; METHODS.md §2), which CLUDA uses as its
 contrast space: every backbone level l with C_l channels is embedded to E channels by a 1×1 convolution, upsampled
-bilinearly to the finest level's grid, the L maps are concatenated and fused by a 1×1 convolution + BN + ReLU (GroupNorm with ``norm="group"``).
+bilinearly to the finest level's grid, the L maps are concatenated and fused by a
+1×1 convolution + BN + ReLU (GroupNorm with ``norm="group"``).
 A dropout and a 1×1 classifier give the logits.
 
     e_l = Up(W_l f_l + b_l)                    (B, E, h, w)
@@ -20,7 +21,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 NORMS = {
     "batch": lambda c: nn.BatchNorm2d(c),

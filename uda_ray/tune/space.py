@@ -61,7 +61,6 @@ import importlib.util
 import itertools
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol

@@ -1,0 +1,102 @@
+"""``analyze`` on generated experiments: returned tables, CSV files with the same numbers, PNG plots, report.md."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from analysis_fixtures import ABLATION_SEEDS, BASELINE, DIFFS, N_SEARCH
+
+from uda_ray.analysis import ablation_stats, analyze
+from uda_ray.results import store
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000, path  # a real, non-empty image
+
+
+def _same_csv(path: Path, df: pd.DataFrame) -> None:
+    back = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(back.columns) == list(df.columns)
+    for col in df.columns:
+        if pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col]):
+            got = pd.to_numeric(back[col].replace("", "nan")).to_numpy(np.float64)
+            np.testing.assert_allclose(got, df[col].to_numpy(np.float64), rtol=1e-15)
+        else:
+            want = ["" if pd.isna(v) else str(v) for v in df[col]]
+            assert back[col].tolist() == want, col
+
+
+@pytest.fixture(scope="module")
+def search_report(search_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    copy = tmp_path_factory.mktemp("copied") / "fixture_search"  # a copied results folder, no Ray anywhere
+    shutil.copytree(search_dir, copy)
+    return copy, analyze(str(copy), top=5)
+
+
+def test_search_tables(search_report: tuple[Path, dict]) -> None:
+    _, tables = search_report
+    assert set(tables) == {"status", "top", "history", "importance"}
+    status = tables["status"].set_index("status")["count"]
+    assert status["TERMINATED"] == N_SEARCH - 3 and status["PRUNED"] == 2 and status["ERROR"] == 1
+    assert status["total"] == N_SEARCH
+    top = tables["top"]
+    assert len(top) == 5 and top["rank"].tolist() == [1, 2, 3, 4, 5]
+    assert top["best/val/miou"].is_monotonic_decreasing and top["best/val/miou"].max() < 0.99  # no pruned row
+    assert top["overrides"].str.contains("loss.cluda.weight").all()
+    hist = tables["history"]
+    assert len(hist) == N_SEARCH - 3
+    np.testing.assert_array_equal(hist["best_so_far"], np.maximum.accumulate(hist["value"]))
+    assert hist["best_so_far"].iloc[-1] == top["best/val/miou"].iloc[0]
+    assert tables["importance"]["param"].iloc[0] == "loss.cluda.weight"
+
+
+def test_search_files(search_report: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    path, tables = search_report
+    out = path / "report"
+    for name, df in tables.items():
+        _same_csv(out / f"{name}.csv", df)
+    for name in ("history", "importance", "marginal_loss.cluda.weight", "marginal_optim.name",
+                 "marginal_optim.momentum"):
+        _png(out / f"{name}.png")
+    md = (out / "report.md").read_text()
+    assert "## Parameter importance" in md and "![history](history.png)" in md
+    assert "| 1 | " in md and "search_space.yaml" in md
+
+
+def test_ablation_report(ablation_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "elsewhere"
+    tables = analyze(ablation_dir, out_dir=str(out))
+    printed = capsys.readouterr().out
+    assert set(tables) == {"status", "top", "ablation", "curves"}
+    abl = tables["ablation"].set_index("cell")
+    for cell, d in DIFFS.items():
+        assert abl.loc[cell, "mean_diff"] == pytest.approx(np.mean(d), abs=1e-12)
+        assert abl.loc[cell, "n_pairs"] == len(ABLATION_SEEDS)
+    expected = ablation_stats.paired_differences(store.load_trials(ablation_dir), "val/miou", "max")
+    pd.testing.assert_frame_equal(tables["ablation"], expected)
+    curves = tables["curves"]
+    final = curves[(curves["cell"] == "baseline") & (curves["iteration"] == 200)]
+    assert final["mean"].iloc[0] == pytest.approx(np.mean([BASELINE[s] for s in ABLATION_SEEDS]), abs=1e-12)
+    assert tables["status"].set_index("status").loc["ERROR", "count"] == 1
+    for name, df in tables.items():
+        _same_csv(out / f"{name}.csv", df)
+    _png(out / "ablation.png")
+    _png(out / "curves_val_miou.png")
+    assert not (Path(ablation_dir) / "report").exists()  # out_dir was honoured
+    assert "## Ablation: paired differences from the baseline" in printed and "| cluda | 4 |" in printed
+    assert (out / "report.md").read_text() in printed
+
+
+def test_analyze_errors(ablation_dir: str, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="trials"):
+        analyze(str(tmp_path / "nothing"))
+    with pytest.raises(KeyError, match="val/acc"):
+        analyze(ablation_dir, metric="val/acc", out_dir=str(tmp_path / "r"))

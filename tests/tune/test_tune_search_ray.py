@@ -1,0 +1,165 @@
+"""`uda-ray tune` on a real local Ray: parquet rows ↔ reports ↔ Optuna study, ASHA pruning, failures, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import SYNTHETIC, tiny_overrides
+from uda_ray.results.store import load_metrics, load_trials
+from uda_ray.tune.search import run_search
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def write_space(path: Path, cache: Path, *, params: dict, num_samples: int, scheduler: dict | None = None,
+                max_concurrent: int = 1, metric: str = "val/miou", mode: str = "max", sampler: str = "random",
+                overrides: dict | None = None, experiment: str = "t") -> Path:
+    space = {
+        "experiment": experiment,
+        "base": {"config": str(SYNTHETIC), "overrides": tiny_overrides(cache, **(overrides or {}))},
+        "metric": metric, "mode": mode, "sampler": {"type": sampler, "seed": 0},
+        "num_samples": num_samples, "max_concurrent": max_concurrent,
+        "scheduler": scheduler or {"type": "none"},
+        "resources": {"workers": 0, "cpus_per_worker": 1},
+        "params": params,
+    }
+    path.write_text(f"# uda-ray tune {path}\n" + yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, synthetic_cache: Path):
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=3,
+                        params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]},
+                                "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}})
+    out = run_search(space, storage=str(tmp_path / "results"))
+    trials, metrics = load_trials(out.experiment.uri), load_metrics(out.experiment.uri)
+    assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"}
+    assert pd.read_parquet(Path(out.experiment.uri) / "trials").shape[0] == 3  # plain pandas reads it too
+    # one metrics row per report: log_every 1 over 6 iterations
+    assert metrics.groupby("trial_id")["iteration"].apply(list).tolist() == [[1, 2, 3, 4, 5, 6]] * 3
+    assert (trials["iterations"] == 6).all()
+    for _, row in trials.iterrows():
+        sampled = json.loads(row["overrides"])
+        assert row["config/teacher.pseudo_threshold"] == pytest.approx(sampled["teacher.pseudo_threshold"])
+        m = metrics[metrics["trial_id"] == row["trial_id"]]
+        assert row["best/val/miou"] == pytest.approx(m["val/miou"].max())
+        assert row["last/train/loss"] == pytest.approx(m["train/loss"].iloc[-1])
+        assert row["git_rev"] and row["versions/torch"]
+    study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    by_lr = {round(t.params["optim.lr"], 12): t.value for t in study.trials}
+    for _, row in trials.iterrows():
+        assert by_lr[round(row["config/optim.lr"], 12)] == pytest.approx(row["last/val/miou"])
+    assert (Path(out.experiment.uri) / "search_space.yaml").read_text() == space.read_text()
+    assert out.best is not None and out.best["best/val/miou"] == pytest.approx(trials["best/val/miou"].max())
+
+
+def test_asha_prunes_and_later_trials_still_run(ray_local, tmp_path: Path, synthetic_cache: Path):
+    # train/loss scales with loss.source_weight, so trials with weight 50 are far worse than those with 0.1:
+    # ASHA must stop them at its first rung, and the trials after them must still start
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=6, metric="train/loss", mode="min",
+                        scheduler={"type": "asha", "grace_period": 2, "max_t": 6, "reduction_factor": 2},
+                        params={"loss.source_weight": {"choice": [0.1, 50.0]}})
+    out = run_search(space, storage=str(tmp_path / "results"))
+    trials = load_trials(out.experiment.uri).sort_values("started_at")
+    assert len(trials) == 6
+    pruned = trials[trials["status"] == "PRUNED"]
+    assert len(pruned) >= 1 and (pruned["iterations"] < 6).all()
+    assert (pruned["config/loss.source_weight"] == 50.0).all()
+    assert (trials["started_at"] > pruned["started_at"].min()).any()  # trials started after a pruned one
+    study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") == len(pruned) and states.count("COMPLETE") == 6 - len(pruned)
+
+
+def test_failed_and_diverged_trials_are_recorded_and_search_goes_on(ray_local, tmp_path: Path,
+                                                                   synthetic_cache: Path):
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=4, sampler="tpe",
+                        overrides={"optim.name": "sgd", "optim.momentum": 0.0, "optim.warmup_iters": 0},
+                        params={"model.backbone": {"choice": ["test_resnet", "no_such_backbone"]},
+                                "optim.lr": {"choice": [1.0e-3, 1.0e12]}})
+    out = run_search(space, storage=str(tmp_path / "results"))
+    trials = load_trials(out.experiment.uri)
+    assert len(trials) == 4
+    for _, row in trials.iterrows():
+        if row["config/model.backbone"] == "no_such_backbone":
+            assert row["status"] == "ERROR" and "no_such_backbone" in row["error"]
+        elif row["config/optim.lr"] > 1:
+            assert row["status"] == "DIVERGED" and "Diverged at iteration" in row["error"]
+        else:
+            assert row["status"] == "TERMINATED" and row["error"] == ""
+    study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == (trials["status"] != "TERMINATED").sum()
+    assert all(t.user_attrs["fail_reason"] for t in failed)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "uda_ray.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_interrupted_search_resumes_without_duplicates(tmp_path: Path, synthetic_cache: Path):
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=4,
+                        params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
+                        overrides={"run.iterations": 9, "run.eval_every": 3, "run.checkpoint_every": 3})
+    results = tmp_path / "results"
+    proc = _cli("tune", str(space), "--storage", str(results), "--name", "r", cwd=tmp_path)
+    trials_dir = results / "r" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [] if not trials_dir.exists() else [p for p in trials_dir.glob("*.parquet")
+                                                   if pd.read_parquet(p)["status"].iloc[0] == "TERMINATED"]
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    before = load_trials(str(results / "r"))
+    assert 2 <= (before["status"] == "TERMINATED").sum() < 4 or len(before) < 4
+    finished_before = set(before.loc[before["status"] == "TERMINATED", "trial_id"])
+
+    out, _ = _cli("tune", str(space), "--storage", str(results), "--name", "r", "--resume",
+                  cwd=tmp_path).communicate(timeout=400)
+    trials = load_trials(str(results / "r"))
+    assert len(trials) == 4, out[-3000:]
+    assert trials["trial_id"].is_unique and set(trials["status"]) == {"TERMINATED"}
+    metrics = load_metrics(str(results / "r"))
+    for trial_id, m in metrics.groupby("trial_id"):
+        assert m["iteration"].tolist() == list(range(1, 10)), trial_id  # no duplicated or missing reports
+    # finished trials were not re-run: their end time did not change
+    again = trials.set_index("trial_id").loc[sorted(finished_before), "ended_at"]
+    assert (again == before.set_index("trial_id").loc[sorted(finished_before), "ended_at"]).all()
+
+
+def test_bad_space_fails_before_ray_starts(tmp_path: Path):
+    import ray
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"experiment: x\nbase: {{config: {SYNTHETIC}}}\nmetric: val/miou\nmode: max\nnum_samples: 2\n"
+                   "params:\n  loss.cluda.temperature: {uniform: [0.0, 1.0]}\n")
+    was = ray.is_initialized()
+    with pytest.raises(ValueError, match=r"bad\.yaml.*loss\.cluda\.temperature"):
+        run_search(bad, storage=str(tmp_path / "results"))
+    assert ray.is_initialized() == was

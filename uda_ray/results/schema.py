@@ -1,0 +1,159 @@
+"""Column names and arrow types of the two parquet tables (the contract in ARCHITECTURE.md).
+
+Trials table, one file per trial at ``<root>/<experiment>/trials/<trial_id>.parquet``, one row:
+``experiment, trial_id, kind, status, error, cell, seed, source_trial_id, iterations, wall_s, started_at, ended_at,
+overrides, best/<metric>..., last/<metric>..., config/<dotted key>..., git_rev, versions/<package>...``.
+``cell``/``seed`` are set for ablations, ``source_trial_id``/``seed`` for retrains and null otherwise, so every
+trial file of every kind has them and plain ``pd.read_parquet`` on the folder sees one schema.
+
+Metrics table, one file per trial at ``<root>/<experiment>/metrics/<trial_id>.parquet``, one row per report:
+``experiment, trial_id, iteration, <metric>...`` with one float64 column per metric (NaN where a report lacks it).
+
+Every column is typed by its name alone: fixed columns by ``TRIAL_COLUMNS``, ``config/<key>`` by the annotation of
+that key in ``uda_ray.config`` (so a null is still typed), metrics float64, versions string. Only config keys the
+current ``Config`` does not know (written by another version) are typed from their values.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from uda_ray import config as config_mod
+
+KINDS = ("search", "ablation", "retrain", "train")
+STATUSES = ("TERMINATED", "PRUNED", "ERROR", "DIVERGED", "RUNNING")
+FINISHED = "TERMINATED"  # the only status whose rows are ranked and used for statistics
+BASELINE_CELL = "baseline"
+
+CONFIG_PREFIX = "config/"
+BEST_PREFIX = "best/"
+LAST_PREFIX = "last/"
+VERSIONS_PREFIX = "versions/"
+ITERATION = "iteration"
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+TRIAL_COLUMNS: dict[str, pa.DataType] = {
+    "experiment": pa.string(),
+    "trial_id": pa.string(),
+    "kind": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "cell": pa.string(),
+    "seed": pa.int64(),
+    "source_trial_id": pa.string(),
+    "iterations": pa.int64(),
+    "wall_s": pa.float64(),
+    "started_at": TIMESTAMP,
+    "ended_at": TIMESTAMP,
+    "overrides": pa.string(),
+    "git_rev": pa.string(),
+}
+METRICS_COLUMNS: dict[str, pa.DataType] = {
+    "experiment": pa.string(),
+    "trial_id": pa.string(),
+    ITERATION: pa.int64(),
+}
+VERSION_PACKAGES = ("torch", "torchvision", "timm", "ray", "optuna", "pandas", "pyarrow", "numpy", "uda_ray", "python")
+
+
+def is_metric_name(name: str) -> bool:
+    """Metric names are ``/``-namespaced (``val/miou``); Tune's own bookkeeping keys have no slash."""
+    return "/" in name
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool (bools are a subclass of int in Python and numpy)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _annotation_type(tp: Any, key: str) -> pa.DataType:
+    if tp is bool:
+        return pa.bool_()
+    if tp is int:
+        return pa.int64()
+    if tp is float:
+        return pa.float64()
+    if tp is str:
+        return pa.string()
+    if getattr(tp, "__origin__", None) is tuple:
+        return pa.list_(pa.int64())
+    raise TypeError(f"config key '{key}': annotation {tp} has no parquet type (expected bool, int, float, str or "
+                    "tuple[int, ...])")
+
+
+@functools.cache
+def config_type(key: str) -> pa.DataType | None:
+    """Arrow type of ``config/<key>`` from the config tree's annotation; None for a key the tree does not know."""
+    try:
+        tp = config_mod.field_type(key)
+    except config_mod.ConfigError:
+        return None
+    return _annotation_type(tp, key)
+
+
+def _inferred_type(name: str, values: Iterable[Any]) -> pa.DataType:
+    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not present:
+        return pa.string()  # every value null: a string column keeps the column without a null type
+    try:
+        return pa.array(present).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise TypeError(f"column '{name}': values of mixed types {sorted({type(v).__name__ for v in present})}; "
+                        f"a column must hold one type ({e})") from e
+
+
+def trial_column_type(name: str, values: Iterable[Any] = ()) -> pa.DataType:
+    """Arrow type of a trials-table column; ``values`` are only looked at for config keys unknown to this version."""
+    if name in TRIAL_COLUMNS:
+        return TRIAL_COLUMNS[name]
+    if name.startswith((BEST_PREFIX, LAST_PREFIX)):
+        return pa.float64()
+    if name.startswith(VERSIONS_PREFIX):
+        return pa.string()
+    if name.startswith(CONFIG_PREFIX):
+        key = name[len(CONFIG_PREFIX):]
+        known = config_type(key)
+        return known if known is not None else _inferred_type(name, values)
+    raise KeyError(f"trials table: unknown column '{name}' (expected one of {sorted(TRIAL_COLUMNS)} or a name "
+                   f"starting with {CONFIG_PREFIX!r}, {BEST_PREFIX!r}, {LAST_PREFIX!r}, {VERSIONS_PREFIX!r})")
+
+
+def _column_order(name: str) -> tuple[int, str]:
+    fixed = list(TRIAL_COLUMNS)
+    if name in TRIAL_COLUMNS and name != "git_rev":
+        return (0, f"{fixed.index(name):03d}")
+    for rank, prefix in enumerate((BEST_PREFIX, LAST_PREFIX, CONFIG_PREFIX), start=1):
+        if name.startswith(prefix):
+            return (rank, name)
+    if name == "git_rev":
+        return (4, "")
+    return (5, name)
+
+
+def ordered_trial_columns(names: Iterable[str]) -> list[str]:
+    """Column names in contract order: fixed columns, best/*, last/*, config/*, git_rev, versions/*."""
+    return sorted(dict.fromkeys(names), key=_column_order)
+
+
+def trials_schema(rows: list[Mapping[str, Any]]) -> pa.Schema:
+    """The schema of a trials table holding ``rows`` (the union of their columns, in contract order)."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    ordered = ordered_trial_columns(names)
+    return pa.schema([pa.field(n, trial_column_type(n, (r.get(n) for r in rows))) for n in ordered])
+
+
+def metrics_schema(metric_names: Iterable[str]) -> pa.Schema:
+    """``experiment, trial_id, iteration`` then one float64 column per metric, sorted by name."""
+    fields = [pa.field(n, t) for n, t in METRICS_COLUMNS.items()]
+    fields += [pa.field(n, pa.float64()) for n in sorted(set(metric_names)) if n not in METRICS_COLUMNS]
+    return pa.schema(fields)
