@@ -37,8 +37,10 @@ def pseudo_labels(logits: torch.Tensor, *, threshold: float, weighting: str = "s
         raise ValueError(f"pseudo_labels: ignore_top={ignore_top}, ignore_bottom={ignore_bottom}: expected "
                          f"non-negative margins leaving at least one of the {height} rows")
     with torch.no_grad():
-        probs = logits.detach().float().softmax(dim=1)  # (B, C, H, W)
-        confidence, labels = probs.max(dim=1)  # (B, H, W), (B, H, W)
+        z = logits.detach().float()  # (B, C, H, W)
+        top, labels = z.max(dim=1)  # (B, H, W), (B, H, W)
+        # max softmax = 1 / Σ_c exp(z_c − max z): no (B, C, H, W) division
+        confidence = (z - top[:, None]).exp_().sum(dim=1).reciprocal_()  # (B, H, W)
         region = torch.zeros_like(confidence, dtype=torch.bool)  # (B, H, W)
         region[:, ignore_top:height - ignore_bottom] = True
         kept = (confidence >= threshold) & region  # (B, H, W)

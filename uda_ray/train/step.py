@@ -130,15 +130,14 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
 def _classmix_loss(ctx: StepContext, s: StepSettings) -> Tensor:
     """ClassMix source→target: paste half the source classes onto the target; CE weighted by confidence."""
     p = ctx.pseudo
-    mask = classmix_masks(ctx.y_src.cpu(), ratio=s.class_ratio, prob=s.mix_prob, generator=ctx.generator)
-    mask = mask.to(ctx.x_src.device)  # (B, H, W) bool
+    # random draws come from the CPU generator and the pixels stay on the device: same seed, same images anywhere
+    mask = classmix_masks(ctx.y_src, ratio=s.class_ratio, prob=s.mix_prob, generator=ctx.generator)  # (B, H, W)
     x = mix(mask, ctx.x_src, ctx.x_tgt)  # (B, 3, H, W)
     y = mix(mask, ctx.y_src, p.labels)  # (B, H, W)
     w = mix(mask, torch.ones_like(p.weights), p.weights)  # (B, H, W)
-    # the augmentation draws on the CPU generator, so the same seed gives the same images on any device
-    x = color_jitter(x.cpu(), strength=s.jitter_strength, prob=s.jitter_prob, generator=ctx.generator)
+    x = color_jitter(x, strength=s.jitter_strength, prob=s.jitter_prob, generator=ctx.generator)
     x = gaussian_blur(x, sigma_min=s.blur_sigma[0], sigma_max=s.blur_sigma[1], prob=s.blur_prob,
-                      generator=ctx.generator).to(ctx.x_src.device)
+                      generator=ctx.generator)
     with ctx.autocast():
         out = ctx.student(x)
     ctx.extra.update(mix_fused=out.fused, mix_labels=y, mix_weights=w)
