@@ -27,7 +27,7 @@ def _same_csv(path: Path, df: pd.DataFrame) -> None:
     assert list(back.columns) == list(df.columns)
     for col in df.columns:
         if pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col]):
-            got = pd.to_numeric(back[col].replace("", "nan")).to_numpy(np.float64)
+            got = np.array([float(x) if x else np.nan for x in back[col]])
             np.testing.assert_allclose(got, df[col].to_numpy(np.float64), rtol=1e-15)
         else:
             want = ["" if pd.isna(v) else str(v) for v in df[col]]
@@ -100,3 +100,25 @@ def test_analyze_errors(ablation_dir: str, tmp_path: Path) -> None:
         analyze(str(tmp_path / "nothing"))
     with pytest.raises(KeyError, match="val/acc"):
         analyze(ablation_dir, metric="val/acc", out_dir=str(tmp_path / "r"))
+
+
+def test_retrain_rows_get_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    from uda_ray.config import Config
+
+    finals = {("s1", 0): 0.60, ("s1", 1): 0.62, ("s1", 2): 0.67, ("s2", 0): 0.50, ("s2", 1): 0.40}
+    for i, ((src, seed), v) in enumerate(finals.items()):
+        row = store.trial_row(experiment="exp", trial_id=f"r{i}", kind="retrain", status="TERMINATED",
+                              config=Config(), overrides={}, reports=[{"iteration": 10, "val/miou": v}],
+                              metric="val/miou", mode="max", source_trial_id=src, seed=seed)
+        store.write_trial(str(tmp_path), row)
+    crashed = store.trial_row(experiment="exp", trial_id="r9", kind="retrain", status="ERROR", config=Config(),
+                              overrides={}, reports=[{"iteration": 10, "val/miou": 0.99}], metric="val/miou",
+                              mode="max", source_trial_id="s2", seed=2)
+    store.write_trial(str(tmp_path), crashed)
+    tables = analyze(str(tmp_path / "exp"))
+    r = tables["retrain"].set_index("source_trial_id")
+    assert r.loc["s1", "n_seeds"] == 3 and r.loc["s2", "n_seeds"] == 2  # the crashed seed is left out
+    assert r.loc["s1", "mean"] == pytest.approx(np.mean([0.60, 0.62, 0.67]), abs=1e-12)
+    assert r.loc["s1", "std"] == pytest.approx(np.std([0.60, 0.62, 0.67], ddof=1), abs=1e-12)
+    assert r.loc["s2", "mean"] == pytest.approx(0.45, abs=1e-12)
+    _same_csv(tmp_path / "exp" / "report" / "retrain.csv", tables["retrain"])

@@ -248,6 +248,21 @@ def test_cache_follows_rewrites_and_removals(tmp_path: Path, monkeypatch: pytest
     pd.testing.assert_frame_equal(df, store.load_trials(exp, cache=False))
 
 
+def test_unwritable_cache_warns_and_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.write_trial(str(tmp_path), _row("t0"))
+    real = store.write_parquet
+
+    def refuse_cache(table: pa.Table, uri: str, **kw: object) -> None:
+        if "/_cache/" in uri:
+            raise PermissionError(f"read-only: {uri}")
+        real(table, uri, **kw)
+
+    monkeypatch.setattr(store, "write_parquet", refuse_cache)
+    with pytest.warns(UserWarning, match="could not write the read cache"):
+        df = store.load_trials(str(tmp_path / "exp"))
+    assert df["trial_id"].tolist() == ["t0"] and not (tmp_path / "exp" / "_cache").exists()
+
+
 def test_missing_and_empty_folders(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="trials"):
         store.load_trials(str(tmp_path / "nope"))

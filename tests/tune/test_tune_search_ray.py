@@ -163,3 +163,40 @@ def test_bad_space_fails_before_ray_starts(tmp_path: Path):
     with pytest.raises(ValueError, match=r"bad\.yaml.*loss\.cluda\.temperature"):
         run_search(bad, storage=str(tmp_path / "results"))
     assert ray.is_initialized() == was
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, tmp_path: Path, synthetic_cache: Path):
+    """Kill the trial's process after its checkpoint at iteration 6; with max_failures 1 Tune restarts it, and the
+    restarted run reports from iteration 7 on (it resumed), while the parquet rows hold each iteration once."""
+    import threading
+
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=1,
+                        params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
+                        overrides={"run.iterations": 40, "run.eval_every": 6, "run.checkpoint_every": 6})
+    data = yaml.safe_load(space.read_text())
+    data["max_failures"] = 1
+    space.write_text(yaml.safe_dump(data))
+    results = tmp_path / "results"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(out=run_search(space, storage=str(results),
+                                                                           name="crash")))
+    thread.start()
+    killed, deadline = False, time.time() + 180
+    while time.time() < deadline and not killed:
+        files = list((results / "crash" / "metrics").glob("*.parquet")) if (results / "crash").exists() else []
+        if files and pd.read_parquet(files[0])["iteration"].max() >= 8:
+            pids = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout
+            for pid in pids.split():
+                os.kill(int(pid), signal.SIGKILL)
+                killed = True
+        time.sleep(0.2)
+    thread.join(timeout=300)
+    assert killed and "out" in outcome
+    trials = load_trials(outcome["out"].experiment.uri)
+    assert trials["status"].tolist() == ["TERMINATED"] and trials["iterations"].tolist() == [40]
+    metrics = load_metrics(outcome["out"].experiment.uri)
+    assert metrics["iteration"].tolist() == list(range(1, 41))
+    trial_dir = next((results / "crash").glob("trial_*"))
+    reported = [json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
+    restart = next(i for i in range(1, len(reported)) if reported[i] <= reported[i - 1])
+    assert reported[restart] > 1 and (reported[restart] - 1) % 6 == 0  # resumed after a checkpoint

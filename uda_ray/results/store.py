@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -61,6 +61,7 @@ SMALL_FILE_OPTIONS: dict[str, Any] = {"write_statistics": False, "use_dictionary
 TRIALS_DIR = "trials"
 METRICS_DIR = "metrics"
 _READ_THREADS = min(8, os.cpu_count() or 1)
+_READ_BATCH = 500
 
 
 # ----------------------------------------------------------------------------------------------------- paths
@@ -103,7 +104,7 @@ def metrics_uri(root: str, experiment: str, trial_id: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- writers
-def _write_atomic(uri: str, write: Any) -> None:
+def _write_atomic(uri: str, write: Callable[[pafs.FileSystem, str], None]) -> None:
     fs, path = resolve(uri)
     parent, _, name = path.rpartition("/")
     if not name:
@@ -307,13 +308,14 @@ _CACHE_MARGIN_NS = 2_000_000_000  # > the coarsest mtime resolution of the store
 
 
 def _list_parquet(uri: str) -> tuple[pafs.FileSystem, dict[str, tuple[int, int]]]:
-    """``{file path: (size, mtime_ns)}`` of the visible ``.parquet`` files of a folder."""
+    """``{file path: (size, mtime_ns)}`` of the visible ``.parquet`` files of a folder (mtime -1 where the store
+    reports none: such entries are never trusted from the cache)."""
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri}: no such folder (expected <storage>/<experiment>/{path.rpartition('/')[2]} "
                                 "with one parquet file per trial)")
     files = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    return fs, {f.path: (f.size, f.mtime_ns or 0) for f in sorted(files, key=lambda f: f.path)
+    return fs, {f.path: (f.size, -1 if f.mtime_ns is None else f.mtime_ns) for f in sorted(files, key=lambda f: f.path)
                 if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
                 and not f.base_name.startswith((".", "_"))}
 
@@ -341,7 +343,7 @@ def _read_cache(uri: str, listing: dict[str, tuple[int, int]]) -> tuple[pa.Table
     # an entry is trusted only if it was older than the margin when cached: a rewrite in the same mtime tick as the
     # cached version would otherwise go unseen on stores with coarse timestamps
     valid = {k[_FILE] for k in keys
-             if current.get(k[_FILE]) == (k[_SIZE], k[_MTIME]) and k[_MTIME] < built_at - _CACHE_MARGIN_NS}
+             if current.get(k[_FILE]) == (k[_SIZE], k[_MTIME]) and 0 <= k[_MTIME] < built_at - _CACHE_MARGIN_NS}
     if len(valid) == len(keys):
         return cached, valid, False
     return cached.filter(pc.is_in(cached.column(_FILE), value_set=pa.array(sorted(valid), pa.string()))), valid, True
@@ -354,8 +356,13 @@ def _read_folder(uri: str, empty: pa.Schema, cache_uri: str | None) -> pa.Table:
     fs, listing = _list_parquet(uri)
     cached, covered, dropped = _read_cache(cache_uri, listing) if cache_uri is not None else (None, set(), False)
     todo = [(p, *v) for p, v in listing.items() if p.rpartition("/")[2] not in covered]
+    fresh = []
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        fresh = list(pool.map(lambda a: _read_one(fs, *a), todo))
+        for start in range(0, len(todo), _READ_BATCH):
+            # thousands of one-row tables hold a few hundred bytes of allocator overhead per column buffer:
+            # merging each batch at once keeps the peak memory near the size of the data
+            batch = list(pool.map(lambda a: _read_one(fs, *a), todo[start:start + _READ_BATCH]))
+            fresh.append(pa.concat_tables(batch, promote_options="permissive").combine_chunks())
     parts = ([cached] if cached is not None and cached.num_rows else []) + fresh
     if not parts:
         return empty.empty_table()
