@@ -69,6 +69,13 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     return 0 if (out.summary["n_unfinished"] == 0).all() else 3
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from uda_ray.analysis import analyze
+
+    analyze(args.results, metric=args.metric, mode=args.mode, top=args.top, out_dir=args.out)
+    return 0
+
+
 def _print_outcome(uri: str, best: dict | None, source: str) -> None:
     import json
 
@@ -107,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_args(u)
     u.add_argument("--num-samples", type=int, help="override the YAML's num_samples")
     u.set_defaults(func=_cmd_tune)
+
+    a = sub.add_parser("analyze", help="tables and plots of an experiment folder (no Ray needed)")
+    a.add_argument("results", help="experiment folder or URI, e.g. results/demo-20261122-081500")
+    a.add_argument("--metric", default="val/miou")
+    a.add_argument("--mode", default="max", choices=("max", "min"))
+    a.add_argument("--top", type=int, default=10, help="rows of the top-trials table")
+    a.add_argument("--out", help="report folder (default: <results>/report)")
+    a.set_defaults(func=_cmd_analyze)
 
     a = sub.add_parser("ablate", help="ablation study: components on/off x paired seeds as a Tune grid")
     a.add_argument("spec", help="ablation YAML, e.g. search_spaces/ablations/components.yaml")

@@ -89,3 +89,15 @@ def test_changed_space_is_an_error(trials: pd.DataFrame, search_dir: str, tmp_pa
         importance.param_importances(trials, "val/miou", "max", space=importance.load_search_space(str(copy)))
     with pytest.raises(KeyError, match="evaluators"):
         importance.param_importances(trials, "val/miou", "max", evaluators=("shap",))
+
+
+def test_identical_scores_give_nan_instead_of_an_error():
+    import pandas as pd
+
+    from uda_ray.analysis import param_importances
+
+    trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "status": ["TERMINATED"] * 3, "kind": ["search"] * 3,
+                           "best/val/miou": [0.5, 0.5, 0.5], "config/optim.lr": [1e-3, 2e-3, 3e-3],
+                           "overrides": ['{"optim.lr": 0.001}', '{"optim.lr": 0.002}', '{"optim.lr": 0.003}']})
+    table = param_importances(trials, "val/miou", "max")
+    assert table["param"].tolist() == ["optim.lr"] and table["fanova"].isna().all()

@@ -226,7 +226,9 @@ def param_importances(trials: pd.DataFrame, metric: str, mode: str, *,
             dists[k] = d
             counts[k] = counts.get(k, 0) + 1
     table = pd.DataFrame({"param": sorted(dists)})
-    if len(complete) < 2 or not dists:
+    values = [t.value for t in complete]
+    if len(complete) < 2 or not dists or min(values) == max(values):
+        # fewer than two trials, nothing searched, or every trial scored the same: no variance to attribute
         for name in evaluators:
             table[name] = np.nan
     else:

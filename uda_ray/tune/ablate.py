@@ -31,6 +31,7 @@ from uda_ray.tune.driver import (
     storage_root,
 )
 from uda_ray.tune.search import scaling_of
+from uda_ray.tune.space import own_overrides
 
 SPEC_COPY = "ablation.yaml"
 
@@ -105,8 +106,8 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
         e = _entry(tune_config)
-        return TrialInfo(config=configs[(e["cell"], e["seed"])], overrides=dict(e["overrides"]), cell=e["cell"],
-                         seed=e["seed"])
+        return TrialInfo(config=configs[(e["cell"], e["seed"])], overrides=own_overrides(spec, e["overrides"]),
+                         cell=e["cell"], seed=e["seed"])
 
     run_experiment(ExperimentSpec(
         experiment=exp, kind="ablation", metric=spec.metric, mode=spec.mode, config_of=config_of,

@@ -26,7 +26,17 @@ from ray.tune.experiment import Trial
 from uda_ray.config import Config, flatten
 from uda_ray.results.provenance import git_revision, package_versions
 from uda_ray.results.schema import is_metric_name
-from uda_ray.results.store import exists, metrics_uri, resolve, trial_row, write_metrics, write_trial
+from uda_ray.results.store import (
+    exists,
+    join,
+    load_metrics,
+    load_trials,
+    metrics_uri,
+    resolve,
+    trial_row,
+    write_metrics,
+    write_trial,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +129,12 @@ class ResultsCallback(Callback):
         message = error_text(trial)
         status = "DIVERGED" if "Diverged" in message else "ERROR"
         self._write_row(trial.trial_id, state, status, error=message, ended=True)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        # build the read cache of uda_ray.results once, so the first analysis of a large search is a warm read
+        uri = join(self.root, self.experiment)
+        load_trials(uri)
+        load_metrics(uri)
 
     # ------------------------------------------------------------------------------------------- helpers
     def _state(self, trial: Trial) -> _TrialState:

@@ -29,6 +29,7 @@ from uda_ray.tune.space import (
     build_sampler,
     define_by_run,
     load_space,
+    own_overrides,
     trial_config,
     trial_overrides,
 )
@@ -81,7 +82,8 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
-        return TrialInfo(config=trial_config(spec, tune_config), overrides=trial_overrides(spec, tune_config))
+        return TrialInfo(config=trial_config(spec, tune_config),
+                         overrides=own_overrides(spec, trial_overrides(spec, tune_config)))
 
     run_experiment(ExperimentSpec(
         experiment=exp, kind="search", metric=metric, mode=mode,

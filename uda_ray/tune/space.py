@@ -718,6 +718,13 @@ def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, 
     return out
 
 
+def own_overrides(spec: HasBase, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The part of a trial's overrides that is its own (what the base overrides, shared by every trial, do not
+    already say): the ``overrides`` column of the trials table. The full config is in its ``config/*`` columns."""
+    base = spec.base_overrides or {}
+    return {k: v for k, v in overrides.items() if k not in base or not _same(base[k], _plain(v))}
+
+
 def trial_config(spec: SearchSpec, tune_config: dict[str, Any]) -> Config:
     """The full run config of one trial (the base file with ``trial_overrides`` applied)."""
     return apply_overrides(load_config(spec.base_config), trial_overrides(spec, tune_config),
