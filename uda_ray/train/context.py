@@ -53,6 +53,11 @@ class StepContext:
         return self._pseudo
 
     @property
+    def has_pseudo(self) -> bool:
+        """Whether some term (or the mix) asked for pseudo-labels in this iteration."""
+        return self._pseudo is not None
+
+    @property
     def out_tgt(self) -> SegOutput:
         """The student on the plain target batch (computed once, with gradients)."""
         if self._out_tgt is None:

@@ -109,7 +109,7 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     total = sum(losses.values())
     names = ["train/loss"] + [f"train/loss_{name}" for name in losses]
     values = [total] + list(losses.values())
-    if ctx._pseudo is not None:
+    if ctx.has_pseudo:
         names.append("pseudo/keep_frac")
         values.append((ctx.pseudo.confidence >= s.pseudo_threshold).float().mean())
     stacked = torch.stack([v.detach().float() for v in values])  # (M,): one device→host copy for all
