@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -65,8 +66,13 @@ class _TrialState:
 
 def error_text(trial: Trial) -> str:
     """The last line of a trial's error that names the exception (``TrialDiverged: Diverged at …``)."""
-    err = trial.get_error()
-    text = str(err) if err is not None else ""
+    # the local copy is written at once; the storage copy (trial.get_error) only after the next sync
+    local = trial.error_file
+    if local and Path(local).is_file():
+        text = Path(local).read_text(errors="replace")
+    else:
+        err = trial.get_error()
+        text = str(err) if err is not None else ""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     named = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Diverged|Interrupt|Exit)\b.*:", ln)]
     return (named or lines or [""])[-1][:2000]

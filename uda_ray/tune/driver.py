@@ -113,7 +113,9 @@ def trial_resources(scaling: Scaling) -> dict[str, float]:
         if scaling.gpus_per_worker:
             res["GPU"] = scaling.gpus_per_worker
         return res
-    res = {"CPU": 0.01}  # Tune refuses an all-zero bundle; the driver only waits on its Train run
+    # The driver only waits on its Train run: no CPU (a fraction would keep a worker that asks for a whole node's
+    # CPUs from ever being placed), and a token of memory because Tune refuses an all-zero bundle.
+    res = {"CPU": 0.0, "memory": 2**20}
     if "train_driver" in ray.cluster_resources():
         res["train_driver"] = 1.0
     return res

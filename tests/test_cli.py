@@ -1,0 +1,44 @@
+"""The CLI as a user runs it: train → evaluate reproduces the run's mIoU; bad input exits with a named error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import SYNTHETIC, tiny_overrides
+from uda_ray.cli import main
+
+
+def _args(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        v = f"[{', '.join(map(str, v))}]" if isinstance(v, list) else v
+        out.append(f"{k}={v}")
+    return out
+
+
+def test_train_then_evaluate(tmp_path: Path, synthetic_cache: Path, capsys: pytest.CaptureFixture):
+    args = _args(tiny_overrides(synthetic_cache))
+    code = main(["train", str(SYNTHETIC), *args, "--name", "cli", "--output-dir", str(tmp_path), "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "status: completed at iteration 6" in out
+    run = tmp_path / "cli"
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    final = metrics["val/miou"].dropna().iloc[-1]
+    assert main(["evaluate", str(run / "checkpoints" / "iter_0000006")]) == 0
+    lines = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert float(lines["val/miou"]) == pytest.approx(100 * final, abs=0.006)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", str(SYNTHETIC), "loss.cluda.temprature=1"], "closest valid key: 'loss.cluda.temperature'"),
+    (["train", "nope.yaml"], "nope.yaml: config file not found"),
+    (["evaluate", "/no/such/checkpoint"], "no checkpoint here"),
+    (["tune", str(SYNTHETIC)], "synthetic.yaml"),  # a run config is not a search space
+])
+def test_bad_input_exits_2_with_named_error(argv: list[str], message: str, capsys: pytest.CaptureFixture):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
