@@ -29,7 +29,7 @@ SETTINGS: dict[str, dict] = {
     "base": {},
 }
 METHODS: dict[str, dict] = {  # METHODS.md §6 default weights, on top of the base
-    "base+cluda": {"loss.cluda.weight": 1.0, "loss.cluda.fm_size": 33},
+    "base+cluda": {"loss.cluda.weight": 1.0, "loss.cluda.fm_size": 17},
     "base+cfcontra": {"loss.cfcontra.weight": 0.001, "loss.entropy.weight": 0.001},
     "base+sdca": {"loss.sdca.weight_feat": 1.0, "loss.sdca.weight_out": 1.0},
     "base+target_mix": {"mix.target_to_source.enabled": True, "mix.target_to_source.weight": 0.1,
