@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,21 @@ def tiny_overrides(cache: Path, **extra: Any) -> dict[str, Any]:
         "run.iterations": 6, "run.eval_every": 3, "run.checkpoint_every": 3, "run.log_every": 1, "run.threads": 1,
     }
     out.update(extra)
+    return out
+
+
+def edited(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A deep copy of a YAML mapping with changes; ``a__b=v`` sets spec["a"]["b"], ``a__b=None`` deletes it."""
+    out = copy.deepcopy(spec)
+    for key, value in changes.items():
+        node = out
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
     return out
 
 

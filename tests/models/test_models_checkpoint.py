@@ -11,14 +11,6 @@ import torch
 from uda_ray.models import build_segmenter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _features(model, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         return model.eval()(x).features

@@ -9,15 +9,6 @@ from torch import nn
 from uda_ray.models import build_segmenter, ema_alpha, ema_update, make_teacher
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Wrapper(nn.Module):
     """Stands in for DistributedDataParallel: the real model sits under ``.module``."""
 

@@ -13,15 +13,6 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 BACKBONES = ["resnet18", "test_convnext", "pvt_v2_b0", "test_vit"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sizes(backbone: str) -> list[tuple[int, int]]:
     # ViT patch embedding needs multiples of its patch size; the hierarchical models take any size.
     return [(64, 96)] if backbone == "test_vit" else [(64, 96), (67, 101)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import edited
 from uda_ray.config import apply_overrides, load_config
 from uda_ray.tune.ablation import cell_config, expand, grid, load_ablation
 from uda_ray.tune.space import SpaceError, base_config
@@ -41,17 +41,7 @@ def write(tmp_path: Path, spec: dict[str, Any]) -> Path:
 
 
 def with_(**changes: Any) -> dict[str, Any]:
-    spec = copy.deepcopy(SPEC)
-    for key, value in changes.items():
-        node = spec
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node[p]
-        if value is None:
-            del node[last]
-        else:
-            node[last] = value
-    return spec
+    return edited(SPEC, **changes)
 
 
 def test_one_at_a_time_with_all(tmp_path: Path) -> None:

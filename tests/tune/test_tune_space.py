@@ -12,6 +12,7 @@ import optuna
 import pytest
 import yaml
 
+from tests.conftest import edited
 from uda_ray.config import apply_overrides, load_config
 from uda_ray.tune.space import (
     SpaceError,
@@ -207,17 +208,7 @@ def test_tpe_options(tmp_path: Path, spec) -> None:
 
 # ------------------------------------------------------------------------------------------ bad YAML → errors
 def _with(**changes: Any) -> dict[str, Any]:
-    space = copy.deepcopy(SPACE)
-    for dotted, value in changes.items():
-        node = space
-        *parents, last = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        if value is None:
-            del node[last]
-        else:
-            node[last] = value
-    return space
+    return edited(SPACE, **changes)
 
 
 def _params(**extra: Any) -> dict[str, Any]:

@@ -41,14 +41,10 @@ from uda_ray.tune.space import (
     IDENTIFIER,
     Resources,
     SpaceError,
-    check_keys,
     check_overrides,
-    parse_base,
     parse_counts,
-    parse_experiment,
-    parse_objective,
     parse_resources,
-    read_yaml,
+    read_header,
 )
 
 DESIGNS = ("one-at-a-time", "full-factorial")
@@ -147,14 +143,9 @@ def _overrides(value: Any, path: Path, where: str) -> dict[str, Any]:
 def load_ablation(path: str | Path) -> AblationSpec:
     """Read and validate an ablation YAML (see the module docstring); raises ``SpaceError``."""
     path = Path(path)
-    data = read_yaml(path)
-    check_keys(data, _TOP_KEYS, path, "")
-    for key in _REQUIRED:
-        if key not in data:
-            raise SpaceError(f"{path}: missing required key '{key}'")
-    experiment = parse_experiment(data["experiment"], path)
-    base_path, base_overrides, cfg = parse_base(data["base"], path)
-    metric, mode = parse_objective(data["metric"], data["mode"], path)
+    h = read_header(path, _TOP_KEYS, _REQUIRED)
+    data, experiment, cfg, metric, mode = h.data, h.experiment, h.cfg, h.metric, h.mode
+    base_path, base_overrides = h.base_path, h.base_overrides
     if isinstance(metric, list):
         raise SpaceError(f"{path}: metric {metric}: an ablation compares cells on one metric")
     max_concurrent, max_failures = parse_counts(data, path)

@@ -549,17 +549,37 @@ def _check_combinations(switches: tuple[Switch, ...], params: tuple[Param, ...],
         check_overrides(cfg, overrides, path, f"params with {label}")
 
 
+@dataclass(frozen=True)
+class Header:
+    """What search spaces and ablation specs share: the raw mapping, the name, the base run and the objective."""
+
+    data: dict[str, Any]
+    experiment: str
+    base_path: Path
+    base_overrides: dict[str, Any]
+    cfg: Config
+    metric: str | list[str]
+    mode: str | list[str]
+
+
+def read_header(path: Path, allowed: set[str], required: tuple[str, ...]) -> Header:
+    """Read a spec YAML, check its top-level keys and parse the parts every spec has."""
+    data = read_yaml(path)
+    check_keys(data, allowed, path, "")
+    for key in required:
+        if key not in data:
+            raise SpaceError(f"{path}: missing required key '{key}'")
+    base_path, base_overrides, cfg = parse_base(data["base"], path)
+    metric, mode = parse_objective(data["metric"], data["mode"], path)
+    return Header(data, parse_experiment(data["experiment"], path), base_path, base_overrides, cfg, metric, mode)
+
+
 def load_space(path: str | Path) -> SearchSpec:
     """Read and validate a search-space YAML (see the module docstring); raises ``SpaceError``."""
     path = Path(path)
-    data = read_yaml(path)
-    check_keys(data, _TOP_KEYS, path, "")
-    for key in _REQUIRED:
-        if key not in data:
-            raise SpaceError(f"{path}: missing required key '{key}'")
-    experiment = parse_experiment(data["experiment"], path)
-    base_path, base_overrides, cfg = parse_base(data["base"], path)
-    metric, mode = parse_objective(data["metric"], data["mode"], path)
+    h = read_header(path, _TOP_KEYS, _REQUIRED)
+    data, experiment, cfg, metric, mode = h.data, h.experiment, h.cfg, h.metric, h.mode
+    base_path, base_overrides = h.base_path, h.base_overrides
     sampler, seed, options = _parse_sampler(data.get("sampler"), path)
     scheduler = _parse_scheduler(data.get("scheduler"), cfg, path)
     num_samples = _int(data["num_samples"], path, "num_samples", 1)
