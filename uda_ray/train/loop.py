@@ -32,6 +32,7 @@ from uda_ray.train.step import DivergedError, StepSettings, step
 from uda_ray.train.terms import build_terms
 
 NUM_CLASSES = 19  # train ids; the protocol (19/16/13) selects the classes that are evaluated
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any run changes it
 
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 
@@ -191,8 +192,8 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
     """
     di = DistInfo.current()
     device = device or resolve_device(cfg.run.device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    # always set: a Tune process that is reused for the next trial must not keep the previous trial's setting
+    torch.set_num_threads(cfg.run.threads or DEFAULT_THREADS)
     work_dir = Path(work_dir)
     ckpt_root = work_dir / "checkpoints"
     generator = seed_everything(cfg.run.seed, di.rank)
