@@ -181,9 +181,11 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> tune.Result
         tune_config=tune.TuneConfig(search_alg=spec.search_alg, scheduler=spec.scheduler,
                                     num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
                                     trial_dirname_creator=_trial_dirname,
-                                    # a new trial reuses a finished trial's process: no interpreter start and
-                                    # no torch/timm import per trial (every run seeds and sizes itself in fit)
-                                    reuse_actors=True),
+                                    # in-process trials reuse a finished trial's process: no interpreter start
+                                    # and no torch/timm import per trial (every run seeds and sizes itself in
+                                    # fit). Not with Train workers: a stopped trial's process must exit so that
+                                    # its Train controller, worker group and their resources go with it.
+                                    reuse_actors=spec.scaling.num_workers == 0),
         run_config=tune.RunConfig(name=exp.name, storage_path=exp.root, callbacks=[callback],
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
