@@ -99,6 +99,9 @@ def init_ray(address: str | None) -> None:
     """Connect to ``address`` (a running cluster, or "auto"), or start a local Ray (the embedded default)."""
     # Results without the search metric (train-loss reports between evaluations) are expected
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # A stopped trial whose process does not exit within this many seconds is killed, which takes its Train
+    # controller and worker group with it (Tune's default waits 600 s, holding the workers' resources meanwhile)
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "30")
     if ray.is_initialized():
         return
     ray.init(address=address, log_to_driver=True,
