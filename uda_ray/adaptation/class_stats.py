@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from uda_ray.adaptation.checks import check_pixel_batch
 from uda_ray.adaptation.distributed import sum_over_ranks
 
 
@@ -39,9 +40,7 @@ class ClassStatistics(nn.Module):
     @torch.no_grad()
     def update(self, feats: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> None:
         """Add one batch: feats (N, D) (detached), labels (N,) in [0, C) or ``ignore_index``."""
-        if feats.dim() != 2 or feats.shape[1] != self.dim or labels.shape != feats.shape[:1]:
-            raise ValueError(f"ClassStatistics.update: expected feats (N, {self.dim}) and labels (N,), got "
-                             f"{tuple(feats.shape)} and {tuple(labels.shape)}")
+        check_pixel_batch("ClassStatistics.update", feats, labels, self.dim)
         valid = labels != ignore_index  # (N,)
         f = feats.detach()[valid].to(device=self.mean.device, dtype=torch.float64)  # (n, D)
         y = labels[valid].to(self.mean.device)  # (n,)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uda_ray.adaptation.checks import check_pixel_batch
 from uda_ray.adaptation.distributed import gather_rows, sum_over_ranks
 from uda_ray.losses.prototype_contrast import bank_class_means
 
@@ -52,9 +53,7 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def update(self, feats: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> None:
         """Add one batch: feats (N, D) (normalised here, detached), labels (N,) in [0, C) or ``ignore_index``."""
-        if feats.dim() != 2 or feats.shape[1] != self.dim or labels.shape != feats.shape[:1]:
-            raise ValueError(f"MemoryBank.update: expected feats (N, {self.dim}) and labels (N,), got "
-                             f"{tuple(feats.shape)} and {tuple(labels.shape)}")
+        check_pixel_batch("MemoryBank.update", feats, labels, self.dim)
         valid = labels != ignore_index  # (N,)
         f = F.normalize(feats.detach().float()[valid], dim=1).to(self.bank.device)  # (n, D)
         y = labels[valid].to(self.bank.device)  # (n,)
