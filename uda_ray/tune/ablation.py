@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from uda_ray.config import Config, apply_overrides, load_config
-from uda_ray.tune.space import (
+from uda_ray.tune.spec_yaml import (
     IDENTIFIER,
     Resources,
     SpaceError,

@@ -56,33 +56,41 @@ sampled and constant values.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import itertools
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import optuna
-import yaml
 
 from uda_ray.config import Config, ConfigError, apply_overrides, field_type, load_config
+from uda_ray.tune.spec_yaml import (
+    IDENTIFIER,
+    HasBase,
+    Resources,
+    SpaceError,
+    base_config,
+    check_keys,
+    check_overrides,
+    closest,
+    integer,
+    number,
+    own_overrides,
+    parse_counts,
+    parse_resources,
+    plain,
+    read_header,
+    same_value,
+)
 
-
-class SpaceError(ValueError):
-    """A search-space or ablation YAML that cannot run; the message names the file and the key at fault."""
-
+__all__ = ["SpaceError", "SearchSpec", "load_space", "base_config", "define_by_run", "trial_overrides",
+           "own_overrides", "trial_config", "build_sampler", "param_distributions", "HasBase", "Resources"]
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random", "nsga2")
 SAMPLER_OPTIONS = {"tpe": ("n_startup_trials",), "cmaes": ("n_startup_trials",), "gp": ("n_startup_trials",),
                    "random": (), "nsga2": ("population_size",)}
 SCHEDULERS = ("none", "asha")
-MODES = ("max", "min")
-METRIC_PATTERN = re.compile(r"^(train|val|pseudo|time)/[A-Za-z0-9_.\-/]+$")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 
 _TOP_KEYS = {"experiment", "base", "metric", "mode", "sampler", "num_samples", "max_concurrent", "max_failures",
@@ -99,15 +107,6 @@ class Scheduler:
     grace_period: int | None = None
     max_t: int | None = None
     reduction_factor: float | None = None
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Per trial: Ray Train workers (0 = in-process) and what each worker (or the in-process trial) reserves."""
-
-    workers: int = 0
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
 
 
 Condition = tuple[tuple[str, tuple[Any, ...]], ...]  # ((name, allowed values), ...): all must hold
@@ -140,7 +139,7 @@ class Switch:
     def implied(self, value: Any) -> dict[str, Any]:
         """The overrides implied by one of the switch's values ({} for a value without an ``apply`` entry)."""
         for v, overrides in self.apply:
-            if _same(v, value):
+            if same_value(v, value):
                 return dict(overrides)
         return {}
 
@@ -176,176 +175,17 @@ class SearchSpec:
         return any(e.when for e in (*self.switches, *self.params))
 
 
-class HasBase(Protocol):
-    base_config: Path
-    base_overrides: dict[str, Any]
-
-
-# ---------------------------------------------------------------------------------------- shared YAML helpers
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (plain PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping, refusing duplicate keys; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"{path}: file not found")
-    try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise SpaceError(f"{path}: expected a mapping of top-level keys, got {type(data).__name__}")
-    return data
-
-
-def _closest(name: str, candidates: list[str] | set[str]) -> str:
-    match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.0)
-    return f" (closest: '{match[0]}')" if match else ""
-
-
-def check_keys(data: dict[str, Any], allowed: set[str], path: Path, where: str) -> None:
-    """Refuse keys outside ``allowed``, naming the closest allowed one."""
-    for key in data:
-        if key not in allowed:
-            raise SpaceError(f"{path}: {where}unknown key '{key}'{_closest(str(key), allowed)}; "
-                             f"expected some of {', '.join(sorted(allowed))}")
-
-
-def _number(value: Any, path: Path, where: str) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = ""
-        if isinstance(value, str):
-            try:
-                float(value)
-                hint = " (YAML 1.1 reads numbers like 1e-4 as strings: write 1.0e-4)"
-            except ValueError:
-                pass
-        raise SpaceError(f"{path}: {where} = {value!r}: expected a number{hint}")
-    if not math.isfinite(value):
-        raise SpaceError(f"{path}: {where} = {value!r}: expected a finite number")
-    return value
-
-
-def _int(value: Any, path: Path, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpaceError(f"{path}: {where} = {value!r}: expected an integer")
-    if value < minimum:
-        raise SpaceError(f"{path}: {where} = {value}: expected an integer >= {minimum}")
-    return value
-
-
-def parse_experiment(value: Any, path: Path) -> str:
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
-        raise SpaceError(f"{path}: experiment = {value!r}: expected a folder-safe name (letters, digits, _ . -)")
-    return value
-
-
-def parse_base(value: Any, path: Path) -> tuple[Path, dict[str, Any], Config]:
-    """``base: {config, overrides}`` → (absolute config path, overrides, the validated base config)."""
-    if not isinstance(value, dict):
-        raise SpaceError(f"{path}: base = {value!r}: expected a mapping {{config: FILE, overrides: {{...}}}}")
-    check_keys(value, {"config", "overrides"}, path, "base: ")
-    if not isinstance(value.get("config"), str):
-        raise SpaceError(f"{path}: base.config = {value.get('config')!r}: expected a run-config path "
-                         "relative to this file")
-    config_path = (path.parent / value["config"]).resolve()
-    overrides = value.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise SpaceError(f"{path}: base.overrides = {overrides!r}: expected a mapping of dotted keys to values")
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as e:
-        raise SpaceError(f"{path}: base: {e}") from e
-    return config_path, dict(overrides), cfg
-
-
-def parse_objective(metric: Any, mode: Any, path: Path) -> tuple[str | list[str], str | list[str]]:
-    """One metric and mode, or equally long lists of distinct metrics and modes."""
-    metrics = metric if isinstance(metric, list) else [metric]
-    modes = mode if isinstance(mode, list) else [mode]
-    if not metrics:
-        raise SpaceError(f"{path}: metric is an empty list")
-    for m in metrics:
-        if not isinstance(m, str) or not METRIC_PATTERN.match(m):
-            raise SpaceError(f"{path}: metric {m!r} does not look like a uda-ray metric: expected a name under "
-                             "train/, val/, pseudo/ or time/ (e.g. val/miou)")
-    if len(set(metrics)) != len(metrics):
-        raise SpaceError(f"{path}: metric {metrics} names a metric twice")
-    for m in modes:
-        if m not in MODES:
-            raise SpaceError(f"{path}: mode {m!r}: expected max or min")
-    if isinstance(metric, list) != isinstance(mode, list) or len(metrics) != len(modes):
-        raise SpaceError(f"{path}: metric {metric!r} and mode {mode!r} must both be single values or lists of "
-                         "the same length")
-    return metric, mode
-
-
-def parse_resources(value: Any, path: Path) -> Resources:
-    if value is None:
-        return Resources()
-    if not isinstance(value, dict):
-        raise SpaceError(f"{path}: resources = {value!r}: expected a mapping")
-    check_keys(value, {"workers", "gpus_per_worker", "cpus_per_worker"}, path, "resources: ")
-    workers = _int(value.get("workers", 0), path, "resources.workers", 0)
-    gpus = _number(value.get("gpus_per_worker", 0.0), path, "resources.gpus_per_worker")
-    cpus = _number(value.get("cpus_per_worker", 1.0), path, "resources.cpus_per_worker")
-    if gpus < 0:
-        raise SpaceError(f"{path}: resources.gpus_per_worker = {gpus}: expected >= 0")
-    if cpus <= 0:
-        raise SpaceError(f"{path}: resources.cpus_per_worker = {cpus}: expected > 0")
-    return Resources(workers, float(gpus), float(cpus))
-
-
-def parse_counts(data: dict[str, Any], path: Path) -> tuple[int, int]:
-    """(max_concurrent, max_failures) with their defaults 1 and 0."""
-    return (_int(data.get("max_concurrent", 1), path, "max_concurrent", 1),
-            _int(data.get("max_failures", 0), path, "max_failures", 0))
-
-
-def check_overrides(cfg: Config, overrides: dict[str, Any], path: Path, where: str) -> Config:
-    """The config with ``overrides`` applied; a ConfigError becomes a SpaceError naming ``where``."""
-    if not isinstance(overrides, dict):
-        raise SpaceError(f"{path}: {where} = {overrides!r}: expected a mapping of dotted keys to values")
-    try:
-        return apply_overrides(cfg, overrides, source=str(path))
-    except ConfigError as e:
-        raise SpaceError(f"{path}: {where}: {e}") from e
-
-
 # ----------------------------------------------------------------------------------------------- conditions
-def _same(a: Any, b: Any) -> bool:
-    """Equality that keeps booleans apart from the integers 0 and 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a is b
-    return a == b
-
-
 def _holds(when: Condition, values: dict[str, Any]) -> bool:
-    return all(name in values and any(_same(values[name], v) for v in allowed) for name, allowed in when)
+    return all(name in values and any(same_value(values[name], v) for v in allowed) for name, allowed in when)
 
 
 def _can_take(entry: Param | Switch, value: Any) -> bool | None:
     """Whether ``entry`` can take ``value``; None when the entry is continuous (no condition may name it)."""
     if isinstance(entry, Switch) or entry.kind == "choice":
-        return any(_same(c, value) for c in entry.choices)
+        return any(same_value(c, value) for c in entry.choices)
     if entry.kind == "fixed":
-        return _same(entry.value, value)
+        return same_value(entry.value, value)
     if entry.kind == "int":
         return (isinstance(value, int) and not isinstance(value, bool) and entry.low <= value <= entry.high
                 and (value - entry.low) % (entry.step or 1) == 0)
@@ -362,7 +202,7 @@ def _parse_when(value: Any, earlier: dict[str, Param | Switch], later: set[str],
                 raise SpaceError(f"{path}: {where}.when names '{name}', which is not sampled before it: a condition "
                                  "may only name an earlier switch or param (sampling follows the YAML order, "
                                  "switches first)")
-            raise SpaceError(f"{path}: {where}.when names unknown '{name}'{_closest(str(name), set(earlier))}")
+            raise SpaceError(f"{path}: {where}.when names unknown '{name}'{closest(str(name), set(earlier))}")
         values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not values:
             raise SpaceError(f"{path}: {where}.when.{name} is an empty list")
@@ -387,7 +227,7 @@ def _scalar_choices(values: Any, path: Path, where: str) -> tuple[Any, ...]:
             raise SpaceError(f"{path}: {where}.choice value {v!r}: choices must be numbers, strings, booleans "
                              "or null (Optuna categorical)")
     for i, v in enumerate(values):
-        if any(_same(v, w) for w in values[:i]):
+        if any(same_value(v, w) for w in values[:i]):
             raise SpaceError(f"{path}: {where}.choice lists {v!r} twice")
     return tuple(values)
 
@@ -396,7 +236,7 @@ def _parse_range(spec: dict[str, Any], kind: str, name: str, tp: Any, path: Path
     bounds = spec[kind]
     if not isinstance(bounds, list) or len(bounds) != 2:
         raise SpaceError(f"{path}: {where}.{kind} = {bounds!r}: expected [low, high]")
-    low, high = (_number(b, path, f"{where}.{kind}") for b in bounds)
+    low, high = (number(b, path, f"{where}.{kind}") for b in bounds)
     step = spec.get("step")
     log = spec.get("log", False)
     if kind == "int":
@@ -406,7 +246,7 @@ def _parse_range(spec: dict[str, Any], kind: str, name: str, tp: Any, path: Path
             raise SpaceError(f"{path}: {where}.int = {bounds!r}: expected integer bounds")
         if not isinstance(log, bool):
             raise SpaceError(f"{path}: {where}.log = {log!r}: expected true or false")
-        step = 1 if step is None else _int(step, path, f"{where}.step", 1)
+        step = 1 if step is None else integer(step, path, f"{where}.step", 1)
         if log and step != 1:
             raise SpaceError(f"{path}: {where}: log int ranges cannot have a step (Optuna)")
     else:
@@ -419,7 +259,7 @@ def _parse_range(spec: dict[str, Any], kind: str, name: str, tp: Any, path: Path
         if step is not None:
             if log:
                 raise SpaceError(f"{path}: {where}: loguniform ranges cannot have a step (Optuna)")
-            step = _number(step, path, f"{where}.step")
+            step = number(step, path, f"{where}.step")
             n = (high - low) / step if step > 0 else -1.0
             if step <= 0 or n < 1 or abs(n - round(n)) > 1e-9 * max(1.0, n):
                 raise SpaceError(f"{path}: {where}.step = {step}: expected > 0 and dividing high - low = "
@@ -484,7 +324,7 @@ def _parse_switch(name: Any, spec: Any, earlier: dict[str, Param | Switch], late
         raise SpaceError(f"{path}: {where}.apply = {apply!r}: expected a mapping of switch values to overrides")
     pairs = []
     for value, overrides in apply.items():
-        if not any(_same(value, c) for c in choices):
+        if not any(same_value(value, c) for c in choices):
             raise SpaceError(f"{path}: {where}.apply names {value!r}, which is not one of its choices {list(choices)}")
         check_overrides(cfg, overrides, path, f"{where}.apply.{value}")
         pairs.append((value, dict(overrides)))
@@ -505,9 +345,9 @@ def _parse_scheduler(value: Any, cfg: Config, path: Path) -> Scheduler:
     for key in ("grace_period", "max_t"):
         if key not in value:
             raise SpaceError(f"{path}: scheduler.{key} is missing (in iterations)")
-    grace = _int(value["grace_period"], path, "scheduler.grace_period", 1)
-    max_t = _int(value["max_t"], path, "scheduler.max_t", 1)
-    rf = _number(value.get("reduction_factor", 2), path, "scheduler.reduction_factor")
+    grace = integer(value["grace_period"], path, "scheduler.grace_period", 1)
+    max_t = integer(value["max_t"], path, "scheduler.max_t", 1)
+    rf = number(value.get("reduction_factor", 2), path, "scheduler.reduction_factor")
     if rf <= 1:
         raise SpaceError(f"{path}: scheduler.reduction_factor = {rf}: expected > 1")
     if grace > max_t:
@@ -525,8 +365,8 @@ def _parse_sampler(value: Any, path: Path) -> tuple[str, int, dict[str, int]]:
         raise SpaceError(f"{path}: sampler = {value!r}: expected {{type: {' | '.join(SAMPLERS)}, seed: N}}")
     kind = value["type"]
     check_keys(value, {"type", "seed", *SAMPLER_OPTIONS[kind]}, path, f"sampler ({kind}): ")
-    seed = _int(value.get("seed", 0), path, "sampler.seed", 0)
-    options = {k: _int(value[k], path, f"sampler.{k}", 2 if k == "population_size" else 0)
+    seed = integer(value.get("seed", 0), path, "sampler.seed", 0)
+    options = {k: integer(value[k], path, f"sampler.{k}", 2 if k == "population_size" else 0)
                for k in SAMPLER_OPTIONS[kind] if k in value}
     if kind == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise SpaceError(f"{path}: sampler.type = cmaes needs the 'cmaes' package: pip install cmaes")
@@ -549,31 +389,6 @@ def _check_combinations(switches: tuple[Switch, ...], params: tuple[Param, ...],
         check_overrides(cfg, overrides, path, f"params with {label}")
 
 
-@dataclass(frozen=True)
-class Header:
-    """What search spaces and ablation specs share: the raw mapping, the name, the base run and the objective."""
-
-    data: dict[str, Any]
-    experiment: str
-    base_path: Path
-    base_overrides: dict[str, Any]
-    cfg: Config
-    metric: str | list[str]
-    mode: str | list[str]
-
-
-def read_header(path: Path, allowed: set[str], required: tuple[str, ...]) -> Header:
-    """Read a spec YAML, check its top-level keys and parse the parts every spec has."""
-    data = read_yaml(path)
-    check_keys(data, allowed, path, "")
-    for key in required:
-        if key not in data:
-            raise SpaceError(f"{path}: missing required key '{key}'")
-    base_path, base_overrides, cfg = parse_base(data["base"], path)
-    metric, mode = parse_objective(data["metric"], data["mode"], path)
-    return Header(data, parse_experiment(data["experiment"], path), base_path, base_overrides, cfg, metric, mode)
-
-
 def load_space(path: str | Path) -> SearchSpec:
     """Read and validate a search-space YAML (see the module docstring); raises ``SpaceError``."""
     path = Path(path)
@@ -582,7 +397,7 @@ def load_space(path: str | Path) -> SearchSpec:
     base_path, base_overrides = h.base_path, h.base_overrides
     sampler, seed, options = _parse_sampler(data.get("sampler"), path)
     scheduler = _parse_scheduler(data.get("scheduler"), cfg, path)
-    num_samples = _int(data["num_samples"], path, "num_samples", 1)
+    num_samples = integer(data["num_samples"], path, "num_samples", 1)
     max_concurrent, max_failures = parse_counts(data, path)
     resources = parse_resources(data.get("resources"), path)
 
@@ -618,7 +433,7 @@ def load_space(path: str | Path) -> SearchSpec:
         s = by_name[implied_by[p.name]]
         setting = [v for v, overrides in s.apply if p.name in overrides]
         allowed = dict(p.when).get(s.name)
-        if allowed is None or any(_same(v, w) for v in allowed for w in setting):
+        if allowed is None or any(same_value(v, w) for v in allowed for w in setting):
             raise SpaceError(f"{path}: params.{p.name} is also implied by switch '{s.name}' (value(s) "
                              f"{setting}): make the param conditional on the switch's other values "
                              f"(when: {{{s.name}: [...]}}) or set the key in one place")
@@ -641,11 +456,6 @@ def load_space(path: str | Path) -> SearchSpec:
 
 
 # --------------------------------------------------------------------------------------------- to Optuna/Tune
-def base_config(spec: HasBase) -> Config:
-    """The base run config of a search or ablation spec: its base file with the base overrides applied."""
-    return load_config(spec.base_config, spec.base_overrides or None)
-
-
 def param_distributions(spec: SearchSpec) -> dict[str, optuna.distributions.BaseDistribution]:
     """The Optuna distribution of every sampled entry (switches and non-constant params), as define_by_run uses."""
     out: dict[str, optuna.distributions.BaseDistribution] = {}
@@ -699,13 +509,6 @@ def define_by_run(spec: SearchSpec) -> DefineByRun:
     return DefineByRun(spec)
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars (e.g. from parquet rows) → Python scalars; everything else unchanged."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        return value.item()
-    return value
-
-
 def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, Any]:
     """The trainer's dotted overrides for one trial: base overrides, switch implications, sampled and constants.
 
@@ -717,8 +520,8 @@ def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, 
     implied: dict[str, Any] = {}
     for name, s in switches.items():
         if name in tune_config:
-            value = _plain(tune_config[name])
-            if not any(_same(value, c) for c in s.choices):
+            value = plain(tune_config[name])
+            if not any(same_value(value, c) for c in s.choices):
                 raise SpaceError(f"{spec.path}: trial config switch '{name}' = {value!r} is not one of "
                                  f"{list(s.choices)}")
             implied.update(s.implied(value))
@@ -730,19 +533,12 @@ def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, 
             field_type(key)
         except ConfigError as e:
             raise SpaceError(f"{spec.path}: trial config key '{key}' is neither a switch nor a config key: {e}") from e
-        value = _plain(value)
-        if key in implied and not _same(implied[key], value):
+        value = plain(value)
+        if key in implied and not same_value(implied[key], value):
             raise SpaceError(f"{spec.path}: trial config '{key}' = {value!r} contradicts {implied[key]!r}, which "
                              "its switch value implies")
         out[key] = value
     return out
-
-
-def own_overrides(spec: HasBase, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The part of a trial's overrides that is its own (what the base overrides, shared by every trial, do not
-    already say): the ``overrides`` column of the trials table. The full config is in its ``config/*`` columns."""
-    base = spec.base_overrides or {}
-    return {k: v for k, v in overrides.items() if k not in base or not _same(base[k], _plain(v))}
 
 
 def trial_config(spec: SearchSpec, tune_config: dict[str, Any]) -> Config:
