@@ -42,3 +42,13 @@ def test_train_then_evaluate(tmp_path: Path, synthetic_cache: Path, capsys: pyte
 def test_bad_input_exits_2_with_named_error(argv: list[str], message: str, capsys: pytest.CaptureFixture):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_outcome_names_the_search_metric_and_the_miou(capsys: pytest.CaptureFixture):
+    from uda_ray.cli import _print_outcome
+
+    best = {"trial_id": "abc", "best/train/loss": 0.123456, "best/val/miou": 0.1714, "overrides": '{"optim.lr": 0.01}'}
+    _print_outcome("results/x", best, ("train/loss",))
+    out = capsys.readouterr().out
+    assert "best trial abc: train/loss 0.1235, val/miou 17.14\n" in out
+    assert '  overrides: {"optim.lr": 0.01}' in out and "uda-ray retrain results/x" in out

@@ -46,7 +46,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     out = run_search(args.space, address=args.address, storage=args.storage, name=args.name, resume=args.resume,
                      num_samples=args.num_samples)
-    _print_outcome(out.experiment.uri, out.best, args.space)
+    _print_outcome(out.experiment.uri, out.best, out.metrics)
     print(f"optuna study: {out.study_storage} (study '{out.experiment.name}'; open with optuna-dashboard)")
     return 0
 
@@ -76,15 +76,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_outcome(uri: str, best: dict | None, source: str) -> None:
+def _print_outcome(uri: str, best: dict | None, metrics: tuple[str, ...]) -> None:
     import json
+
+    from uda_ray.results.schema import metric_text
 
     print(f"\ntrials:  {uri}/trials/*.parquet\nmetrics: {uri}/metrics/*.parquet")
     if best is None:
         print("no trial finished with a finite metric")
         return
-    metrics = {k[len("best/"):]: v for k, v in best.items() if k.startswith("best/val/miou")}
-    print(f"best trial {best['trial_id']}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+    shown = dict.fromkeys(m for m in (*metrics, "val/miou") if isinstance(best.get(f"best/{m}"), float))
+    print(f"best trial {best['trial_id']}: " + ", ".join(metric_text(m, best[f"best/{m}"]) for m in shown))
     print(f"  overrides: {json.dumps(json.loads(best['overrides']), sort_keys=True)}")
     print(f"  retrain:   uda-ray retrain {uri}")
 

@@ -206,7 +206,9 @@ def test_retrain_reproduces_the_best_config(tmp_path: Path, cache: Path, local_r
     assert math.isclose(summary["mean"][0], values.mean(), rel_tol=1e-9)
     assert math.isclose(summary["std"][0], values.std(ddof=1), rel_tol=1e-9, abs_tol=1e-12)
     assert math.isclose(summary["source_value"][0], 0.3)
-    assert "summary.csv" in retrain.format_retrain(out)
+    text = retrain.format_retrain(out)
+    assert "summary.csv" in text
+    assert f"#1 a: source 30.00 → retrained {100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f} over 2" in text
     # a second retrain goes beside the first; --resume finds the first
     assert choose_retrain(str(src), resume=False).name == "retrain-2"
     assert choose_retrain(str(src), resume=True).name == "retrain"

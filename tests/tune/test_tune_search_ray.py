@@ -47,11 +47,13 @@ def write_space(path: Path, cache: Path, *, params: dict, num_samples: int, sche
     return path
 
 
-def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, synthetic_cache: Path):
+def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, synthetic_cache: Path,
+                                             capsys: pytest.CaptureFixture):
     space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=3,
                         params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]},
                                 "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}})
     out = run_search(space, storage=str(tmp_path / "results"))
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[uda-ray] ")]
     trials, metrics = load_trials(out.experiment.uri), load_metrics(out.experiment.uri)
     assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"}
     assert pd.read_parquet(Path(out.experiment.uri) / "trials").shape[0] == 3  # plain pandas reads it too
@@ -72,6 +74,13 @@ def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, syntheti
         assert by_lr[round(row["config/optim.lr"], 12)] == pytest.approx(row["last/val/miou"])
     assert (Path(out.experiment.uri) / "search_space.yaml").read_text() == space.read_text()
     assert out.best is not None and out.best["best/val/miou"] == pytest.approx(trials["best/val/miou"].max())
+    # one progress line per evaluation (iterations 3 and 6) and per finished trial, the last naming the best trial
+    for trial_id in trials["trial_id"]:
+        mine = [ln.split("  (")[0] for ln in printed if ln.startswith(f"[uda-ray] {trial_id} ")]
+        assert [ln.split(":")[0] for ln in mine[:2]] == [f"[uda-ray] {trial_id} iteration {i}" for i in (3, 6)]
+        assert mine[2] == f"[uda-ray] {trial_id} TERMINATED at iteration 6"
+    assert printed[-1].endswith(f"(best so far val/miou {100 * out.best['best/val/miou']:.2f}, "
+                                f"trial {out.best['trial_id']})")
 
 
 def test_asha_prunes_and_later_trials_still_run(ray_local, tmp_path: Path, synthetic_cache: Path):

@@ -157,3 +157,12 @@ def metrics_schema(metric_names: Iterable[str]) -> pa.Schema:
     fields = [pa.field(n, t) for n, t in METRICS_COLUMNS.items()]
     fields += [pa.field(n, pa.float64()) for n in sorted(set(metric_names)) if n not in METRICS_COLUMNS]
     return pa.schema(fields)
+
+
+def metric_value_text(name: str, value: float) -> str:
+    """A metric's value for people: ``val/`` metrics (mIoU, IoU) in percent with 2 decimals, others 4 digits."""
+    return f"{100 * value:.2f}" if name.startswith("val/") else f"{value:.4g}"
+
+
+def metric_text(name: str, value: float) -> str:
+    return f"{name} {metric_value_text(name, value)}"

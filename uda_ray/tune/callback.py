@@ -26,7 +26,7 @@ from ray.tune.experiment import Trial
 
 from uda_ray.config import Config, flatten
 from uda_ray.results.provenance import git_revision, package_versions
-from uda_ray.results.schema import is_metric_name
+from uda_ray.results.schema import is_metric_name, metric_text
 from uda_ray.results.store import (
     exists,
     join,
@@ -84,12 +84,18 @@ def error_of(trial_id: str) -> str:
 
 
 class ResultsCallback(Callback):
+    """Writes the parquet tables; with ``progress`` it also prints one line per evaluation and per finished trial
+    with the search metric and the best value so far (Tune's own table shows the first few reported metrics,
+    which need not include the search metric)."""
+
     def __init__(self, *, root: str, experiment: str, kind: str, metric: str, mode: str,
-                 trial_info: Callable[[dict[str, Any]], TrialInfo]) -> None:
+                 trial_info: Callable[[dict[str, Any]], TrialInfo], progress: bool = True) -> None:
         self.root, self.experiment, self.kind = root, experiment, kind
         self.metric, self.mode = metric, mode
         self.trial_info = trial_info
+        self.progress = progress
         self._trials: dict[str, _TrialState] = {}
+        self._best: tuple[float, str] | None = None  # (value, trial id) of the best search-metric report so far
         self._git_rev: str | None = None
         self._versions: dict[str, str] | None = None
 
@@ -123,18 +129,25 @@ class ResultsCallback(Callback):
         write_metrics(self.root, self.experiment, trial.trial_id, state.reports)
         if any(k.startswith("val/") for k in report):
             self._write_row(trial.trial_id, state, "RUNNING")
+        value = report.get(self.metric)
+        if value is not None and math.isfinite(value):
+            if self._best is None or (value > self._best[0] if self.mode == "max" else value < self._best[0]):
+                self._best = (value, trial.trial_id)
+            self._say(f"{trial.trial_id} iteration {int(it)}: {metric_text(self.metric, value)}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = self._state(trial)
         last = state.reports[-1]["iteration"] if state.reports else 0
         status = "TERMINATED" if last >= state.info.config.run.iterations else "PRUNED"
         self._write_row(trial.trial_id, state, status, ended=True)
+        self._say(f"{trial.trial_id} {status} at iteration {int(last)}")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = self._state(trial)
         message = error_text(trial)
         status = "DIVERGED" if "Diverged" in message else "ERROR"
         self._write_row(trial.trial_id, state, status, error=message, ended=True)
+        self._say(f"{trial.trial_id} {status}: {message}")
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         # build the read cache of uda_ray.results once, so the first analysis of a large search is a warm read
@@ -143,6 +156,14 @@ class ResultsCallback(Callback):
         load_metrics(uri)
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _say(self, what: str) -> None:
+        if not self.progress:
+            return
+        best = ""
+        if self._best is not None:
+            best = f"  (best so far {metric_text(self.metric, self._best[0])}, trial {self._best[1]})"
+        print(f"[uda-ray] {what}{best}", flush=True)
+
     def _state(self, trial: Trial) -> _TrialState:
         if trial.trial_id not in self._trials:
             self._trials[trial.trial_id] = _TrialState(self.trial_info(trial.config), time.time())

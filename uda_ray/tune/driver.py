@@ -102,6 +102,10 @@ def init_ray(address: str | None) -> None:
     # A stopped trial whose process does not exit within this many seconds is killed, which takes its Train
     # controller and worker group with it (Tune's default waits 600 s, holding the workers' resources meanwhile)
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "30")
+    # Short runs checkpoint every few seconds, and with CheckpointConfig(num_to_keep) each checkpoint forces a
+    # (small, local) experiment-state snapshot; Tune warns about that on every one. Paper-scale runs checkpoint
+    # minutes apart and never reach the warning's threshold.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
     ray.init(address=address, log_to_driver=True,
@@ -172,6 +176,10 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> tune.Result
     trainable = tune.with_resources(
         make_trainable(spec.config_of, spec.scaling, join(exp.uri, "train")),
         trial_resources(spec.scaling))
+    # what Tune's per-trial result boxes show (Ray reads this attribute of a function trainable); without it they
+    # list every reported metric, 19 per-class IoUs included
+    trainable._progress_metrics = list(dict.fromkeys(
+        [*(spec.metric if isinstance(spec.metric, list) else [spec.metric]), "val/miou", "train/loss", "iteration"]))
     if resume:
         tuner = tune.Tuner.restore(exp.uri, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=spec.param_space)

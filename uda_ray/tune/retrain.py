@@ -32,7 +32,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from uda_ray.analysis.best import best_trials, config_from_row
 from uda_ray.config import Config, apply_overrides
-from uda_ray.results.schema import FINISHED
+from uda_ray.results.schema import FINISHED, metric_value_text
 from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo
@@ -269,9 +269,12 @@ def format_retrain(outcome: RetrainOutcome) -> str:
              f"trials:      {uri}/trials/*.parquet", f"metrics:     {uri}/metrics/*.parquet",
              f"summary:     {join(uri, SUMMARY_FILE)}",
              "checkpoints: the last one of every run, listed below", ""]
+    def text(value: float) -> str:
+        return metric_value_text(m, value)
+
     for s in outcome.summary.itertuples(index=False):
-        spread = f"{s.mean:.4f} ± {s.std:.4f}" if s.n > 1 else (f"{s.mean:.4f}" if s.n else "-")
-        lines.append(f"#{s.rank} {s.source_trial_id}: source {s.source_value:.4f} → retrained {spread} over "
+        spread = f"{text(s.mean)} ± {text(s.std)}" if s.n > 1 else (text(s.mean) if s.n else "-")
+        lines.append(f"#{s.rank} {s.source_trial_id}: source {text(s.source_value)} → retrained {spread} over "
                      f"{s.n} seed(s) [{s.seeds}]" + (f", {s.n_unfinished} unfinished" if s.n_unfinished else ""))
     lines.append("")
     for r in outcome.runs.itertuples(index=False):

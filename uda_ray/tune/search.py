@@ -40,8 +40,9 @@ STUDY_FILE = "optuna.db"
 @dataclass(frozen=True)
 class SearchOutcome:
     experiment: Experiment
-    best: dict[str, Any] | None
+    best: dict[str, Any] | None  # the trials-table row of the best finished trial by the first metric
     study_storage: str
+    metrics: tuple[str, ...] = ("val/miou",)  # the search's metric(s)
 
 
 def scaling_of(spec: Any) -> Scaling:
@@ -92,4 +93,5 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         search_alg=searcher, scheduler=scheduler), resume=resume)
     first_metric = metric[0] if isinstance(metric, list) else metric
     first_mode = mode[0] if isinstance(mode, list) else mode
-    return SearchOutcome(exp, best_row(exp, first_metric, first_mode), study_url)
+    return SearchOutcome(exp, best_row(exp, first_metric, first_mode), study_url,
+                         tuple(metric) if isinstance(metric, list) else (metric,))
