@@ -301,6 +301,8 @@ def write_metrics(root: str, experiment: str, trial_id: str, reports: Sequence[M
 # ``<experiment>/_cache/<folder>.parquet`` (the ``_`` prefix keeps it out of every reader's way) together with each
 # source file's name, size and modification time; a later load re-reads only the files that are new or changed,
 # drops rows of removed files, and rewrites the cache when anything differed.
+# A search's results callback brings the cache up to date as trials end (at most every 10 minutes) and when the
+# experiment ends, so only a folder copied without ``_cache`` (or with changed modification times) reads cold.
 CACHE_DIR = "_cache"
 _FILE, _SIZE, _MTIME = "_file", "_size", "_mtime_ns"
 _BUILT_AT = b"uda_ray.cache.built_at_ns"

@@ -89,11 +89,17 @@ class ResultsCallback(Callback):
     which need not include the search metric)."""
 
     def __init__(self, *, root: str, experiment: str, kind: str, metric: str, mode: str,
-                 trial_info: Callable[[dict[str, Any]], TrialInfo], progress: bool = True) -> None:
+                 trial_info: Callable[[dict[str, Any]], TrialInfo], progress: bool = True,
+                 cache_every_s: float = 600.0) -> None:
         self.root, self.experiment, self.kind = root, experiment, kind
         self.metric, self.mode = metric, mode
         self.trial_info = trial_info
         self.progress = progress
+        # the read cache of uda_ray.results is brought up to date when a trial ends, at most this often (it reads
+        # and rewrites the consolidated tables: about a second at 10,000 trials, spent in Tune's event loop), and
+        # at the end: an analysis of a running, stopped or crashed search then reads few trial files
+        self.cache_every_s = cache_every_s
+        self._cached_at = time.monotonic()
         self._trials: dict[str, _TrialState] = {}
         self._best: tuple[float, str] | None = None  # (value, trial id) of the best search-metric report so far
         self._git_rev: str | None = None
@@ -103,6 +109,7 @@ class ResultsCallback(Callback):
         # Tune pickles its callbacks with the experiment state; per-trial buffers are rebuilt from storage
         state = dict(self.__dict__)
         state["_trials"] = {}
+        state["_cached_at"] = float("-inf")  # monotonic clocks do not carry over to a resumed driver
         return state
 
     # ------------------------------------------------------------------------------------------ Tune hooks
@@ -141,6 +148,7 @@ class ResultsCallback(Callback):
         status = "TERMINATED" if last >= state.info.config.run.iterations else "PRUNED"
         self._write_row(trial.trial_id, state, status, ended=True)
         self._say(f"{trial.trial_id} {status} at iteration {int(last)}")
+        self._refresh_cache()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = self._state(trial)
@@ -148,14 +156,23 @@ class ResultsCallback(Callback):
         status = "DIVERGED" if "Diverged" in message else "ERROR"
         self._write_row(trial.trial_id, state, status, error=message, ended=True)
         self._say(f"{trial.trial_id} {status}: {message}")
+        self._refresh_cache()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        # build the read cache of uda_ray.results once, so the first analysis of a large search is a warm read
-        uri = join(self.root, self.experiment)
-        load_trials(uri)
-        load_metrics(uri)
+        self._refresh_cache(force=True)
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _refresh_cache(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._cached_at < self.cache_every_s:
+            return
+        uri = join(self.root, self.experiment)
+        try:
+            load_trials(uri)
+            load_metrics(uri)
+        except (OSError, ValueError) as e:  # the cache is an optimisation: never fail the search over it
+            log.warning("could not refresh the read cache of %s: %s", uri, e)
+        self._cached_at = time.monotonic()
+
     def _say(self, what: str) -> None:
         if not self.progress:
             return

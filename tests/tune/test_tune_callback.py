@@ -1,0 +1,68 @@
+"""ResultsCallback without Ray: rows and reports written as results arrive, progress lines, and the read cache
+refreshed when trials end (throttled) and at the end of the experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from ray import cloudpickle
+
+from tests.conftest import SYNTHETIC, tiny_overrides
+from uda_ray.config import load_config
+from uda_ray.results.store import CACHE_DIR, load_metrics, load_trials
+from uda_ray.tune.callback import ResultsCallback, TrialInfo
+
+
+def _callback(root: Path, cache: Path, **options) -> ResultsCallback:
+    cfg = load_config(SYNTHETIC, tiny_overrides(cache))  # run.iterations 6
+    return ResultsCallback(root=str(root), experiment="exp", kind="search", metric="val/miou", mode="max",
+                           trial_info=lambda c: TrialInfo(config=cfg, overrides={"optim.lr": c["lr"]}), **options)
+
+
+def _run_trial(cb: ResultsCallback, trial_id: str, mious: list[float], last_iteration: int) -> None:
+    trial = SimpleNamespace(trial_id=trial_id, config={"lr": 0.01}, error_file=None)
+    cb.on_trial_start(0, [], trial)
+    for i, miou in enumerate(mious, start=1):
+        cb.on_trial_result(0, [], trial, {"iteration": 3 * i, "train/loss": 1.0 / i, "val/miou": miou})
+    if last_iteration > 3 * len(mious):
+        cb.on_trial_result(0, [], trial, {"iteration": last_iteration, "train/loss": 0.1})
+    cb.on_trial_complete(0, [], trial)
+
+
+def test_rows_progress_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture):
+    root = tmp_path / "results"
+    cb = _callback(root, tmp_path / "cache", cache_every_s=3600.0)
+    _run_trial(cb, "a", [0.1, 0.2], 6)
+    _run_trial(cb, "b", [0.3], 3)
+    out = [ln for ln in capsys.readouterr().out.splitlines()]
+    assert out == [
+        "[uda-ray] a iteration 3: val/miou 10.00  (best so far val/miou 10.00, trial a)",
+        "[uda-ray] a iteration 6: val/miou 20.00  (best so far val/miou 20.00, trial a)",
+        "[uda-ray] a TERMINATED at iteration 6  (best so far val/miou 20.00, trial a)",
+        "[uda-ray] b iteration 3: val/miou 30.00  (best so far val/miou 30.00, trial b)",
+        "[uda-ray] b PRUNED at iteration 3  (best so far val/miou 30.00, trial b)",
+    ]
+    # throttled: no cache yet while the search runs; the end of the experiment builds it
+    assert not (root / "exp" / CACHE_DIR).exists()
+    cb.on_experiment_end([])
+    assert {p.name for p in (root / "exp" / CACHE_DIR).iterdir()} == {"trials.parquet", "metrics.parquet"}
+    trials = load_trials(str(root / "exp")).set_index("trial_id")
+    assert trials.loc["a", "status"] == "TERMINATED" and trials.loc["b", "status"] == "PRUNED"
+    assert trials.loc["a", "best/val/miou"] == pytest.approx(0.2)
+    assert len(load_metrics(str(root / "exp"))) == 3
+
+
+def test_cache_refreshed_when_a_trial_ends_and_after_a_resume(tmp_path: Path):
+    root = tmp_path / "results"
+    cb = _callback(root, tmp_path / "cache", cache_every_s=0.0, progress=False)
+    _run_trial(cb, "a", [0.1, 0.2], 6)
+    cache = root / "exp" / CACHE_DIR / "trials.parquet"
+    assert cache.is_file()
+    # Tune pickles callbacks with the experiment state; a restored one refreshes at its first trial end
+    restored = cloudpickle.loads(cloudpickle.dumps(_callback(root, tmp_path / "cache", progress=False)))
+    before = cache.stat().st_mtime_ns
+    _run_trial(restored, "b", [0.3], 6)
+    assert cache.stat().st_mtime_ns != before
+    assert len(load_trials(str(root / "exp"), cache=False)) == 2
