@@ -3,12 +3,17 @@
     python benchmarks/adaptation.py                      # source-only vs base, 3 seeds each
     python benchmarks/adaptation.py --methods            # + one row per contrastive method on top of the base
     python benchmarks/adaptation.py --seeds 0 --iterations 200   # a quick look
+    python benchmarks/adaptation.py --controls --only base base+cfcontra/pass base+sdca/pass
 
 Every setting trains the same config (search_spaces/base/synthetic.yaml) for the same iterations with the same
 seeds; only the adaptation terms differ. Source mIoU is measured on the first 60 source training images (in-domain
 accuracy), target mIoU on the target val split. Runs go two at a time (one thread each) on a process pool.
 Prints mean ± std per setting, the domain shift (source-only: source − target mIoU) and each setting's gain over
 source-only on the target, with the bars of the foundation issue: shift ≥ 10 points, base gain ≥ 5 points.
+
+``--controls`` adds rows that keep a method's extra student pass over the plain target batch but weight its loss
+1e-9: in train mode that pass also moves the BatchNorm running statistics towards the target, so comparing
+``base+m/pass`` with ``base`` and ``base+m`` splits a method's gain into the pass and the loss itself.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ METHODS: dict[str, dict] = {  # METHODS.md §6 default weights, on top of the ba
     "base+sdca": {"loss.sdca.weight_feat": 1.0, "loss.sdca.weight_out": 1.0},
     "base+target_mix": {"mix.target_to_source.enabled": True, "mix.target_to_source.weight": 0.1,
                         "loss.cross_view.pixel_weight": 0.01, "loss.cross_view.proto_weight": 0.01},
+}
+
+CONTROLS: dict[str, dict] = {  # the method's target pass without (in effect) its loss
+    "base+cfcontra/pass": {"loss.cfcontra.weight": 1e-9, "loss.entropy.weight": 1e-9},
+    "base+sdca/pass": {"loss.sdca.weight_feat": 1e-9, "loss.sdca.weight_out": 1e-9},
 }
 
 
@@ -80,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iterations", type=int, help="override run.iterations of the base config")
     p.add_argument("--methods", action="store_true", help="add one row per contrastive method")
+    p.add_argument("--controls", action="store_true", help="add the pass-only control rows (see above)")
     p.add_argument("--only", nargs="+", help="run only these settings")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every setting")
     args = p.parse_args(argv)
 
-    settings = dict(SETTINGS, **(METHODS if args.methods else {}))
+    settings = dict(SETTINGS, **(METHODS if args.methods else {}), **(CONTROLS if args.controls else {}))
     if args.only:
         settings = {k: v for k, v in settings.items() if k in args.only}
     jobs = [(name, o, s, args.iterations, args.set) for s in args.seeds for name, o in settings.items()]
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsynthetic pair, {BASE.name}, iterations {args.iterations or load_config(BASE).run.iterations}, "
           f"seeds {args.seeds}, {total / 60:.1f} min on {args.processes} processes"
           + (f", overrides {' '.join(args.set)}" if args.set else ""))
-    print(f"{'setting':<18} {'target mIoU':>13} {'source mIoU':>13} {'gain vs src-only':>17} {'s/run':>7}  status")
+    print(f"{'setting':<19} {'target mIoU':>13} {'source mIoU':>13} {'gain vs src-only':>17} {'s/run':>7}  status")
     ref = statistics.fmean(r[2] for r in by["source-only"]) if "source-only" in by else None
     for name in settings:
         rs = by.get(name, [])
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         tgt = [r[2] for r in rs]
         gain = "" if ref is None else f"{100 * (statistics.fmean(tgt) - ref):+17.1f}"
         statuses = ",".join(sorted({r[5] for r in rs}))
-        print(f"{name:<18} {_fmt(tgt):>13} {_fmt([r[3] for r in rs]):>13} {gain:>17} "
+        print(f"{name:<19} {_fmt(tgt):>13} {_fmt([r[3] for r in rs]):>13} {gain:>17} "
               f"{statistics.fmean(r[4] for r in rs):7.0f}  {statuses}")
     ok = True
     if "source-only" in by:

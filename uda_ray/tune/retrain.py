@@ -17,6 +17,7 @@ A second retrain of the same experiment goes to ``retrain-2``, then ``retrain-3`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -269,9 +270,7 @@ def format_retrain(outcome: RetrainOutcome) -> str:
              f"trials:      {uri}/trials/*.parquet", f"metrics:     {uri}/metrics/*.parquet",
              f"summary:     {join(uri, SUMMARY_FILE)}",
              "checkpoints: the last one of every run, listed below", ""]
-    def text(value: float) -> str:
-        return metric_value_text(m, value)
-
+    text = functools.partial(metric_value_text, m)
     for s in outcome.summary.itertuples(index=False):
         spread = f"{text(s.mean)} ± {text(s.std)}" if s.n > 1 else (text(s.mean) if s.n else "-")
         lines.append(f"#{s.rank} {s.source_trial_id}: source {text(s.source_value)} → retrained {spread} over "
