@@ -77,6 +77,10 @@ class ModelConfig:
     decoder_norm: str = _f("batch", choices=("batch", "group"),
                            doc="norm of the decoder and projection head; group = per sample (batch-split invariant)")
     sync_bn: bool = _f(False, doc="SyncBatchNorm under DDP (CUDA only)")
+    aux_pass_bn_update: bool = _f(True, doc="student passes other than the source and the mixed batch (the plain "
+                                  "target batch, the target-mix and strong-view batches) update BatchNorm running "
+                                  "statistics, as the methods' code does; false: they leave them to the source and "
+                                  "mixed passes, so a method's gain is its loss's alone")
 
 
 @dataclass(frozen=True)

@@ -128,3 +128,39 @@ def test_non_finite_loss_raises_before_any_update():
         step(student, teacher, opt, sched, src, tgt, 4, settings=step_settings(cfg, torch.device("cpu")),
              terms=terms, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def _bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+@pytest.mark.parametrize("name", ["sdca", "cross_view", "target_mix"])
+def test_aux_passes_leave_bn_statistics_when_asked(name: str):
+    """With model.aux_pass_bn_update false, a term's extra student passes (plain target, strong view, target mix)
+    leave the BatchNorm running statistics exactly as the source and mixed passes set them; by default they move."""
+    _, base_student, _ = _run(_cfg(), iters=1)
+    _, frozen, _ = _run(_cfg({**TERM_ON[name][0], "model.aux_pass_bn_update": False}), iters=1)
+    _, moved, _ = _run(_cfg(TERM_ON[name][0]), iters=1)
+    base, after_frozen, after_moved = _bn_buffers(base_student), _bn_buffers(frozen), _bn_buffers(moved)
+    assert base.keys() == after_frozen.keys() and len(base) > 0
+    assert all(torch.equal(base[k], after_frozen[k]) for k in base)
+    assert any(not torch.equal(base[k], after_moved[k]) for k in base if k.endswith("running_mean"))
+
+
+def test_bn_stats_frozen_normalises_with_the_batch_and_keeps_gradients():
+    from uda_ray.train.context import bn_stats_frozen
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4, momentum=None))
+    net.train()
+    x = torch.randn(2, 3, 8, 8)
+    reference = net(x)  # moves the statistics once
+    before = _bn_buffers(net)
+    with bn_stats_frozen(net):
+        out = net(x)
+    assert torch.allclose(out, reference)  # batch statistics, as in train mode
+    assert all(torch.equal(before[k], v) for k, v in _bn_buffers(net).items())
+    assert (net[1].momentum, net[2].momentum) == (0.1, None)
+    out.sum().backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0

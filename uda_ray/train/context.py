@@ -6,7 +6,8 @@ pseudo-labels) are computed on first use and cached, so a term with weight 0 cos
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ class StepContext:
     generator: torch.Generator
     autocast: Callable[[], torch.autocast]
     num_classes: int
+    aux_bn_update: bool = True  # whether auxiliary passes update BatchNorm running statistics
     _pseudo: PseudoLabels | None = None
     _out_tgt: SegOutput | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
@@ -61,9 +63,30 @@ class StepContext:
     def out_tgt(self) -> SegOutput:
         """The student on the plain target batch (computed once, with gradients)."""
         if self._out_tgt is None:
-            with self.autocast():
-                self._out_tgt = self.student(self.x_tgt)
+            self._out_tgt = self.aux_forward(self.x_tgt)
         return self._out_tgt
+
+    def aux_forward(self, x: Tensor) -> SegOutput:
+        """The student on a batch that only a loss term needs (not the source or the mixed batch), with gradients;
+        its BatchNorm running statistics stay put unless ``aux_bn_update``."""
+        with self.autocast(), (contextlib.nullcontext() if self.aux_bn_update else bn_stats_frozen(self.student)):
+            return self.student(x)
+
+
+@contextlib.contextmanager
+def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in train mode still normalise with the batch's statistics, but their running mean, variance
+    and batch count are left as they were (momentum 0 for the pass, the count restored after it)."""
+    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

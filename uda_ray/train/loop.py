@@ -142,7 +142,8 @@ def step_settings(cfg: Config, device: torch.device) -> StepSettings:
                         jitter_strength=m.jitter_strength, jitter_prob=m.jitter_prob, blur_prob=m.blur_prob,
                         blur_sigma=(m.blur_sigma_min, m.blur_sigma_max), ema_alpha=t.alpha,
                         grad_clip=cfg.optim.grad_clip,
-                        autocast_dtype=torch.bfloat16 if cfg.run.precision == "bf16" else None)
+                        autocast_dtype=torch.bfloat16 if cfg.run.precision == "bf16" else None,
+                        aux_bn_update=cfg.model.aux_pass_bn_update)
 
 
 def seed_everything(seed: int, rank: int) -> torch.Generator:

@@ -45,6 +45,7 @@ class StepSettings:
     ema_alpha: float = 0.999
     grad_clip: float = 0.0
     autocast_dtype: torch.dtype | None = None  # None = full precision
+    aux_bn_update: bool = True  # auxiliary student passes update BatchNorm running statistics
 
 
 class DivergedError(RuntimeError):
@@ -99,7 +100,8 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
                       pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
                                                ignore_top=s.ignore_top, ignore_bottom=s.ignore_bottom),
-                      generator=generator, autocast=autocast, num_classes=s.num_classes)
+                      generator=generator, autocast=autocast, num_classes=s.num_classes,
+                      aux_bn_update=s.aux_bn_update)
 
     if s.mix_weight > 0:
         losses["mix"] = s.mix_weight * _classmix_loss(ctx, s)

@@ -33,8 +33,7 @@ class CrossViewTerm(nn.Module):
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         x_strong = strong_view(ctx.x_tgt, generator=ctx.generator)
-        with ctx.autocast():
-            out_strong = ctx.student(x_strong)
+        out_strong = ctx.aux_forward(x_strong)
         weak, strong = self._rows(ctx.out_tgt.logits), self._rows(out_strong.logits)  # (B, g*g, C) each
         labels = resize_labels(ctx.pseudo.labels, self.grid).flatten(1)  # (B, g*g)
         pixel = proto = weak.new_zeros(())

@@ -20,8 +20,7 @@ class TargetMixTerm(nn.Module):
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         p = ctx.pseudo
         x, y, _ = target_to_source_mix(ctx.x_src, ctx.y_src, ctx.x_tgt, p.labels, p.confidence, t_max=self.t_max)
-        with ctx.autocast():
-            logits = ctx.student(x).logits
+        logits = ctx.aux_forward(x).logits
         return {self.name: self.weight * cross_entropy(upsample(logits.float(), y.shape[-2:]), y)}
 
 
