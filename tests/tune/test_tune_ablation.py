@@ -12,7 +12,7 @@ import yaml
 from tests.conftest import edited
 from uda_ray.config import apply_overrides, load_config
 from uda_ray.tune.ablation import cell_config, expand, grid, load_ablation
-from uda_ray.tune.space import SpaceError, base_config
+from uda_ray.tune.spec_yaml import SpaceError, base_config
 
 SPEC: dict[str, Any] = {
     "experiment": "abl",

@@ -9,7 +9,8 @@ import pytest
 
 from uda_ray.config import load_config
 from uda_ray.tune.ablation import cell_config, expand, grid, load_ablation
-from uda_ray.tune.space import base_config, build_sampler, define_by_run, load_space, trial_config
+from uda_ray.tune.space import build_sampler, define_by_run, load_space, trial_config
+from uda_ray.tune.spec_yaml import base_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

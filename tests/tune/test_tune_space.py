@@ -16,7 +16,6 @@ from tests.conftest import edited
 from uda_ray.config import apply_overrides, load_config
 from uda_ray.tune.space import (
     SpaceError,
-    base_config,
     build_sampler,
     define_by_run,
     load_space,
@@ -24,6 +23,7 @@ from uda_ray.tune.space import (
     trial_config,
     trial_overrides,
 )
+from uda_ray.tune.spec_yaml import base_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

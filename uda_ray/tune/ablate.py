@@ -31,7 +31,7 @@ from uda_ray.tune.driver import (
     storage_root,
 )
 from uda_ray.tune.search import scaling_of
-from uda_ray.tune.space import own_overrides
+from uda_ray.tune.spec_yaml import own_overrides
 
 SPEC_COPY = "ablation.yaml"
 

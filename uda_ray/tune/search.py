@@ -25,14 +25,13 @@ from uda_ray.tune.driver import (
 from uda_ray.tune.searcher import UdaOptunaSearch
 from uda_ray.tune.space import (
     SearchSpec,
-    base_config,
     build_sampler,
     define_by_run,
     load_space,
-    own_overrides,
     trial_config,
     trial_overrides,
 )
+from uda_ray.tune.spec_yaml import base_config, own_overrides
 
 STUDY_FILE = "optuna.db"
 

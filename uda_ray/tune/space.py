@@ -67,25 +67,19 @@ import optuna
 from uda_ray.config import Config, ConfigError, apply_overrides, field_type, load_config
 from uda_ray.tune.spec_yaml import (
     IDENTIFIER,
-    HasBase,
     Resources,
     SpaceError,
-    base_config,
     check_keys,
     check_overrides,
     closest,
     integer,
     number,
-    own_overrides,
     parse_counts,
     parse_resources,
     plain,
     read_header,
     same_value,
 )
-
-__all__ = ["SpaceError", "SearchSpec", "load_space", "base_config", "define_by_run", "trial_overrides",
-           "own_overrides", "trial_config", "build_sampler", "param_distributions", "HasBase", "Resources"]
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random", "nsga2")
 SAMPLER_OPTIONS = {"tpe": ("n_startup_trials",), "cmaes": ("n_startup_trials",), "gp": ("n_startup_trials",),
