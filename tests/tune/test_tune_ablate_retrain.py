@@ -176,7 +176,10 @@ def test_ablation_grid_is_paired(tmp_path: Path, cache: Path, local_ray: None,
     assert out.summary.index.tolist() == ["baseline", "+cluda", "+ent"] and out.summary.columns.tolist() == [0, 1]
     for (cell, seed), value in by_cell[METRIC].items():
         assert out.summary.loc[cell, seed] == value
-    assert "+cluda" in ablate.format_ablation(out)
+    text = ablate.format_ablation(out)
+    row = next(ln for ln in text.splitlines() if ln.startswith("+cluda "))
+    assert row.split()[1:] == [f"{100 * out.summary.loc['+cluda', s]:.2f}" for s in (0, 1)] + [
+        f"{100 * out.summary.loc['+cluda'].mean():.2f}"]  # val/ metrics in percent, as everywhere
 
     # resuming with a changed spec is refused before Ray is touched
     no_ray(monkeypatch)

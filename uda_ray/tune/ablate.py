@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from uda_ray.config import Config
-from uda_ray.results.schema import FINISHED
+from uda_ray.results.schema import FINISHED, metric_value_text
 from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
 from uda_ray.tune.ablation import AblationSpec, cell_config, expand, grid, load_ablation
 from uda_ray.tune.callback import TrialInfo
@@ -127,7 +127,7 @@ def format_ablation(outcome: AblationOutcome) -> str:
     table["mean"] = outcome.summary.mean(axis=1, skipna=False)
     lines = [f"trials:  {uri}/trials/*.parquet", f"metrics: {uri}/metrics/*.parquet", f"spec:    {uri}/{SPEC_COPY}",
              "", f"best/{spec.metric} ({spec.mode}) per cell and seed:",
-             table.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")]
+             table.to_string(float_format=lambda v: metric_value_text(spec.metric, v), na_rep="-")]
     total = len(spec.seeds) * len(outcome.summary)
     finished = outcome.statuses.get(FINISHED, 0)
     if finished != total:
