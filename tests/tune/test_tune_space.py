@@ -325,3 +325,10 @@ def test_cmaes_without_package_is_an_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else real(name, *a))
     with pytest.raises(SpaceError, match="pip install cmaes"):
         load_space(write(tmp_path, _with(sampler={"type": "cmaes", "seed": 0})))
+
+
+def test_objectives_pairs_metrics_with_modes():
+    from uda_ray.tune.spec_yaml import objectives
+
+    assert objectives("val/miou", "max") == [("val/miou", "max")]
+    assert objectives(["val/miou", "time/iter_s"], ["max", "min"]) == [("val/miou", "max"), ("time/iter_s", "min")]

@@ -23,6 +23,7 @@ from uda_ray.config import Config
 from uda_ray.results.store import experiment_uri, join, load_trials, resolve
 from uda_ray.train.worker import Scaling, run_in_process, run_trainer
 from uda_ray.tune.callback import ResultsCallback, TrialInfo
+from uda_ray.tune.spec_yaml import objectives
 
 DEFAULT_ROOT = "results"
 TUNE_STATE = "tuner.pkl"
@@ -171,15 +172,14 @@ def _trial_dirname(trial: tune.experiment.Trial) -> str:
 
 def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> tune.ResultGrid:
     exp = spec.experiment
-    first_metric = spec.metric[0] if isinstance(spec.metric, list) else spec.metric
-    first_mode = spec.mode[0] if isinstance(spec.mode, list) else spec.mode
+    objs = objectives(spec.metric, spec.mode)
+    first_metric, first_mode = objs[0]
     trainable = tune.with_resources(
         make_trainable(spec.config_of, spec.scaling, join(exp.uri, "train")),
         trial_resources(spec.scaling))
     # what Tune's per-trial result boxes show (Ray reads this attribute of a function trainable); without it they
     # list every reported metric, 19 per-class IoUs included
-    trainable._progress_metrics = list(dict.fromkeys(
-        [*(spec.metric if isinstance(spec.metric, list) else [spec.metric]), "val/miou", "train/loss", "iteration"]))
+    trainable._progress_metrics = list(dict.fromkeys([*(m for m, _ in objs), "val/miou", "train/loss", "iteration"]))
     if resume:
         tuner = tune.Tuner.restore(exp.uri, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=spec.param_space)

@@ -31,7 +31,7 @@ from uda_ray.tune.space import (
     trial_config,
     trial_overrides,
 )
-from uda_ray.tune.spec_yaml import base_config, own_overrides
+from uda_ray.tune.spec_yaml import base_config, objectives, own_overrides
 
 STUDY_FILE = "optuna.db"
 
@@ -90,7 +90,5 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         config_of=lambda c: trial_config(spec, c), trial_info=trial_info, scaling=scaling_of(spec),
         num_samples=spec.num_samples, max_concurrent=spec.max_concurrent, max_failures=spec.max_failures,
         search_alg=searcher, scheduler=scheduler), resume=resume)
-    first_metric = metric[0] if isinstance(metric, list) else metric
-    first_mode = mode[0] if isinstance(mode, list) else mode
-    return SearchOutcome(exp, best_row(exp, first_metric, first_mode), study_url,
-                         tuple(metric) if isinstance(metric, list) else (metric,))
+    objs = objectives(metric, mode)
+    return SearchOutcome(exp, best_row(exp, *objs[0]), study_url, tuple(m for m, _ in objs))

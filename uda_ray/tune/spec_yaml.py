@@ -179,6 +179,13 @@ def parse_objective(metric: Any, mode: Any, path: Path) -> tuple[str | list[str]
     return metric, mode
 
 
+def objectives(metric: str | list[str], mode: str | list[str]) -> list[tuple[str, str]]:
+    """The (metric, mode) pairs of a single- or multi-objective spec, the primary one first."""
+    if isinstance(metric, list):
+        return list(zip(metric, mode))
+    return [(metric, mode)]  # type: ignore[list-item]
+
+
 def parse_resources(value: Any, path: Path) -> Resources:
     if value is None:
         return Resources()
