@@ -1,4 +1,5 @@
-"""The segmentation network: a timm backbone (``features_only``) + the multi-level fusion decoder (+ projection head).
+"""The segmentation network: a backbone (timm ``features_only``, SegFormer's MiT or DeepLabV2's ResNet-101) + a decode
+head (the multi-level fusion decoder, DAFormer's head or DeepLabV2's ASPP classifier) (+ projection head).
 
 Student and teacher are two instances of this one builder (METHODS.md §1). The input is an RGB batch in [0, 1], not
 normalised, because ClassMix and the photometric augmentation work in that space; ImageNet mean/std normalisation
@@ -13,6 +14,7 @@ names, which misses its own decode head's BatchNorm ("bn"); matching by module t
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,14 @@ import timm
 import torch
 from torch import nn
 
+from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet, caffe_normalize, load_deeplabv2_checkpoint
+from uda_ray.models.backbones.mit import MIT_VARIANTS, build_mit, load_segformer_checkpoint
 from uda_ray.models.decoder import FusionDecoder, ProjectionHead
+from uda_ray.models.errors import CheckpointError
+from uda_ray.models.heads.daformer import DAFormerHead
+from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,43 +42,122 @@ NO_DECAY_NAME_PARTS = ("pos_embed", "pos_block")
 class SegOutput(NamedTuple):
     """What one forward pass returns.
 
-    logits:   (B, K, h, w) at the finest used backbone level's resolution (stride 4 for CNNs/PVT).
-    fused:    (B, E, h, w) the decoder's fused multi-level map before dropout (CLUDA's contrast space).
+    logits:   (B, K, h, w) at the head's output resolution (the finest used level for the fusion heads: stride 4
+              for CNNs, PVT and MiT; layer4's stride 8 for DeepLabV2).
+    fused:    (B, E, h, w) the head's feature map before its classifier (CLUDA's contrast space): the fused
+              multi-level map before dropout for ``mlp`` and ``daformer``, layer4 itself for ``deeplabv2``.
     features: the used backbone levels, finest first, each (B, C_l, h_l, w_l).
     proj:     (B, P, h_L, w_L) projection of the deepest level (CFContra), or None when proj_dim = 0.
+    aux:      (B, K, h, w) the multi-level auxiliary prediction (DeepLabV2 on layer3) in training mode, or None.
     """
 
     logits: torch.Tensor
     fused: torch.Tensor
     features: list[torch.Tensor]
     proj: torch.Tensor | None
+    aux: torch.Tensor | None = None
+
+
+DECODERS = ("mlp", "daformer", "deeplabv2")
+INPUT_NORMS = ("imagenet", "caffe")
+MIT_PREFIX = "mit_"
+DEEPLABV2_BACKBONES = ("deeplabv2_r101",)
+
+
+def backbone_family(name: str) -> str:
+    """``'mit'`` (SegFormer's Mix Transformer), ``'deeplabv2'`` (caffe-style ResNet-101) or ``'timm'``; an unknown
+    name raises a ValueError that says which names exist."""
+    if name in MIT_VARIANTS:
+        return "mit"
+    if name in DEEPLABV2_BACKBONES:
+        return "deeplabv2"
+    if timm.is_model(name):
+        return "timm"
+    raise ValueError(f"model.backbone = {name!r}: not a backbone: expected one of {', '.join(MIT_VARIANTS)}, "
+                     f"{', '.join(DEEPLABV2_BACKBONES)} or a timm model name (timm.list_models())")
+
+
+def check_model_names(backbone: str, decoder: str, input_norm: str = "imagenet", pretrained: bool = False) -> None:
+    """The checks of ``Segmenter``'s names that need no weights: run when a config is loaded, before any training."""
+    family = backbone_family(backbone)
+    if decoder not in DECODERS:
+        raise ValueError(f"model.decoder = {decoder!r}: expected one of {', '.join(DECODERS)}")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"model.input_norm = {input_norm!r}: expected one of {', '.join(INPUT_NORMS)}")
+    if decoder == "deeplabv2" and family != "deeplabv2":
+        raise ValueError(f"model.decoder = 'deeplabv2' needs a backbone whose layer4 has output stride 8 "
+                         f"({', '.join(DEEPLABV2_BACKBONES)}); model.backbone = {backbone!r} is not one")
+    if input_norm == "caffe" and pretrained:
+        raise ValueError(f"model.input_norm = 'caffe' with model.pretrained = true: timm's ImageNet weights for "
+                         f"{backbone!r} expect ImageNet-normalised RGB input (input_norm: imagenet)")
 
 
 class Segmenter(nn.Module):
-    """timm backbone with ``features_only=True`` → FusionDecoder (→ ProjectionHead on the deepest level)."""
+    """Backbone (timm ``features_only``, MiT or DeepLabV2's ResNet) → decode head (→ ProjectionHead on the deepest
+    level).
+
+    ``decoder``: ``mlp`` (the multi-level fusion decoder, SegFormer-style), ``daformer`` (DAFormer's head with the
+    separable ASPP fusion) or ``deeplabv2`` (the ASPP classifier on layer4, with ``aux`` also on layer3).
+    ``input_norm``: ``imagenet`` (RGB, mean/std) or ``caffe`` (BGR ×255 minus the mean, what the DeepLab
+    checkpoints expect). ``drop_path_rate`` is MiT's stochastic depth (SegFormer's 0.1); other backbones ignore it.
+    """
 
     def __init__(self, backbone: str, num_classes: int = 19, *, pretrained: bool = False, pretrained_path: str = "",
                  out_indices: tuple[int, ...] = (), embed_dim: int = 256, dropout: float = 0.1, proj_dim: int = 0,
-                 decoder_norm: str = "batch"):
+                 decoder_norm: str = "batch", decoder: str = "mlp", input_norm: str = "imagenet",
+                 drop_path_rate: float = 0.1, aux: bool = False):
         super().__init__()
         if pretrained and pretrained_path:
             raise ValueError(f"Segmenter({backbone!r}): pretrained=True and pretrained_path={pretrained_path!r} are "
                              "both set: choose timm's weights or the local file, not both")
         if proj_dim < 0:
             raise ValueError(f"Segmenter({backbone!r}): proj_dim = {proj_dim}: expected >= 0 (0 = no projection head)")
-        self.backbone_name = backbone
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
-                                          out_indices=tuple(out_indices) if out_indices else DEFAULT_NUM_LEVELS)
-        info = self.backbone.feature_info
-        self.feature_channels: list[int] = list(info.channels())
-        self.feature_reductions: list[int] = list(info.reduction())
+        check_model_names(backbone, decoder, input_norm, pretrained)
+        family = backbone_family(backbone)
+        if pretrained and family != "timm":
+            raise ValueError(f"model.pretrained = true: {backbone!r} has no timm weights: set model.pretrained_path "
+                             "to its checkpoint file")
+        if aux and decoder != "deeplabv2":
+            raise ValueError(f"Segmenter({backbone!r}): an auxiliary classifier (model.aux_weight > 0) exists only "
+                             f"for model.decoder = 'deeplabv2', not {decoder!r}")
+        self.backbone_name, self.decoder_name, self.input_norm = backbone, decoder, input_norm
+        if family == "mit":
+            self.backbone: nn.Module = build_mit(backbone, drop_path_rate=drop_path_rate,
+                                                 out_indices=tuple(out_indices))
+            self.feature_channels = list(self.backbone.feature_channels)
+            self.feature_reductions = list(self.backbone.feature_reductions)
+        elif family == "deeplabv2":
+            if out_indices:
+                raise ValueError(f"model.out_indices = {list(out_indices)}: {backbone!r} always gives its four "
+                                 "layers; leave out_indices empty")
+            self.backbone = DeepLabV2ResNet()
+            self.feature_channels = list(self.backbone.feature_channels)
+            self.feature_reductions = list(self.backbone.feature_reductions)
+        else:
+            self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
+                                              out_indices=tuple(out_indices) if out_indices else DEFAULT_NUM_LEVELS)
+            info = self.backbone.feature_info
+            self.feature_channels = list(info.channels())
+            self.feature_reductions = list(info.reduction())
         if self.feature_reductions != sorted(self.feature_reductions):
             raise ValueError(f"Segmenter({backbone!r}): out_indices = {tuple(out_indices)} give levels with strides "
                              f"{self.feature_reductions}: expected the levels finest first (non-decreasing stride)")
+        if decoder == "daformer":
+            self.decoder: nn.Module = DAFormerHead(self.feature_channels, num_classes, embed_dim=embed_dim,
+                                                   dropout=dropout, fusion="aspp", norm=decoder_norm)
+        elif decoder == "deeplabv2":
+            self.decoder = DeepLabV2Head(self.feature_channels, num_classes, aux=aux)
+        else:
+            self.decoder = FusionDecoder(self.feature_channels, num_classes, embed_dim=embed_dim, dropout=dropout,
+                                         norm=decoder_norm)
         if pretrained_path:
-            load_backbone_checkpoint(self.backbone, backbone, pretrained_path)
-        self.decoder = FusionDecoder(self.feature_channels, num_classes, embed_dim=embed_dim, dropout=dropout,
-                                     norm=decoder_norm)
+            if family == "mit":
+                load_segformer_checkpoint(self.backbone, pretrained_path)
+            elif family == "deeplabv2":
+                for note in load_deeplabv2_checkpoint(self.backbone, self.decoder, pretrained_path):
+                    log.info("%s", note)
+            else:
+                load_backbone_checkpoint(self.backbone, backbone, pretrained_path)
         self.proj = ProjectionHead(self.feature_channels[-1], proj_dim, norm=decoder_norm) if proj_dim > 0 else None
         self.num_classes = num_classes
         # Constants, not state: kept out of the state dict so checkpoints hold only learned weights and BN statistics.
@@ -77,7 +165,10 @@ class Segmenter(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(x − mean) / std with ImageNet statistics; x is (B, 3, H, W) in [0, 1]."""
+        """The backbone's input from x (B, 3, H, W) RGB in [0, 1]: (x − mean) / std with ImageNet statistics, or
+        DeepLab's caffe convention (``caffe_normalize``)."""
+        if self.input_norm == "caffe":
+            return caffe_normalize(x)
         return (x - self.pixel_mean) / self.pixel_std
 
     def forward(self, x: torch.Tensor) -> SegOutput:
@@ -86,7 +177,10 @@ class Segmenter(nn.Module):
         features = list(self.backbone(self.normalize(x)))  # L × (B, C_l, h_l, w_l)
         logits, fused = self.decoder(features)
         proj = self.proj(features[-1]) if self.proj is not None else None
-        return SegOutput(logits=logits, fused=fused, features=features, proj=proj)
+        aux = None
+        if self.training and getattr(self.decoder, "aux_classifier", None) is not None:
+            aux = self.decoder.aux_logits(features)
+        return SegOutput(logits=logits, fused=fused, features=features, proj=proj, aux=aux)
 
     # ------------------------------------------------------------------------------------------------ parameters
     def head_modules(self) -> list[nn.Module]:
@@ -147,12 +241,12 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"pretrained_path {path!r}: cannot be read as a state dict with torch.load(weights_only=True)"
-                         f": {e}") from e
+        raise CheckpointError(f"pretrained_path {path!r}: cannot be read as a state dict with "
+                              f"torch.load(weights_only=True): {e}") from e
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise ValueError(f"pretrained_path {path!r}: expected a mapping of parameter names to tensors "
+        raise CheckpointError(f"pretrained_path {path!r}: expected a mapping of parameter names to tensors "
                          f"(optionally under a single 'state_dict' or 'model' key), got {type(obj).__name__}")
     return obj
 
@@ -233,5 +327,5 @@ def load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
     if shapes:
         problems.append(f"shape mismatches: {_listing(shapes)}")
     if problems:
-        raise ValueError(f"pretrained_path {path!r} does not fit backbone {name!r}: " + "; ".join(problems))
+        raise CheckpointError(f"pretrained_path {path!r} does not fit backbone {name!r}: " + "; ".join(problems))
     backbone.load_state_dict(loaded, strict=True)
