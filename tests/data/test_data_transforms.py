@@ -1,10 +1,20 @@
-"""Train/eval transforms: deterministic for a seed, labels nearest, shapes; ImageNet normalisation."""
+"""Train/eval transforms: mmseg resize/crop/pad semantics, cat_max_ratio and RCS re-draws against written-out
+references, deterministic for a seed, labels nearest, shapes; ImageNet normalisation."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from uda_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, normalize
+from uda_ray.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    cat_ratio_ok,
+    normalize,
+    rescaled_size,
+)
 
 
 def _pair(h=20, w=30, seed=0):
@@ -59,9 +69,27 @@ def test_no_generator_is_a_centre_crop_without_flip():
     assert np.array_equal(lab.numpy(), label[3:7, 3:9])
 
 
-def test_crop_larger_than_resize_is_rejected():
+def test_crop_larger_than_the_image_is_padded_like_mmseg():
+    image, label = _pair(6, 8)
+    for s in range(4):
+        img, lab = TrainTransform((6, 8), (9, 11), flip=True)(image, label, np.random.default_rng(s))
+        ref = np.random.default_rng(s)
+        assert int(ref.integers(0, 1)) == 0 and int(ref.integers(0, 1)) == 0  # margins are 0: offsets 0
+        flip = ref.random() < 0.5
+        want_lab, want_img = (label[:, ::-1], image[:, ::-1]) if flip else (label, image)
+        assert img.shape == (3, 9, 11) and lab.shape == (9, 11)
+        assert np.array_equal(lab[:6, :8].numpy(), want_lab)  # flipped first, then padded at the bottom/right
+        assert (lab[6:] == 255).all() and (lab[:, 8:] == 255).all()
+        assert np.array_equal((img[:, :6, :8] * 255).round().byte().numpy(), want_img.transpose(2, 0, 1))
+        pad = normalize(img)[:, 6:, :]
+        assert torch.allclose(pad, torch.zeros_like(pad), atol=1e-6)  # mmseg pads with 0 after Normalize
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="cat_max_ratio"):
+        TrainTransform((8, 8), (4, 4), flip=False, cat_max_ratio=0.0)
     with pytest.raises(ValueError, match="crop"):
-        TrainTransform((8, 8), (9, 4), flip=False)
+        TrainTransform((8, 8), (0, 4), flip=False)
 
 
 def test_eval_keeps_full_resolution_label():
@@ -79,3 +107,161 @@ def test_normalize_batched_and_single():
     assert torch.allclose(normalize(x[0]), ((x - mean) / std)[0])
     with pytest.raises(ValueError, match="shape"):
         normalize(torch.rand(2, 4, 4, 5))
+
+
+# ------------------------------------------------------------------------------------- mmseg resize semantics
+@pytest.mark.parametrize(("size", "bound", "want"), [
+    ((1052, 1914), (720, 1280), (704, 1280)),  # GTA5 in DAFormer: img_scale (1280, 720)
+    ((760, 1280), (760, 1280), (760, 1280)),  # SYNTHIA: (1280, 760)
+    ((1024, 2048), (512, 1024), (512, 1024)),  # Cityscapes: (1024, 512)
+    ((1024, 2048), (1024, 2048), (1024, 2048)),
+    ((10, 30), (6, 8), (3, 8)),  # long side binds
+    ((30, 10), (8, 6), (8, 3)),
+])
+def test_rescaled_size_is_mmcv_rescale_size(size, bound, want):
+    assert rescaled_size(size, bound) == want
+    assert rescaled_size(size, bound[::-1]) == want  # only the long and the short side of the bound matter
+    h, w = size  # mmcv: s = min(long / long_edge, short / short_edge), new = int(x * s + 0.5)
+    s = min(max(bound) / max(h, w), min(bound) / min(h, w))
+    assert want == (int(h * s + 0.5), int(w * s + 0.5))
+
+
+def test_keep_ratio_transforms_resize_to_fit():
+    image = np.zeros((1052, 1914, 3), np.uint8)
+    label = np.tile((np.arange(1914) % 19).astype(np.uint8), (1052, 1))
+    label[::7] = 255
+    img, lab = EvalTransform((720, 1280), keep_ratio=True)(image, label)
+    assert img.shape == (3, 704, 1280) and lab.shape == (1052, 1914)
+    img, lab = EvalTransform((720, 1280))(image, label)
+    assert img.shape == (3, 720, 1280)
+    resized = cv2.resize(label, (1280, 704), interpolation=cv2.INTER_NEAREST)
+    tf = TrainTransform((720, 1280), (512, 512), flip=True, keep_ratio=True)
+    for s in range(3):  # offsets drawn within the 704 x 1280 resized image
+        img, lab = tf(image, label, np.random.default_rng(s))
+        ref = np.random.default_rng(s)
+        y, x, f = int(ref.integers(0, 704 - 512 + 1)), int(ref.integers(0, 1280 - 512 + 1)), ref.random() < 0.5
+        want = resized[y:y + 512, x:x + 512]
+        assert img.shape == (3, 512, 512)
+        assert np.array_equal(lab.numpy(), want[:, ::-1] if f else want)
+
+
+def test_resize_is_cv2_linear_for_images_and_nearest_for_labels():
+    image, label = _pair(37, 53, seed=3)
+    img, lab = TrainTransform((16, 24), (16, 24), flip=False)(image, label, None)
+    want_img = cv2.resize(image, (24, 16), interpolation=cv2.INTER_LINEAR)  # what mmcv.imresize calls
+    want_lab = cv2.resize(label, (24, 16), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal((img * 255).round().byte().numpy(), want_img.transpose(2, 0, 1))
+    assert np.array_equal(lab.numpy(), want_lab)
+    ev, _ = EvalTransform((16, 24))(image, label)
+    assert torch.equal(ev, img)
+
+
+# ----------------------------------------------------------------------------------- cat_max_ratio and RCS
+def _reference_crop(label, crop, rng, cat_max_ratio=1.0, flip=True, rcs=None):
+    """mmseg RandomCrop + RandomFlip written out, re-run as DAFormer's get_rare_class_sample does for ``rcs``."""
+    h, w = label.shape
+    ch, cw = crop
+
+    def draw():
+        return int(rng.integers(0, max(h - ch, 0) + 1)), int(rng.integers(0, max(w - cw, 0) + 1))
+
+    def pipeline():
+        y, x = draw()
+        if cat_max_ratio < 1.0:
+            for _ in range(10):
+                labels, cnt = np.unique(label[y:y + ch, x:x + cw], return_counts=True)
+                cnt = cnt[labels != 255]
+                if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cat_max_ratio:
+                    break
+                y, x = draw()
+        f = flip and rng.random() < 0.5
+        out = label[y:y + ch, x:x + cw]
+        return (out[:, ::-1] if f else out), (y, x, f)
+
+    out, meta = pipeline()
+    if rcs is not None:
+        c, need = rcs
+        for _ in range(10):
+            if np.sum(out == c) > need:
+                break
+            out, meta = pipeline()
+    return out, meta
+
+
+def _blocky_label(seed, h=24, w=32):
+    rng = np.random.default_rng(seed)
+    label = np.zeros((h, w), np.uint8)  # mostly road: many crops hold a single class
+    label[rng.integers(0, h - 6):, :rng.integers(3, 10)] = 13
+    label[:3, :] = 255
+    label[rng.integers(0, h - 4), rng.integers(0, w - 4)] = 5
+    return label
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 1.0])
+def test_cat_max_ratio_matches_the_mmseg_loop(ratio):
+    retried = 0
+    for seed in range(40):
+        label = _blocky_label(seed)
+        image = np.repeat(label[:, :, None], 3, axis=2)
+        tf = TrainTransform(label.shape, (8, 8), flip=True, cat_max_ratio=ratio)
+        _, lab = tf(image, label, np.random.default_rng(seed))
+        want, _ = _reference_crop(label, (8, 8), np.random.default_rng(seed), cat_max_ratio=ratio)
+        assert np.array_equal(lab.numpy(), want)
+        first, _ = _reference_crop(label, (8, 8), np.random.default_rng(seed))
+        retried += not np.array_equal(first, want)
+    assert (retried > 0) == (ratio < 1.0)  # the loop did re-draw some crops
+
+
+def test_cat_max_ratio_keeps_the_eleventh_draw_when_none_passes():
+    label = np.full((20, 20), 7, np.uint8)  # one class: no crop passes (len(cnt) > 1 fails)
+    tf = TrainTransform((20, 20), (5, 5), flip=False, cat_max_ratio=0.75)
+    rng = np.random.default_rng(0)
+    img, _ = tf(np.arange(1200, dtype=np.uint8).reshape(20, 20, 3) % 251, label, rng)
+    ref = np.random.default_rng(0)
+    boxes = [(int(ref.integers(0, 16)), int(ref.integers(0, 16))) for _ in range(11)]
+    assert rng.random() == ref.random()  # exactly 11 crop draws (22 integers) were consumed
+    y, x = boxes[-1]
+    want = (np.arange(1200, dtype=np.uint8).reshape(20, 20, 3) % 251)[y:y + 5, x:x + 5]
+    assert np.array_equal((img * 255).round().byte().numpy(), want.transpose(2, 0, 1))
+
+
+def test_rcs_redraws_match_daformer_and_reach_the_threshold_when_possible():
+    reached = 0
+    for seed in range(30):
+        label = np.zeros((30, 40), np.uint8)
+        label[2:10, 30:38] = 11  # a rare 'person' patch in one corner: 64 pixels
+        image = np.repeat(label[:, :, None], 3, axis=2)
+        tf = TrainTransform((30, 40), (12, 12), flip=True, cat_max_ratio=0.75, rcs_min_crop_pixels=20)
+        _, lab = tf(image, label, np.random.default_rng(seed), rcs_class=11)
+        want, _ = _reference_crop(label, (12, 12), np.random.default_rng(seed), 0.75, rcs=(11, 20))
+        assert np.array_equal(lab.numpy(), want)
+        reached += int((lab == 11).sum()) > 20
+        _, plain = tf(image, label, np.random.default_rng(seed))  # no class requirement: no RCS re-draws
+        assert np.array_equal(plain.numpy(), _reference_crop(label, (12, 12), np.random.default_rng(seed), 0.75)[0])
+    assert reached >= 25  # 11 tries of a crop that holds > 20 of the patch's pixels with probability ~0.2 each
+
+
+def test_rcs_requirement_is_ignored_without_a_threshold_or_a_generator():
+    image, label = _pair(20, 30)
+    tf = TrainTransform((20, 30), (8, 8), flip=True)
+    a = tf(image, label, np.random.default_rng(1), rcs_class=7)
+    b = tf(image, label, np.random.default_rng(1))
+    assert torch.equal(a[1], b[1])
+    c = TrainTransform((20, 30), (8, 8), flip=True, rcs_min_crop_pixels=1e9)(image, label, None, rcs_class=7)
+    assert np.array_equal(c[1].numpy(), label[6:14, 11:19])  # centre crop, no re-draws
+
+
+def test_cat_ratio_ok_condition():
+    assert not cat_ratio_ok(np.array([[1, 1], [255, 255]], np.uint8), 0.75)  # one class
+    assert cat_ratio_ok(np.array([[1, 2], [255, 255]], np.uint8), 0.75)
+    assert not cat_ratio_ok(np.array([[1, 1, 1, 2]], np.uint8), 0.75)  # 0.75 is not < 0.75
+    assert not cat_ratio_ok(np.full((2, 2), 255, np.uint8), 0.75)
+
+
+def test_all_options_are_deterministic_per_seed():
+    image, label = _pair(45, 70, seed=2)
+    tf = TrainTransform((30, 50), (16, 16), flip=True, keep_ratio=True, cat_max_ratio=0.75, rcs_min_crop_pixels=40)
+    runs = [tf(image, label, np.random.default_rng(s), rcs_class=13) for s in (8, 8, 9, 10)]
+    assert runs[0][0].shape == (3, 16, 16)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert any(not torch.equal(runs[0][1], r[1]) for r in runs[2:])

@@ -13,16 +13,28 @@ from uda_ray.data.labels import (
     make_lut,
 )
 from uda_ray.data.loaders import InfiniteSampler, build_train_loader, build_val_loader
+from uda_ray.data.rcs import (
+    RareClassSampler,
+    RareClassSpec,
+    build_rcs,
+    class_pixel_counts,
+    class_probabilities,
+    compute_class_stats,
+    load_class_stats,
+)
 from uda_ray.data.readers import (
     DATASETS,
+    LABEL_FORMATS,
     DatasetError,
     SegmentationDataset,
     build_dataset,
+    check_pair_sizes,
     cityscapes_pairs,
     gta5_pairs,
+    label_format_of,
     synthia_pairs,
 )
-from uda_ray.data.transforms import EvalTransform, TrainTransform, normalize
+from uda_ray.data.transforms import EvalTransform, TrainTransform, normalize, rescaled_size
 
 
 def __getattr__(name: str) -> object:
@@ -35,7 +47,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "CITYSCAPES_ID_TO_TRAIN", "CLASS_COLOURS", "CLASSES", "DATASETS", "DatasetError", "EvalTransform", "IGNORE_INDEX",
-    "InfiniteSampler", "NUM_CLASSES", "PROTOCOLS", "SYNTHIA_ID_TO_TRAIN", "SegmentationDataset", "TrainTransform",
-    "build_dataset", "build_train_loader", "build_val_loader", "cityscapes_pairs", "encode_labels", "ensure_synthetic",
-    "eval_class_ids", "gta5_pairs", "make_lut", "normalize", "synthia_pairs",
+    "InfiniteSampler", "LABEL_FORMATS", "NUM_CLASSES", "PROTOCOLS", "RareClassSampler", "RareClassSpec",
+    "SYNTHIA_ID_TO_TRAIN", "SegmentationDataset", "TrainTransform", "build_dataset", "build_rcs", "build_train_loader",
+    "build_val_loader", "check_pair_sizes", "cityscapes_pairs", "class_pixel_counts", "class_probabilities",
+    "compute_class_stats", "encode_labels", "ensure_synthetic", "eval_class_ids", "gta5_pairs", "label_format_of",
+    "load_class_stats", "make_lut", "normalize", "rescaled_size", "synthia_pairs",
 ]

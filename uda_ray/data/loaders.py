@@ -1,9 +1,10 @@
-"""Seeded, shardable loaders: an infinite train stream and a sharded, unpadded val loader.
+"""Seeded, shardable loaders: an infinite train stream (shuffled epochs, or Rare Class Sampling: ``rcs.py``) and a
+sharded, unpadded val loader.
 
-The train stream. Epoch e is a permutation ``perm_e`` of the dataset drawn from (seed, e), with one sample seed per
-position drawn from (seed, e) as well; the global stream is ``perm_0, perm_1, ...`` end to end, global position
-``g`` being position ``g mod N`` of epoch ``g div N``. Ranks take the global stream in blocks of ``batch_size``,
-round robin: rank r's stream position s is global position
+The train stream (``stream.py`` holds the rank layout both samplers share). Epoch e is a permutation ``perm_e`` of the
+dataset drawn from (seed, e), with one sample seed per position drawn from (seed, e) as well; the global stream is
+``perm_0, perm_1, ...`` end to end, global position ``g`` being position ``g mod N`` of epoch ``g div N``. Ranks take
+the global stream in blocks of ``batch_size``, round robin: rank r's stream position s is global position
 
     g(s) = (s div b) * world_size * b + r * b + (s mod b).
 
@@ -23,10 +24,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-def _check_rank(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} / world_size {world_size}: expected world_size >= 1 and 0 <= rank < world_size")
+from uda_ray.data.rcs import RareClassSampler, RareClassSpec
+from uda_ray.data.stream import check_rank, check_stream_args, global_position
 
 
 class InfiniteSampler(Sampler):
@@ -36,17 +35,14 @@ class InfiniteSampler(Sampler):
                  start: int = 0, batch_size: int = 1) -> None:
         if size < 1:
             raise ValueError(f"InfiniteSampler: dataset size {size}: expected at least 1 item")
-        if seed < 0 or start < 0 or batch_size < 1:
-            raise ValueError(f"InfiniteSampler: seed {seed}, start {start}, batch_size {batch_size}: expected "
-                             "seed >= 0, start >= 0, batch_size >= 1")
-        _check_rank(rank, world_size)
+        check_stream_args("InfiniteSampler", seed=seed, rank=rank, world_size=world_size, start=start,
+                          batch_size=batch_size)
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
         self.shuffle, self.start, self.batch_size = shuffle, start, batch_size
 
     def global_position(self, s: int) -> int:
         """Global stream position of this rank's stream position ``s``."""
-        b = self.batch_size
-        return (s // b) * self.world_size * b + self.rank * b + s % b
+        return global_position(s, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size)
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(N,) dataset indices and (N,) int64 sample seeds of epoch ``epoch``, functions of (seed, epoch) only."""
@@ -66,13 +62,22 @@ class InfiniteSampler(Sampler):
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                       num_workers: int = 0, start: int = 0) -> Iterator[dict[str, Any]]:
+                       num_workers: int = 0, start: int = 0,
+                       rcs: RareClassSpec | None = None) -> Iterator[dict[str, Any]]:
     """Infinite iterator of collated batches ``{"image": (B, 3, h, w), "label": (B, h, w), "index": (B,)}``.
 
-    ``start`` is the number of samples this rank has already consumed (iterations done × batch_size).
+    ``start`` is the number of samples this rank has already consumed (iterations done × batch_size). With ``rcs``
+    the images are drawn by Rare Class Sampling (``uda_ray.data.rcs``) instead of shuffled epochs; the dataset's
+    transform must then carry the same crop requirement (``TrainTransform(rcs_min_crop_pixels=rcs.min_crop_pixels)``).
     """
-    sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start,
-                              batch_size=batch_size)
+    sampler: Sampler
+    if rcs is None:
+        sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start,
+                                  batch_size=batch_size)
+    else:
+        rcs.check_dataset(dataset)
+        sampler = RareClassSampler(rcs, seed=seed, rank=rank, world_size=world_size, start=start,
+                                   batch_size=batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                         persistent_workers=num_workers > 0)
     return iter(loader)
@@ -80,7 +85,7 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank: in
 
 def val_indices(size: int, *, rank: int = 0, world_size: int = 1, max_images: int = 0) -> list[int]:
     """Rank ``rank``'s share ``r::world_size`` of the first ``max_images`` (0 = all) indices, without padding."""
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     n = size if max_images <= 0 else min(size, max_images)
     return list(range(n))[rank::world_size]
 

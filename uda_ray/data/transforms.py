@@ -1,30 +1,63 @@
-"""Geometric transforms of one (image, label) pair and ImageNet normalisation.
+"""Geometric transforms of one (image, label) pair and ImageNet normalisation, as mmseg's pipeline does them.
 
-Images are resized bilinearly, labels always with nearest neighbour (no new label values). Randomness comes only
-from the ``np.random.Generator`` passed in, so a sample's augmentation is fixed by its seed; without a generator
-the train transform is deterministic (centre crop, no flip). Colour jitter and blur run batched on the mixed image
-in the trainer (``uda_ray.data.photometric``).
+Resize (mmseg ``Resize`` through mmcv's ``imresize``/``imrescale``, cv2 backend): images with ``cv2.INTER_LINEAR``,
+labels with ``cv2.INTER_NEAREST`` (no new label values), on both the fixed-size and the aspect-keeping path (earlier
+versions used PIL's bilinear filter, which antialiases when shrinking and so differs from mmseg). ``keep_ratio``
+scales by ``s = min(long / long_edge, short / short_edge)`` to ``(int(w·s + 0.5), int(h·s + 0.5))``, mmcv's
+``rescale_size`` (GTA5 1914×1052 within (720, 1280) → 1280×704; Cityscapes 2048×1024 within (512, 1024) → 1024×512).
+
+Random crop (mmseg ``RandomCrop``): offset top then left, each uniform in [0, max(size − crop, 0)]. With
+``cat_max_ratio < 1`` the crop is re-drawn up to 10 times while it does not hold at least two non-ignore classes with
+the largest below ``cat_max_ratio`` of the non-ignore pixels; the 11th draw is kept unchecked. A rare-class requirement
+(``rcs_class``, see ``uda_ray.data.rcs``) re-runs crop + flip (DAFormer re-runs the source pipeline) up to 10 more
+times until the crop holds more than ``rcs_min_crop_pixels`` pixels of that class, again keeping the last draw.
+Flip (mmseg ``RandomFlip``), then padding (mmseg ``Pad``) to the crop size at the bottom and right when the resized
+image is smaller than the crop: labels with 255, images with the ImageNet mean — mmseg pads with 0 after
+normalisation, which is the mean colour before it.
+
+Randomness comes only from the ``np.random.Generator`` passed in, so a sample's augmentation is fixed by its seed;
+without a generator the train transform is deterministic (centre crop, no flip, no re-draws). Colour jitter and blur
+run batched on the mixed image in the trainer (``uda_ray.data.photometric``).
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE = 255
+CROP_REDRAWS = 10  # mmseg RandomCrop (cat_max_ratio) and DAFormer's RCS loop: 10 re-draws after the first draw
 
 
-def _resize_pair(image: np.ndarray, label: np.ndarray | None,
-                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize (H, W, 3) uint8 bilinearly and (H, W) uint8 with nearest neighbour to ``size`` = (height, width)."""
+def rescaled_size(size: tuple[int, int], bound: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an image of ``size`` (height, width) scaled to fit ``bound`` keeping its aspect ratio.
+
+    mmcv's ``rescale_size``: only the long and the short side of ``bound`` matter (so (720, 1280) = (1280, 720)).
+    """
     h, w = size
-    if image.shape[:2] != (h, w):
-        image = np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
-    if label is not None and label.shape != (h, w):
-        label = np.array(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
-    return image, label
+    scale = min(max(bound) / max(h, w), min(bound) / min(h, w))
+    return int(h * float(scale) + 0.5), int(w * float(scale) + 0.5)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 → (h, w, 3) uint8 with ``cv2.INTER_LINEAR`` (mmcv ``imresize``, 'bilinear')."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 → (h, w) uint8 with ``cv2.INTER_NEAREST`` (mmcv ``imresize``, 'nearest')."""
+    if label.shape == tuple(size):
+        return label
+    return cv2.resize(label, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def _target_size(shape: tuple[int, ...], resize: tuple[int, int], keep_ratio: bool) -> tuple[int, int]:
+    return rescaled_size((shape[0], shape[1]), resize) if keep_ratio else resize
 
 
 def _to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,46 +65,103 @@ def _to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, tor
     return img, torch.from_numpy(np.ascontiguousarray(label)).long()
 
 
-class TrainTransform:
-    """Resize to ``resize``, random ``crop`` (both (height, width)), random horizontal flip with probability 0.5.
+def _pad(img: torch.Tensor, lab: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (3, h, w) / (h, w) at the bottom and right to ``size`` with the ImageNet mean / 255."""
+    h, w = lab.shape
+    if (h, w) == size:
+        return img, lab
+    out_img = torch.tensor(IMAGENET_MEAN, dtype=img.dtype).view(3, 1, 1).repeat(1, *size)  # (3, ch, cw)
+    out_img[:, :h, :w] = img
+    out_lab = torch.full(size, IGNORE, dtype=lab.dtype)  # (ch, cw)
+    out_lab[:h, :w] = lab
+    return out_img, out_lab
 
-    With a generator the crop offset (top, then left) and the flip are drawn from it in that order; with
-    ``rng=None`` the crop is centred and there is no flip.
+
+def cat_ratio_ok(crop: np.ndarray, cat_max_ratio: float) -> bool:
+    """mmseg's acceptance test: >= 2 non-ignore classes and the largest covers < ``cat_max_ratio`` of them."""
+    cnt = np.bincount(crop.ravel(), minlength=256)
+    cnt[IGNORE] = 0
+    cnt = cnt[cnt > 0]
+    return len(cnt) > 1 and cnt.max() / cnt.sum() < cat_max_ratio
+
+
+class TrainTransform:
+    """Resize, random crop (with mmseg's ``cat_max_ratio`` and DAFormer's rare-class re-draws), flip, pad.
+
+    ``resize`` and ``crop`` are (height, width). ``keep_ratio``: scale to fit ``resize`` keeping the aspect ratio
+    (mmseg's default) instead of resizing to it exactly. ``cat_max_ratio`` 1.0 turns the class-ratio re-draws off
+    (DAFormer: 0.75 on the source). ``rcs_min_crop_pixels``: with an ``rcs_class`` in the call, the crop must hold more
+    than this many pixels of it (DAFormer: min_pixels · min_crop_ratio); None turns the RCS re-draws off.
+
+    Draw order from the generator, per attempt: crop top, crop left (repeated for each cat_max_ratio re-draw), flip.
     """
 
-    def __init__(self, resize: tuple[int, int], crop: tuple[int, int], flip: bool) -> None:
-        if crop[0] > resize[0] or crop[1] > resize[1]:
-            raise ValueError(f"crop {tuple(crop)} is larger than resize {tuple(resize)}: expected crop <= resize")
+    def __init__(self, resize: tuple[int, int], crop: tuple[int, int], flip: bool, *, keep_ratio: bool = False,
+                 cat_max_ratio: float = 1.0, rcs_min_crop_pixels: float | None = None) -> None:
+        if min(resize) < 1 or min(crop) < 1:
+            raise ValueError(f"resize {tuple(resize)} / crop {tuple(crop)}: expected positive (height, width)")
+        if not 0.0 < cat_max_ratio <= 1.0:
+            raise ValueError(f"cat_max_ratio {cat_max_ratio}: expected a value in (0, 1] (1.0 = off)")
+        if rcs_min_crop_pixels is not None and rcs_min_crop_pixels < 0:
+            raise ValueError(f"rcs_min_crop_pixels {rcs_min_crop_pixels}: expected >= 0 or None (off)")
         self.resize = (int(resize[0]), int(resize[1]))
         self.crop = (int(crop[0]), int(crop[1]))
         self.flip = flip
+        self.keep_ratio = keep_ratio
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.rcs_min_crop_pixels = rcs_min_crop_pixels
 
-    def __call__(self, image: np.ndarray, label: np.ndarray,
-                 rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = _resize_pair(image, label, self.resize)
-        (h, w), (ch, cw) = self.resize, self.crop
+    def _draw_box(self, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+        top = int(rng.integers(0, max(shape[0] - self.crop[0], 0) + 1))
+        left = int(rng.integers(0, max(shape[1] - self.crop[1], 0) + 1))
+        return top, left
+
+    def _cut(self, a: np.ndarray, box: tuple[int, int]) -> np.ndarray:
+        return a[box[0]:box[0] + self.crop[0], box[1]:box[1] + self.crop[1]]
+
+    def _random_box(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        box = self._draw_box(label.shape, rng)
+        if self.cat_max_ratio < 1.0:
+            for _ in range(CROP_REDRAWS):
+                if cat_ratio_ok(self._cut(label, box), self.cat_max_ratio):
+                    break
+                box = self._draw_box(label.shape, rng)
+        return box
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None,
+                 rcs_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        size = _target_size(image.shape, self.resize, self.keep_ratio)
+        image, label = resize_image(image, size), resize_label(label, size)
+        (h, w), (ch, cw) = size, self.crop
         if rng is None:
-            top, left, flip = (h - ch) // 2, (w - cw) // 2, False
+            box, flip = (max(h - ch, 0) // 2, max(w - cw, 0) // 2), False
         else:
-            top = int(rng.integers(0, h - ch + 1))
-            left = int(rng.integers(0, w - cw + 1))
-            flip = self.flip and bool(rng.random() < 0.5)
-        image = image[top:top + ch, left:left + cw]
-        label = label[top:top + ch, left:left + cw]
+            need = self.rcs_min_crop_pixels if rcs_class is not None else None
+            attempts = 1 + CROP_REDRAWS if need is not None else 1
+            for attempt in range(attempts):  # DAFormer: draws 1..10 are checked, the 11th is kept as it is
+                box = self._random_box(label, rng)
+                flip = self.flip and bool(rng.random() < 0.5)
+                if need is None or attempt == attempts - 1:
+                    break
+                if np.count_nonzero(self._cut(label, box) == rcs_class) > need:
+                    break
+        image, label = self._cut(image, box), self._cut(label, box)
         if flip:
             image, label = image[:, ::-1], label[:, ::-1]
-        return _to_tensors(image, label)
+        return _pad(*_to_tensors(image, label), self.crop)
 
 
 class EvalTransform:
-    """Image resized to ``resize`` = (height, width); the label keeps its full resolution (logits are upsampled)."""
+    """Image resized to ``resize`` = (height, width) (or to fit it, ``keep_ratio``); the label keeps its full
+    resolution (logits are upsampled to it)."""
 
-    def __init__(self, resize: tuple[int, int]) -> None:
+    def __init__(self, resize: tuple[int, int], *, keep_ratio: bool = False) -> None:
         self.resize = (int(resize[0]), int(resize[1]))
+        self.keep_ratio = keep_ratio
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
                  rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        image, _ = _resize_pair(image, None, self.resize)
+        image = resize_image(image, _target_size(image.shape, self.resize, self.keep_ratio))
         return _to_tensors(image, label)
 
 
