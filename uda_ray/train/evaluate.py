@@ -3,11 +3,14 @@
 IoU_c = TP / (TP + FP + FN) per class; mIoU is the mean over the protocol's classes (19, 16 or 13) of the classes
 that occur in the ground truth or the prediction. Under ``torch.distributed`` every rank evaluates its shard and
 the confusion matrices are summed before the metrics are computed, so all ranks report the same numbers.
+
+With a held-out report half (``eval.holdout``, ``uda_ray.data.holdout``) one pass over the split fills two confusion
+matrices: the selection half's metrics are ``val/*``, the report half's ``holdout/*``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 
 from uda_ray.data.labels import CLASSES
 from uda_ray.train.context import upsample
+from uda_ray.train.infer import slide_logits
 
 IGNORE = 255
 
@@ -45,22 +49,54 @@ def miou_metrics(conf: np.ndarray, class_ids: Sequence[int], prefix: str = "val"
     return out
 
 
+HOLDOUT_PREFIX = "holdout"
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], *, num_classes: int,
              class_ids: Sequence[int], device: torch.device, autocast_dtype: torch.dtype | None = None,
-             prefix: str = "val") -> dict[str, float]:
-    """Evaluate ``model`` on the val batches (image at the inference size, label at full resolution)."""
+             prefix: str = "val", report_indices: Collection[int] | None = None,
+             infer: Callable[[nn.Module, Tensor], Tensor] | None = None) -> dict[str, float]:
+    """Evaluate ``model`` on the val batches (image at the inference size, label at full resolution, and, with
+    ``report_indices``, the dataset ``index`` of each image). With ``report_indices`` the images of those indices
+    are scored apart, as ``holdout/*``; the others give ``{prefix}/*``. ``infer(model, images)`` gives the logits
+    (default: one whole-image pass; ``inference_fn`` builds the sliding-window one of ``eval.mode: slide``)."""
     was_training = model.training
     model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    conf = torch.zeros(2, num_classes, num_classes, dtype=torch.int64, device=device)  # (selection, report)
+    report = frozenset(int(i) for i in report_indices) if report_indices is not None else frozenset()
     for batch in batches:
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = model(x).logits
+            logits = infer(model, x) if infer is not None else model(x).logits
         pred = upsample(logits.float(), y.shape[-2:]).argmax(dim=1)  # (B, H, W)
-        conf += confusion_matrix(pred, y, num_classes)
+        if report_indices is None:
+            conf[0] += confusion_matrix(pred, y, num_classes)
+            continue
+        for b, index in enumerate(batch["index"].tolist()):
+            conf[int(index in report)] += confusion_matrix(pred[b], y[b], num_classes)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(conf)
     model.train(was_training)
-    return miou_metrics(conf.cpu().numpy(), class_ids, prefix)
+    conf_np = conf.cpu().numpy()
+    out = miou_metrics(conf_np[0], class_ids, prefix)
+    if report_indices is not None:
+        out.update(miou_metrics(conf_np[1], class_ids, HOLDOUT_PREFIX))
+    return out
+
+
+def inference_fn(mode: str, *, num_classes: int, crop: tuple[int, int] = (0, 0), stride: tuple[int, int] = (0, 0),
+                 batch_windows: int = 0) -> Callable[[nn.Module, Tensor], Tensor] | None:
+    """``eval.mode``'s logits function for ``evaluate``: None (whole image, one pass) or sliding windows of ``crop``
+    every ``stride`` pixels over the val image, batched, averaged over overlaps (``uda_ray.train.infer``)."""
+    if mode == "whole":
+        return None
+    if mode != "slide":
+        raise ValueError(f"eval.mode = {mode!r}: expected 'whole' or 'slide'")
+
+    def slide(model: nn.Module, x: Tensor) -> Tensor:
+        return slide_logits(lambda w: model(w).logits, x, num_classes=num_classes, crop=crop, stride=stride,
+                            batch_windows=batch_windows)
+
+    return slide
