@@ -29,8 +29,12 @@ def test_train_then_evaluate(tmp_path: Path, synthetic_cache: Path, capsys: pyte
     metrics = pd.read_parquet(run / "metrics.parquet")
     final = metrics["val/miou"].dropna().iloc[-1]
     assert main(["evaluate", str(run / "checkpoints" / "iter_0000006")]) == 0
-    lines = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert head == "evaluated: student of iteration 6 on the target val split: 3 images; IoU in percent"
+    lines = dict(line.split() for line in rows)
     assert float(lines["val/miou"]) == pytest.approx(100 * final, abs=0.006)
+    # the prediction grid of every evaluation, beside the checkpoints
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["iter_0000003.png", "iter_0000006.png"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -47,8 +51,10 @@ def test_bad_input_exits_2_with_named_error(argv: list[str], message: str, capsy
 def test_outcome_names_the_search_metric_and_the_miou(capsys: pytest.CaptureFixture):
     from uda_ray.cli import _print_outcome
 
-    best = {"trial_id": "abc", "best/train/loss": 0.123456, "best/val/miou": 0.1714, "overrides": '{"optim.lr": 0.01}'}
+    best = {"trial_id": "abc", "last/train/loss": 0.123456, "last/val/miou": 0.1714, "score_iteration": 300,
+            "checkpoint": "results/x/trial_abc/checkpoint_000002", "overrides": '{"optim.lr": 0.01}'}
     _print_outcome("results/x", best, ("train/loss",))
     out = capsys.readouterr().out
-    assert "best trial abc: train/loss 0.1235, val/miou 17.14\n" in out
-    assert '  overrides: {"optim.lr": 0.01}' in out and "uda-ray retrain results/x" in out
+    assert "best trial abc: train/loss 0.1235, val/miou 17.14 (at its last evaluation, iteration 300)\n" in out
+    assert '  overrides:  {"optim.lr": 0.01}' in out and "uda-ray retrain results/x" in out
+    assert "  checkpoint: results/x/trial_abc/checkpoint_000002  (uda-ray evaluate it" in out

@@ -11,6 +11,7 @@ from uda_ray.config import ConfigError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from uda_ray.config import apply_overrides, load_config
+    from uda_ray.preflight import preflight
     from uda_ray.train.run import default_run_name, train_local
 
     cfg = load_config(args.config, args.overrides)
@@ -19,6 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                                        ("run.name", args.name)) if v})
     name = cfg.run.name or default_run_name(args.config)
     run_dir = Path(cfg.run.output_dir) / name
+    preflight([cfg], storage=cfg.run.output_dir, storage_option="run.output_dir")
     print(f"uda-ray train: {args.config} → {run_dir}")
     result = train_local(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                          overrides=args.overrides)
@@ -33,30 +35,63 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from uda_ray.train.run_eval import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, use_teacher=args.teacher,
-                                  overrides=args.overrides)
-    width = max(len(k) for k in metrics)
-    for k, v in metrics.items():
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, use_teacher=args.teacher,
+                                 overrides=args.overrides)
+    print(f"evaluated: {result.describe()}; IoU in percent")
+    width = max(len(k) for k in result.metrics)
+    for k, v in result.metrics.items():
         print(f"{k:<{width}}  {100 * v:6.2f}")
     return 0
+
+
+NO_FINISHED_TRIAL = 3  # exit status: the command ran, but no trial (or not every planned run) finished
+INTERRUPTED = 130  # exit status after SIGINT (128 + 2, the shell's convention)
+
+
+def _resume_command(command: str, target: str, args: argparse.Namespace, name: str | None) -> str:
+    parts = ["uda-ray", command, target]
+    parts += [f"--storage {args.storage}"] if getattr(args, "storage", None) else []
+    parts += [f"--address {args.address}"] if getattr(args, "address", None) else []
+    parts += [f"--name {name}"] if name else []
+    return " ".join(parts + ["--resume"])
+
+
+def _interrupted(command: str, target: str, args: argparse.Namespace, name: str | None) -> int:
+    print(f"\ninterrupted: every finished trial and report is saved. Continue with:\n  "
+          f"{_resume_command(command, target, args, name)}", file=sys.stderr)
+    return INTERRUPTED
+
+
+def _statuses(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "no trial ran"
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from uda_ray.tune.search import run_search
 
     out = run_search(args.space, address=args.address, storage=args.storage, name=args.name, resume=args.resume,
-                     num_samples=args.num_samples)
+                     num_samples=args.num_samples, overrides=args.overrides)
     _print_outcome(out.experiment.uri, out.best, out.metrics)
-    print(f"optuna study: {out.study_storage} (study '{out.experiment.name}'; open with optuna-dashboard)")
+    print(f"optuna study: {out.study_storage} (study '{out.experiment.name}'; open with optuna-dashboard "
+          f"{out.study_storage})")
+    if out.interrupted:
+        return _interrupted("tune", args.space, args, out.experiment.name)
+    if out.best is None:
+        print(f"uda-ray: no trial finished ({_statuses(out.statuses)}); see the 'error' column of the trials "
+              "table", file=sys.stderr)
+        return NO_FINISHED_TRIAL
     return 0
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from uda_ray.tune.ablate import format_ablation, run_ablation
 
-    out = run_ablation(args.spec, address=args.address, storage=args.storage, name=args.name, resume=args.resume)
+    out = run_ablation(args.spec, address=args.address, storage=args.storage, name=args.name, resume=args.resume,
+                       overrides=args.overrides)
     print("\n" + format_ablation(out))
-    return 0 if out.statuses.get("TERMINATED", 0) == out.summary.size else 3
+    if out.interrupted:
+        return _interrupted("ablate", args.spec, args, out.experiment.name)
+    return 0 if out.statuses.get("TERMINATED", 0) == out.summary.size else NO_FINISHED_TRIAL
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -66,13 +101,20 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
                       workers=args.workers, storage=args.storage, metric=args.metric, mode=args.mode,
                       resume=args.resume)
     print("\n" + format_retrain(out))
-    return 0 if (out.summary["n_unfinished"] == 0).all() else 3
+    if out.interrupted:
+        return _interrupted("retrain", args.results, args, None)
+    return 0 if (out.summary["n_unfinished"] == 0).all() else NO_FINISHED_TRIAL
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from uda_ray.analysis import analyze
+    from uda_ray.analysis.report import NoFinishedTrials
 
-    analyze(args.results, metric=args.metric, mode=args.mode, top=args.top, out_dir=args.out)
+    try:
+        analyze(args.results, metric=args.metric, mode=args.mode, top=args.top, out_dir=args.out)
+    except NoFinishedTrials as e:
+        print(f"uda-ray: {e}", file=sys.stderr)
+        return NO_FINISHED_TRIAL
     return 0
 
 
@@ -85,10 +127,16 @@ def _print_outcome(uri: str, best: dict | None, metrics: tuple[str, ...]) -> Non
     if best is None:
         print("no trial finished with a finite metric")
         return
-    shown = dict.fromkeys(m for m in (*metrics, "val/miou") if isinstance(best.get(f"best/{m}"), float))
-    print(f"best trial {best['trial_id']}: " + ", ".join(metric_text(m, best[f"best/{m}"]) for m in shown))
-    print(f"  overrides: {json.dumps(json.loads(best['overrides']), sort_keys=True)}")
-    print(f"  retrain:   uda-ray retrain {uri}")
+    shown = [m for m in dict.fromkeys((*metrics, "val/miou", "holdout/miou"))
+             if isinstance(best.get(f"last/{m}"), float)]
+    at = best.get("score_iteration")
+    print(f"best trial {best['trial_id']}: " + ", ".join(metric_text(m, best[f"last/{m}"]) for m in shown)
+          + (f" (at its last evaluation, iteration {int(at)})" if at is not None and at == at else ""))
+    print(f"  overrides:  {json.dumps(json.loads(best['overrides']), sort_keys=True)}")
+    if isinstance(best.get("checkpoint"), str) and best["checkpoint"]:
+        print(f"  checkpoint: {best['checkpoint']}  (uda-ray evaluate it to get this number again)")
+    print(f"  retrain:    uda-ray retrain {uri}")
+    print(f"  report:     uda-ray analyze {uri}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("tune", help="hyper-parameter search from a search-space YAML on Ray Tune + Optuna")
     u.add_argument("space", help="search-space YAML, e.g. search_spaces/demo.yaml")
+    u.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. data.source_root=/data/gta")
     _ray_args(u)
     u.add_argument("--num-samples", type=int, help="override the YAML's num_samples")
     u.set_defaults(func=_cmd_tune)
@@ -127,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ablate", help="ablation study: components on/off x paired seeds as a Tune grid")
     a.add_argument("spec", help="ablation YAML, e.g. search_spaces/ablations/components.yaml")
+    a.add_argument("overrides", nargs="*", help="dotted overrides of the base config of every cell")
     _ray_args(a)
     a.set_defaults(func=_cmd_ablate)
 
@@ -164,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"uda-ray: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nuda-ray: interrupted; '--resume' continues a tune, ablate or retrain from what was saved",
+              file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

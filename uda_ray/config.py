@@ -68,9 +68,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = _f("resnet18", doc="any timm model that supports features_only")
-    pretrained: bool = _f(False)
-    pretrained_path: str = _f("", doc="local state dict for the backbone (loaded with weights_only=True)")
+    backbone: str = _f("resnet18", doc="mit_b0 … mit_b5 (SegFormer's Mix Transformer), deeplabv2_r101 (DeepLabV2's "
+                       "caffe-style ResNet-101) or any timm model that supports features_only")
+    decoder: str = _f("mlp", choices=("mlp", "daformer", "deeplabv2"),
+                      doc="mlp: multi-level fusion with a 1x1 fusion (SegFormer-style); daformer: DAFormer's head "
+                      "(separable ASPP fusion); deeplabv2: the ASPP classifier on layer4 (deeplabv2_r101 only)")
+    input_norm: str = _f("imagenet", choices=("imagenet", "caffe"),
+                         doc="imagenet: RGB mean/std; caffe: BGR x255 minus DeepLab's mean (DeepLab checkpoints)")
+    drop_path_rate: float = _f(0.1, ge=0.0, lt=1.0, doc="stochastic depth of MiT backbones (SegFormer: 0.1)")
+    aux_weight: float = _f(0.0, ge=0.0, doc="deeplabv2: weight of the auxiliary classifier on layer3 (ADVENT's "
+                           "multi-level 0.1); 0 = no auxiliary classifier")
+    pretrained: bool = _f(False, doc="timm's ImageNet weights (downloads; timm backbones only)")
+    pretrained_path: str = _f("", doc="local checkpoint: a timm state dict, SegFormer's mit_b*.pth, or DeepLab's "
+                              "DeepLab_resnet_pretrained_imagenet.pth / an ADVENT-family model")
     out_indices: tuple[int, ...] = _f((), ge=0, doc="backbone levels; empty = the last four")
     embed_dim: int = _f(256, ge=1, doc="channels each level is embedded to in the fusion decoder")
     dropout: float = _f(0.1, ge=0.0, lt=1.0)
@@ -178,17 +188,35 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    holdout: bool = _f(False, doc="split the target val split (by city for Cityscapes) into a selection half (val/*: "
+                       "what ASHA, Optuna and the best trial see) and a report half (holdout/*: what retrain and the "
+                       "final tables report); off by default, for comparability with papers")
+    holdout_seed: int = _f(0, ge=0, doc="seed of the cut; the same for every trial of a search (not run.seed)")
+    mode: str = _f("whole", choices=("whole", "slide"), doc="whole: one pass over the val image at data.val_resize; "
+                   "slide: windows of eval.crop every eval.stride over it, logits averaged over overlaps (HRDA/MIC "
+                   "test protocol: 1024x1024 windows, stride 512, on 1024x2048 images)")
+    crop: tuple[int, int] = _f((512, 512), ge=1, doc="slide: (height, width) of a window")
+    stride: tuple[int, int] = _f((341, 341), ge=1, doc="slide: (height, width) step between windows")
+    batch_windows: int = _f(0, ge=0, doc="slide: windows per forward pass; 0 = all windows of a batch at once")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     iterations: int = _f(40000, ge=1)
     eval_every: int = _f(4000, ge=1)
-    checkpoint_every: int = _f(4000, ge=1)
+    checkpoint_every: int = _f(4000, ge=1, doc="also written at every evaluation: each reported score has its model")
     log_every: int = _f(50, ge=1)
     seed: int = _f(0, ge=0)
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     precision: str = _f("fp32", choices=("fp32", "bf16"), doc="bf16 = torch.autocast with bfloat16")
     output_dir: str = _f("results")
     name: str = _f("", doc="run folder name under output_dir; empty = derived from the config file and time")
-    threads: int = _f(0, ge=0, doc="torch intra-op threads; 0 = torch's default")
+    threads: int = _f(0, ge=0, doc="torch intra-op threads; 0 = torch's default (all cores): set it on a machine "
+                      "shared with other jobs, e.g. run.threads=4")
+    save_images: bool = _f(True, doc="a PNG grid of val images, ground truth, predictions and the teacher's "
+                           "pseudo-labels at every evaluation (images/iter_<k>.png beside the checkpoints)")
+    image_count: int = _f(4, ge=1, doc="val images and target-train images in each prediction grid")
 
 
 @dataclass(frozen=True)
@@ -199,6 +227,7 @@ class Config:
     mix: MixConfig = _sub(MixConfig)
     loss: LossConfig = _sub(LossConfig)
     optim: OptimConfig = _sub(OptimConfig)
+    eval: EvalConfig = _sub(EvalConfig)
     run: RunConfig = _sub(RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,9 +367,27 @@ def _check_cross(cfg: Config, source: str) -> None:
         if d.crop[0] > size[0] or d.crop[1] > size[1]:
             raise ConfigError(f"{source}: key 'data.crop' = {list(d.crop)} is larger than 'data.{name}' = "
                               f"{list(size)}: the crop must fit inside the resized image")
+    e = cfg.eval
+    if e.mode == "slide":
+        if e.crop[0] > d.val_resize[0] or e.crop[1] > d.val_resize[1]:
+            raise ConfigError(f"{source}: key 'eval.crop' = {list(e.crop)} is larger than 'data.val_resize' = "
+                              f"{list(d.val_resize)}: a window must fit inside the val image")
+        if e.stride[0] > e.crop[0] or e.stride[1] > e.crop[1]:
+            raise ConfigError(f"{source}: key 'eval.stride' = {list(e.stride)} is larger than 'eval.crop' = "
+                              f"{list(e.crop)}: windows would leave pixels uncovered")
     if cfg.mix.blur_sigma_min > cfg.mix.blur_sigma_max:
         raise ConfigError(f"{source}: key 'mix.blur_sigma_min' = {cfg.mix.blur_sigma_min} exceeds "
                           f"'mix.blur_sigma_max' = {cfg.mix.blur_sigma_max}")
+    from uda_ray.models.segmenter import check_model_names  # torch and timm: imported only when a config is checked
+
+    m = cfg.model
+    try:
+        check_model_names(m.backbone, m.decoder, m.input_norm, m.pretrained)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if m.aux_weight > 0 and m.decoder != "deeplabv2":
+        raise ConfigError(f"{source}: key 'model.aux_weight' = {m.aux_weight}: the auxiliary classifier exists only "
+                          f"for model.decoder = 'deeplabv2', not {m.decoder!r}")
     for side in ("source", "target"):
         if getattr(d, side) != "synthetic" and not getattr(d, f"{side}_root"):
             raise ConfigError(f"{source}: key 'data.{side}_root' is empty but 'data.{side}' = "

@@ -16,6 +16,7 @@ import yaml
 
 from uda_ray.config import apply_overrides, load_config
 from uda_ray.results.store import load_trials, trial_row, write_trial
+from uda_ray.train.run_eval import evaluate_checkpoint
 from uda_ray.tune import ablate, retrain
 from uda_ray.tune.ablate import SPEC_COPY, run_ablation
 from uda_ray.tune.driver import ExperimentError
@@ -25,7 +26,7 @@ from uda_ray.tune.space import SpaceError
 pytestmark = pytest.mark.ray
 
 BASE = Path(__file__).resolve().parents[2] / "search_spaces" / "base" / "synthetic.yaml"
-METRIC = "best/val/miou"
+METRIC = "last/val/miou"
 
 
 def tiny(cache: Path) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def test_retrain_request_errors_before_ray(tmp_path: Path, cache: Path, monkeypa
     src, _ = source_experiment(tmp_path, cache)
     with pytest.raises(ValueError, match="repeat"):
         run_retrain(str(src), seeds=[1, 1])
-    with pytest.raises(ValueError, match="no column 'best/val/loss'"):
+    with pytest.raises(ValueError, match="no column 'last/val/loss'"):
         run_retrain(str(src), metric="val/loss")
     with pytest.raises(FileNotFoundError, match="trials"):
         run_retrain(str(tmp_path / "nowhere"))
@@ -202,6 +203,11 @@ def test_retrain_reproduces_the_best_config(tmp_path: Path, cache: Path, local_r
         assert got == want  # everything else, run.iterations (the full schedule: 4) included
         assert row["iterations"] == 4
     assert out.runs["checkpoint"].map(lambda p: Path(p).is_dir()).all()
+    # like with like: each run's reported number is its final evaluation, which its final checkpoint gives again
+    for _, run in out.runs.iterrows():
+        again = evaluate_checkpoint(run["checkpoint"])
+        assert again.iteration == 4 and again.model == "student"
+        assert again.metrics["val/miou"] == run[METRIC]
 
     summary = pd.read_csv(src / "retrain" / "summary.csv")
     values = rows[METRIC].to_numpy()
@@ -211,7 +217,8 @@ def test_retrain_reproduces_the_best_config(tmp_path: Path, cache: Path, local_r
     assert math.isclose(summary["source_value"][0], 0.3)
     text = retrain.format_retrain(out)
     assert "summary.csv" in text
-    assert f"#1 a: source 30.00 → retrained {100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f} over 2" in text
+    assert (f"#1 a val/miou: source 30.00 → retrained {100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f} %"
+            " over 2") in text
     # a second retrain goes beside the first; --resume finds the first
     assert choose_retrain(str(src), resume=False).name == "retrain-2"
     assert choose_retrain(str(src), resume=True).name == "retrain"

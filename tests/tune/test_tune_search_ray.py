@@ -17,6 +17,7 @@ import yaml
 
 from tests.conftest import SYNTHETIC, tiny_overrides
 from uda_ray.results.store import load_metrics, load_trials
+from uda_ray.train.run_eval import evaluate_checkpoint
 from uda_ray.tune.search import run_search
 
 pytestmark = pytest.mark.ray
@@ -64,23 +65,40 @@ def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, syntheti
         sampled = json.loads(row["overrides"])
         assert row["config/teacher.pseudo_threshold"] == pytest.approx(sampled["teacher.pseudo_threshold"])
         m = metrics[metrics["trial_id"] == row["trial_id"]]
-        assert row["best/val/miou"] == pytest.approx(m["val/miou"].max())
+        assert row["best/val/miou"] == pytest.approx(m["val/miou"].max())  # the peak, kept for reference
+        assert row["score"] == row["last/val/miou"] == m["val/miou"].dropna().iloc[-1]  # the last evaluation
+        assert row["score_iteration"] == 6
         assert row["last/train/loss"] == pytest.approx(m["train/loss"].iloc[-1])
         assert row["git_rev"] and row["versions/torch"]
+    # the study and the table agree trial by trial: joined on trial_id, same state, same value, same best
     study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
-    by_lr = {round(t.params["optim.lr"], 12): t.value for t in study.trials}
+    by_id = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert all(t.user_attrs["experiment"] == out.experiment.name for t in study.trials)
     for _, row in trials.iterrows():
-        assert by_lr[round(row["config/optim.lr"], 12)] == pytest.approx(row["last/val/miou"])
+        assert by_id[row["trial_id"]].value == row["score"]
+        assert by_id[row["trial_id"]].intermediate_values == {3: m_at(metrics, row["trial_id"], 3),
+                                                              6: row["score"]}
     assert (Path(out.experiment.uri) / "search_space.yaml").read_text() == space.read_text()
-    assert out.best is not None and out.best["best/val/miou"] == pytest.approx(trials["best/val/miou"].max())
+    assert out.best is not None and out.best["score"] == trials["score"].max()
+    assert study.best_trial.user_attrs["trial_id"] == out.best["trial_id"]
+    # the checkpoint behind the score gives the score again
+    again = evaluate_checkpoint(out.best["checkpoint"])
+    assert again.iteration == 6 and again.metrics["val/miou"] == out.best["score"]
+    # the prediction grids of every evaluation, beside the trial's Tune folder
+    grids = sorted(p.name for p in (Path(out.experiment.uri) / f"trial_{out.best['trial_id']}" / "images").iterdir())
+    assert grids == ["iter_0000003.png", "iter_0000006.png"]
     # one progress line per evaluation (iterations 3 and 6) and per finished trial, the last naming the best trial
     for trial_id in trials["trial_id"]:
         mine = [ln.split("  (")[0] for ln in printed if ln.startswith(f"[uda-ray] {trial_id} ")]
         assert [ln.split(":")[0] for ln in mine[:2]] == [f"[uda-ray] {trial_id} iteration {i}" for i in (3, 6)]
         assert mine[2] == f"[uda-ray] {trial_id} TERMINATED at iteration 6"
-    assert printed[-1].endswith(f"(best so far val/miou {100 * out.best['best/val/miou']:.2f}, "
-                                f"trial {out.best['trial_id']})")
+    assert printed[-1].endswith(f"(best so far val/miou {100 * trials['best/val/miou'].max():.2f}, "
+                                f"trial {trials.loc[trials['best/val/miou'].idxmax(), 'trial_id']})")
+
+
+def m_at(metrics: pd.DataFrame, trial_id: str, iteration: int) -> float:
+    return float(metrics[(metrics["trial_id"] == trial_id) & (metrics["iteration"] == iteration)]["val/miou"].iloc[0])
 
 
 def test_asha_prunes_and_later_trials_still_run(ray_local, tmp_path: Path, synthetic_cache: Path):
@@ -99,6 +117,14 @@ def test_asha_prunes_and_later_trials_still_run(ray_local, tmp_path: Path, synth
     study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
     states = [t.state.name for t in study.trials]
     assert states.count("PRUNED") == len(pruned) and states.count("COMPLETE") == 6 - len(pruned)
+    # a pruned trial told Optuna the evaluation it was stopped on: its last intermediate value is its score
+    by_id = {t.user_attrs["trial_id"]: t for t in study.trials}
+    for _, row in trials.iterrows():
+        t = by_id[row["trial_id"]]
+        assert t.value == pytest.approx(row["score"], rel=1e-12)
+        if row["status"] == "PRUNED":
+            assert t.state.name == "PRUNED" and t.last_step == row["score_iteration"] == row["iterations"]
+            assert t.intermediate_values[t.last_step] == pytest.approx(row["score"], rel=1e-12)
 
 
 def test_failed_and_diverged_trials_are_recorded_and_search_goes_on(ray_local, tmp_path: Path,
@@ -123,34 +149,95 @@ def test_failed_and_diverged_trials_are_recorded_and_search_goes_on(ray_local, t
     assert all(t.user_attrs["fail_reason"] for t in failed)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _cli(*args: str, cwd: Path, records: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", UDA_RAY_LOCAL_RAY_RECORDS=str(records))
     return subprocess.Popen([sys.executable, "-m", "uda_ray.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_interrupted_search_resumes_without_duplicates(tmp_path: Path, synthetic_cache: Path):
+def _wait_for(trials_dir: Path, status: str, count: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [] if not trials_dir.exists() else [p for p in trials_dir.glob("*.parquet")
+                                                   if pd.read_parquet(p)["status"].iloc[0] == status]
+        if len(done) >= count:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{count} {status} trials did not appear in {trials_dir} within {timeout} s")
+
+
+ASHA_SPACE = dict(num_samples=6, metric="train/loss", mode="min",
+                  scheduler={"type": "asha", "grace_period": 3, "max_t": 9, "reduction_factor": 2},
+                  params={"loss.source_weight": {"choice": [0.1, 50.0]}},
+                  overrides={"run.iterations": 9, "run.eval_every": 3, "run.checkpoint_every": 3,
+                             "run.log_every": 3})
+
+
+def _decisions(uri: str) -> list[tuple[float, str, int]]:
+    """(sampled source weight, status, iterations) of each trial in the order they started."""
+    t = load_trials(uri).sort_values("started_at")
+    return list(zip(t["config/loss.source_weight"], t["status"], t["iterations"]))
+
+
+def test_sigint_then_resume_is_the_same_search(ray_local, tmp_path: Path, synthetic_cache: Path):
+    """One trial at a time (a fixed arrival order): a search interrupted by SIGINT and resumed with
+    `uda-ray tune --resume` samples and stops exactly the trials an uninterrupted one does: ASHA's rungs survive."""
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, **ASHA_SPACE)
+    whole = run_search(space, storage=str(tmp_path / "whole"))
+    expected = _decisions(whole.experiment.uri)
+    assert any(s == "PRUNED" for _, s, _ in expected) and any(s == "TERMINATED" for _, s, _ in expected)
+
+    results, records = tmp_path / "results", tmp_path / "records"
+    proc = _cli("tune", str(space), "--storage", str(results), "--name", "r", cwd=tmp_path, records=records)
+    _wait_for(results / "r" / "trials", "PRUNED", 1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"uda-ray tune {space} --storage {results} --name r --resume" in out
+    assert "Tuner.restore" not in out  # Ray's own advice is replaced by the command that works
+    before = load_trials(str(results / "r")).set_index("trial_id")
+    assert len(before) < 6
+
+    resumed = _cli("tune", str(space), "--storage", str(results), "--name", "r", "--resume", cwd=tmp_path,
+                   records=records)
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out[-3000:]
+    assert _decisions(str(results / "r")) == expected
+    after = load_trials(str(results / "r")).set_index("trial_id")
+    assert after.index.is_unique and len(after) == 6
+    # wall_s counts every segment a trial ran: a trial that was running at the interrupt has more time now
+    for tid in before.index[before["status"] == "RUNNING"]:
+        assert after.loc[tid, "wall_s"] > before.loc[tid, "wall_s"]
+    assert (after["wall_s"] > 0).all()
+
+
+def test_kill9_then_resume_ends_leftovers_without_duplicates(tmp_path: Path, synthetic_cache: Path):
+    import psutil
+
+    from uda_ray.tune.local_ray import session_processes
+
     space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=4,
                         params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
                         overrides={"run.iterations": 9, "run.eval_every": 3, "run.checkpoint_every": 3})
-    results = tmp_path / "results"
-    proc = _cli("tune", str(space), "--storage", str(results), "--name", "r", cwd=tmp_path)
-    trials_dir = results / "r" / "trials"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = [] if not trials_dir.exists() else [p for p in trials_dir.glob("*.parquet")
-                                                   if pd.read_parquet(p)["status"].iloc[0] == "TERMINATED"]
-        if len(done) >= 2:
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    results, records = tmp_path / "results", tmp_path / "records"
+    proc = _cli("tune", str(space), "--storage", str(results), "--name", "r", cwd=tmp_path, records=records)
+    _wait_for(results / "r" / "trials", "TERMINATED", 2)
+    session = json.loads(next(records.glob("*.json")).read_text())["session_dir"]
+    proc.kill()  # SIGKILL: the driver cannot shut its local Ray down
+    proc.communicate(timeout=60)
     before = load_trials(str(results / "r"))
-    assert 2 <= (before["status"] == "TERMINATED").sum() < 4 or len(before) < 4
     finished_before = set(before.loc[before["status"] == "TERMINATED", "trial_id"])
+    assert 2 <= len(finished_before) < 4
+    leftovers = session_processes(session)
+    assert leftovers, "a killed driver is expected to leave processes of its Ray session behind"
 
-    out, _ = _cli("tune", str(space), "--storage", str(results), "--name", "r", "--resume",
-                  cwd=tmp_path).communicate(timeout=400)
+    resumed = _cli("tune", str(space), "--storage", str(results), "--name", "r", "--resume", cwd=tmp_path,
+                   records=records)
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"leftover process(es) of the local Ray session {session}" in out
+    assert not [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     trials = load_trials(str(results / "r"))
     assert len(trials) == 4, out[-3000:]
     assert trials["trial_id"].is_unique and set(trials["status"]) == {"TERMINATED"}
@@ -160,6 +247,7 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path: Path, synthetic
     # finished trials were not re-run: their end time did not change
     again = trials.set_index("trial_id").loc[sorted(finished_before), "ended_at"]
     assert (again == before.set_index("trial_id").loc[sorted(finished_before), "ended_at"]).all()
+    assert not list(records.glob("*.json"))  # the resumed driver exited normally and removed its record
 
 
 def test_bad_space_fails_before_ray_starts(tmp_path: Path):

@@ -2,12 +2,24 @@
 
 Trials table, one file per trial at ``<root>/<experiment>/trials/<trial_id>.parquet``, one row:
 ``experiment, trial_id, kind, status, error, cell, seed, source_trial_id, iterations, wall_s, started_at, ended_at,
-overrides, best/<metric>..., last/<metric>..., config/<dotted key>..., git_rev, versions/<package>...``.
+overrides, score, score_iteration, checkpoint, best/<metric>..., last/<metric>..., config/<dotted key>..., git_rev,
+versions/<package>...``.
 ``cell``/``seed`` are set for ablations, ``source_trial_id``/``seed`` for retrains and null otherwise, so every
 trial file of every kind has them and plain ``pd.read_parquet`` on the folder sees one schema.
 
 Metrics table, one file per trial at ``<root>/<experiment>/metrics/<trial_id>.parquet``, one row per report:
 ``experiment, trial_id, iteration, <metric>...`` with one float64 column per metric (NaN where a report lacks it).
+
+The score. A trial's value of a metric ``m`` is ``m`` at its last evaluation, ``last/<m>``: the end of training for a
+finished trial, the evaluation at which ASHA stopped a pruned one. Its **score** is that value of the experiment's
+metric (column ``score``; ``score_iteration`` is the iteration of that evaluation and ``checkpoint`` the checkpoint
+written at it, the model that gives the number). Every ranking (best trial, top table, retrain's choice, ablation
+statistics), the value told to Optuna and every printed number use it. ``best/<m>`` keeps the run's state at its peak
+evaluation for reference only: choosing by the peak of a noisy curve on the data it is chosen on is optimistic, and
+no checkpoint is kept for it.
+
+Units. Parquet keeps fractions (``val/miou`` = 0.1719); everything written for people (console lines, report tables,
+plots, CSV files of the report) shows the metrics of ``PERCENT_PREFIXES`` in percent with two decimals (17.19).
 
 Every column is typed by its name alone: fixed columns by ``TRIAL_COLUMNS``, ``config/<key>`` by the annotation of
 that key in ``uda_ray.config`` (so a null is still typed), metrics float64, versions string. Only config keys the
@@ -54,6 +66,9 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "started_at": TIMESTAMP,
     "ended_at": TIMESTAMP,
     "overrides": pa.string(),
+    "score": pa.float64(),
+    "score_iteration": pa.int64(),
+    "checkpoint": pa.string(),
     "git_rev": pa.string(),
 }
 METRICS_COLUMNS: dict[str, pa.DataType] = {
@@ -159,9 +174,20 @@ def metrics_schema(metric_names: Iterable[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
+PERCENT_PREFIXES = ("val/", "holdout/", "pseudo/")  # fractions in [0, 1]: mIoU, IoU, kept-pixel share
+
+
+def is_percent_metric(name: str) -> bool:
+    """Whether a metric (or a ``best/``/``last/`` column of one, or ``score`` of one) is a fraction shown in percent."""
+    for prefix in (BEST_PREFIX, LAST_PREFIX):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.startswith(PERCENT_PREFIXES)
+
+
 def metric_value_text(name: str, value: float) -> str:
-    """A metric's value for people: ``val/`` metrics (mIoU, IoU) in percent with 2 decimals, others 4 digits."""
-    return f"{100 * value:.2f}" if name.startswith("val/") else f"{value:.4g}"
+    """A metric's value for people: fractions (``PERCENT_PREFIXES``) in percent with 2 decimals, others 4 digits."""
+    return f"{100 * value:.2f}" if is_percent_metric(name) else f"{value:.4g}"
 
 
 def metric_text(name: str, value: float) -> str:

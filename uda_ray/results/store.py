@@ -14,7 +14,9 @@ experiment's metric (``metric``, by ``mode``) was best (ties: the earliest); for
 recent value of ``m`` reported at or before that report, so ``best/val/iou/road`` belongs to the same evaluation as
 ``best/val/miou``. A trial that never reported a finite value of the experiment's metric has NaN in every ``best/*``.
 ``last/<m>`` is the most recent value of ``m`` over all reports (a NaN that was reported stays NaN: a diverged
-loss is visible). A report "has" a metric when its key is present with a value that is not None.
+loss is visible). A report "has" a metric when its key is present with a value that is not None. ``score`` is
+``last/<metric>`` of the experiment's metric and ``score_iteration`` the iteration of the report that holds it (the
+definition and why: ``uda_ray.results.schema``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from uda_ray.results.schema import (
 SMALL_FILE_OPTIONS: dict[str, Any] = {"write_statistics": False, "use_dictionary": False}
 TRIALS_DIR = "trials"
 METRICS_DIR = "metrics"
+IMAGES_DIR = "images"
 _READ_THREADS = min(8, os.cpu_count() or 1)
 _READ_BATCH = 500
 
@@ -101,6 +104,23 @@ def metrics_uri(root: str, experiment: str, trial_id: str) -> str:
     """``<root>/<experiment>/metrics/<trial_id>.parquet``."""
     _check_name("trial id", trial_id)
     return join(experiment_uri(root, experiment), METRICS_DIR, f"{trial_id}.parquet")
+
+
+def trial_images_uri(experiment_uri: str, trial_id: str) -> str:
+    """``<experiment>/trial_<id>/images``: a trial's prediction grids, beside its Tune folder (``trial_<id>``)."""
+    _check_name("trial id", trial_id)
+    return join(experiment_uri, f"trial_{trial_id}", IMAGES_DIR)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the visible files directly in folder ``uri`` that end with ``suffix`` ([] if no folder)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(f.base_name for f in infos if f.type == pafs.FileType.File and f.base_name.endswith(suffix)
+                   and not f.base_name.startswith((".", "_")))
+    return [join(uri, n) for n in names]
 
 
 # ----------------------------------------------------------------------------------------------------- writers
@@ -202,6 +222,17 @@ def summarize_reports(reports: Sequence[Mapping[str, Any]], metric: str, mode: s
     return dict(sorted(out.items()))
 
 
+def score_of(reports: Sequence[Mapping[str, Any]], metric: str) -> tuple[float, int | None]:
+    """``(score, iteration)``: the experiment's ``metric`` at the last report that has it (NaN, None without one)."""
+    for i in range(len(reports) - 1, -1, -1):
+        value = reports[i].get(metric)
+        if value is not None:
+            if not is_number(value):
+                raise TypeError(f"report {i}: metric '{metric}' = {value!r}: expected a number or None")
+            return float(value), _report_iteration(reports[i], i)
+    return math.nan, None
+
+
 def _utc(value: datetime | float | None, what: str) -> datetime | None:
     if value is None:
         return None
@@ -226,12 +257,13 @@ def trial_row(*, experiment: str, trial_id: str, kind: str, status: str,
               started_at: datetime | float | None = None, ended_at: datetime | float | None = None,
               wall_s: float | None = None, cell: str | None = None, seed: int | None = None,
               source_trial_id: str | None = None, git_rev: str | None = None,
-              versions: Mapping[str, str] | None = None) -> dict[str, Any]:
+              versions: Mapping[str, str] | None = None, checkpoint: str | None = None) -> dict[str, Any]:
     """One trials-table row as a ``{column: value}`` dict (pass a list of them to ``trials_table``).
 
     ``config`` is the resolved ``Config`` (or its ``flatten``ed dict); ``overrides`` the trial's dotted overrides
-    (stored as JSON); ``reports`` the flat metric dicts reported so far, each with its ``iteration``. ``wall_s``
-    defaults to ``ended_at - started_at``; ``git_rev`` and ``versions`` default to this process's provenance.
+    (stored as JSON); ``reports`` the flat metric dicts reported so far, each with its ``iteration``;
+    ``checkpoint`` the checkpoint written at the scored evaluation, if known. ``wall_s`` defaults to
+    ``ended_at - started_at``; ``git_rev`` and ``versions`` default to this process's provenance.
     """
     _check_name("trial id", trial_id)
     if kind not in KINDS:
@@ -254,6 +286,8 @@ def trial_row(*, experiment: str, trial_id: str, kind: str, status: str,
         "wall_s": float(wall_s), "started_at": start, "ended_at": end,
         "overrides": json.dumps(_jsonable(dict(overrides)), sort_keys=True),
     }
+    row["score"], row["score_iteration"] = score_of(reports, metric)
+    row["checkpoint"] = checkpoint
     row.update(summarize_reports(reports, metric, mode))
     row.update({f"{CONFIG_PREFIX}{k}": (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()})
     row["git_rev"] = git_rev if git_rev is not None else provenance.process_git_revision()

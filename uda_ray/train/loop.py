@@ -18,16 +18,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 from uda_ray.config import Config, to_dict
+from uda_ray.data.holdout import holdout_split, image_groups
 from uda_ray.data.labels import eval_class_ids
 from uda_ray.data.loaders import build_train_loader, build_val_loader
-from uda_ray.data.readers import build_dataset
+from uda_ray.data.readers import SegmentationDataset, build_dataset
 from uda_ray.data.synthetic import ensure_synthetic
 from uda_ray.data.transforms import EvalTransform, TrainTransform
 from uda_ray.models import build_segmenter, make_teacher
 from uda_ray.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from uda_ray.train.evaluate import evaluate
+from uda_ray.train.evaluate import evaluate, inference_fn
+from uda_ray.train.images import pick_indices, prediction_grid
 from uda_ray.train.step import DivergedError, StepSettings, step
 from uda_ray.train.terms import build_terms
 
@@ -35,6 +38,7 @@ NUM_CLASSES = 19  # train ids; the protocol (19/16/13) selects the classes that 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any run changes it
 
 Reporter = Callable[[dict[str, float], "Path | None"], None]
+ImageSink = Callable[[str, bytes], None]  # (file name, PNG bytes): where the prediction grids go
 
 
 @dataclass
@@ -83,8 +87,45 @@ def _reader(name: str, side: str) -> str:
     return {"synthetic": "gta5" if side == "source" else "cityscapes"}.get(name, name)
 
 
-def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> tuple[Iterator, Iterator, object]:
-    """Infinite source and target batch iterators (resuming at ``start_iteration``) and the val loader."""
+@dataclass(frozen=True)
+class ValData:
+    """The evaluation split: this rank's loader and, under ``eval.holdout``, the dataset indices of the report half
+    (scored apart as ``holdout/*``; ``uda_ray.data.holdout``)."""
+
+    loader: DataLoader
+    report_indices: list[int] | None
+    num_images: int
+
+
+def build_val(cfg: Config, split: str = "val", dist_info: DistInfo | None = None, *,
+              target_root: Path | None = None) -> ValData:
+    """The target ``split`` at the inference size, sharded by rank; the report half only for the val split."""
+    d, di = cfg.data, dist_info or DistInfo()
+    root = target_root if target_root is not None else data_roots(cfg)[1]
+    name = _reader(d.target, "target")
+    ds = build_dataset(name, root, split, EvalTransform(d.val_resize), cache_in_memory=d.target == "synthetic")
+    loader = build_val_loader(ds, rank=di.rank, world_size=di.world_size, max_images=d.val_max_images,
+                              num_workers=d.loader_workers)
+    n = len(ds) if d.val_max_images <= 0 else min(len(ds), d.val_max_images)
+    report = None
+    if cfg.eval.holdout and split == "val":
+        report = holdout_split(image_groups(name, [img for img, _ in ds.pairs]), cfg.eval.holdout_seed)[1]
+    return ValData(loader, report, n)
+
+
+@dataclass(frozen=True)
+class Data:
+    """What a run reads: infinite source and target batch iterators, the target train set (for the prediction
+    grids) and the val split."""
+
+    source: Iterator
+    target: Iterator
+    target_train: SegmentationDataset
+    val: ValData
+
+
+def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
+    """The run's data, the iterators resuming at ``start_iteration``."""
     d = cfg.data
     src_root, tgt_root = data_roots(cfg)
     cache = d.source == "synthetic"
@@ -92,24 +133,32 @@ def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> tuple[
                            TrainTransform(d.source_resize, d.crop, d.flip), cache_in_memory=cache)
     tgt_ds = build_dataset(_reader(d.target, "target"), tgt_root, "train",
                            TrainTransform(d.target_resize, d.crop, d.flip), cache_in_memory=d.target == "synthetic")
-    val_ds = build_dataset(_reader(d.target, "target"), tgt_root, "val", EvalTransform(d.val_resize),
-                           cache_in_memory=d.target == "synthetic")
     start = start_iteration * d.batch_size
     common = dict(batch_size=d.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
                   num_workers=d.loader_workers, start=start)
     # distinct seeds per domain so source and target orders are not correlated
     src_it = build_train_loader(src_ds, seed=cfg.run.seed, **common)
     tgt_it = build_train_loader(tgt_ds, seed=cfg.run.seed + 1_000_003, **common)
-    val = build_val_loader(val_ds, rank=dist_info.rank, world_size=dist_info.world_size,
-                           max_images=d.val_max_images, num_workers=d.loader_workers)
-    return src_it, tgt_it, val
+    return Data(src_it, tgt_it, tgt_ds, build_val(cfg, "val", dist_info, target_root=tgt_root))
 
 
-def build_model(cfg: Config) -> nn.Module:
+def eval_infer(cfg: Config) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
+    """The logits function of ``eval.mode`` for ``evaluate`` (None: one whole-image pass)."""
+    e = cfg.eval
+    return inference_fn(e.mode, num_classes=NUM_CLASSES, crop=e.crop, stride=e.stride,
+                        batch_windows=e.batch_windows)
+
+
+def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
+    """The student (and, copied, the teacher) of ``cfg``; ``load_pretrained=False`` skips the pretrained weights
+    (for a network whose weights come from a training checkpoint next)."""
     m, cf = cfg.model, cfg.loss.cfcontra
-    return build_segmenter(m.backbone, NUM_CLASSES, pretrained=m.pretrained, pretrained_path=m.pretrained_path,
+    pretrained, path = (m.pretrained, m.pretrained_path) if load_pretrained else (False, "")
+    return build_segmenter(m.backbone, NUM_CLASSES, pretrained=pretrained, pretrained_path=path,
                            out_indices=m.out_indices, embed_dim=m.embed_dim, dropout=m.dropout,
-                           proj_dim=cf.proj_dim if cf.weight > 0 else 0, decoder_norm=m.decoder_norm)
+                           proj_dim=cf.proj_dim if cf.weight > 0 else 0, decoder_norm=m.decoder_norm,
+                           decoder=m.decoder, input_norm=m.input_norm, drop_path_rate=m.drop_path_rate,
+                           aux=m.aux_weight > 0)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -184,12 +233,14 @@ def all_reduce_mean(metrics: dict[str, float], device: torch.device) -> dict[str
 
 # -------------------------------------------------------------------------------------------------------- fit
 def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, resume_from: str | Path | None = None,
-        device: torch.device | None = None, progress: bool = False) -> FitResult:
+        device: torch.device | None = None, progress: bool = False, images: ImageSink | None = None) -> FitResult:
     """Train one UDA run. Checkpoints go to ``<work_dir>/checkpoints/iter_<k>/`` (rank 0; only the newest kept).
 
     ``report(metrics, checkpoint_dir)`` is called every ``run.log_every`` iterations, at every evaluation and at
     the end, with train metrics averaged over the window, ``iteration``, ``time/iter_s``, and val metrics at
-    evaluation iterations; ``checkpoint_dir`` is the checkpoint written at that iteration, if any.
+    evaluation iterations; ``checkpoint_dir`` is the checkpoint written at that iteration, if any. With
+    ``run.save_images``, rank 0 hands the prediction grid of every evaluation (``uda_ray.train.images``) to
+    ``images`` as ``iter_<k>.png`` (default: ``<work_dir>/images/``).
     """
     di = DistInfo.current()
     device = device or resolve_device(cfg.run.device)
@@ -223,9 +274,13 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
 
-    src_it, tgt_it, val_loader = build_data(cfg, di, start)
+    data = build_data(cfg, di, start)
+    src_it, tgt_it, val = data.source, data.target, data.val
+    grid = _grid_writer(cfg, data, images or _folder_sink(work_dir / "images"), device) \
+        if cfg.run.save_images and di.rank == 0 else None
     settings = step_settings(cfg, device)
     class_ids = eval_class_ids(cfg.data.protocol)
+    infer = eval_infer(cfg)
     model_for_eval = getattr(student, "module", student)
     resolved = to_dict(cfg)
     window, last = _Window(), {}
@@ -246,7 +301,8 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
 
             is_last = iteration == cfg.run.iterations
             do_eval = iteration % cfg.run.eval_every == 0 or is_last
-            do_ckpt = iteration % cfg.run.checkpoint_every == 0 or is_last
+            # every evaluation is checkpointed: a trial's score (its last evaluation) then always has its model
+            do_ckpt = iteration % cfg.run.checkpoint_every == 0 or do_eval
             if not (do_eval or do_ckpt or iteration % cfg.run.log_every == 0):
                 if bar is not None:
                     bar.update(1)
@@ -254,9 +310,12 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
             out = all_reduce_mean(window.pop(), device)
             out["iteration"] = float(iteration)
             if do_eval:
-                out.update(evaluate(model_for_eval, val_loader, num_classes=NUM_CLASSES, class_ids=class_ids,
-                                    device=device, autocast_dtype=settings.autocast_dtype))
+                out.update(evaluate(model_for_eval, val.loader, num_classes=NUM_CLASSES, class_ids=class_ids,
+                                    device=device, autocast_dtype=settings.autocast_dtype,
+                                    report_indices=val.report_indices, infer=infer))
                 best_miou = max(best_miou, out["val/miou"]) if math.isfinite(out["val/miou"]) else best_miou
+                if grid is not None:
+                    grid(model_for_eval, teacher, iteration)
             ckpt_dir = None
             if do_ckpt:
                 ckpt_dir = ckpt_root / f"iter_{iteration:07d}"
@@ -283,6 +342,32 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
         if bar is not None:
             bar.close()
     return FitResult("completed", iteration, last)
+
+
+def _folder_sink(folder: Path) -> ImageSink:
+    def write(name: str, png: bytes) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(png)
+        tmp.replace(folder / name)
+
+    return write
+
+
+def _grid_writer(cfg: Config, data: Data, sink: ImageSink,
+                 device: torch.device) -> Callable[[nn.Module, nn.Module, int], None]:
+    """Draws the prediction grid of an evaluation for a fixed, seeded set of val and target-train images."""
+    n, seed = cfg.run.image_count, cfg.run.seed
+    val_ds = data.val.loader.dataset
+    val_items = [val_ds[i] for i in pick_indices(data.val.num_images, n, seed, salt=1)]
+    tgt_items = [data.target_train[i] for i in pick_indices(len(data.target_train), n, seed, salt=2)]
+
+    def write(student: nn.Module, teacher: nn.Module, iteration: int) -> None:
+        png = prediction_grid(student, teacher, val_items, tgt_items, device=device,
+                              threshold=cfg.teacher.pseudo_threshold, title=f"iteration {iteration}")
+        sink(f"iter_{iteration:07d}.png", png)
+
+    return write
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

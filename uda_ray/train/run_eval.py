@@ -1,31 +1,65 @@
-"""``uda-ray evaluate``: mIoU of a saved checkpoint's student (or teacher) on a target split."""
+"""``uda-ray evaluate``: mIoU of a saved checkpoint's student (or teacher) on a target split.
+
+The evaluation is the one training runs (``uda_ray.train.loop.build_val`` and ``evaluate`` with the checkpoint's own
+config: inference size, image limit, precision, the held-out report half), so evaluating the checkpoint behind a
+trial's score gives that score.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from uda_ray.config import Config, apply_overrides, from_dict
 from uda_ray.data.labels import eval_class_ids
-from uda_ray.data.loaders import build_val_loader
-from uda_ray.data.readers import build_dataset
-from uda_ray.data.transforms import EvalTransform
 from uda_ray.train.checkpoint import load_checkpoint
 from uda_ray.train.evaluate import evaluate
-from uda_ray.train.loop import NUM_CLASSES, _reader, build_model, data_roots, resolve_device
+from uda_ray.train.loop import (
+    DEFAULT_THREADS,
+    NUM_CLASSES,
+    build_model,
+    build_val,
+    eval_infer,
+    resolve_device,
+    step_settings,
+)
+
+
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """What was evaluated (model, split, images per half, the checkpoint's iteration) and the metrics."""
+
+    model: str  # "student" | "teacher"
+    split: str
+    iteration: int
+    num_images: int
+    num_report_images: int  # images of the held-out report half (holdout/*), 0 without eval.holdout
+    metrics: dict[str, float]
+
+    def describe(self) -> str:
+        halves = (f"{self.num_images - self.num_report_images} selection-half images (val/*) and "
+                  f"{self.num_report_images} report-half images (holdout/*)" if self.num_report_images
+                  else f"{self.num_images} images")
+        return f"{self.model} of iteration {self.iteration} on the target {self.split} split: {halves}"
 
 
 def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bool = False,
-                        overrides: list[str] | None = None) -> dict[str, float]:
+                        overrides: list[str] | None = None) -> CheckpointEvaluation:
     state = load_checkpoint(path)
     cfg: Config = from_dict(state["config"], source=f"{path} (saved config)")
     if overrides:
         cfg = apply_overrides(cfg, overrides, source=f"{path} (overrides)")
     device = resolve_device(cfg.run.device)
-    model = build_model(cfg)
-    model.load_state_dict(state["teacher" if use_teacher else "student"])
+    torch.set_num_threads(cfg.run.threads or DEFAULT_THREADS)  # as the run's own evaluations: the same sums
+    model = build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
+    which = "teacher" if use_teacher else "student"
+    model.load_state_dict(state[which])
     model.to(device)
-    _, tgt_root = data_roots(cfg)
-    ds = build_dataset(_reader(cfg.data.target, "target"), tgt_root, split, EvalTransform(cfg.data.val_resize))
-    loader = build_val_loader(ds, max_images=cfg.data.val_max_images)
-    return evaluate(model, loader, num_classes=NUM_CLASSES, class_ids=eval_class_ids(cfg.data.protocol),
-                    device=device, prefix=split)
+    val = build_val(cfg, split)
+    metrics = evaluate(model, val.loader, num_classes=NUM_CLASSES, class_ids=eval_class_ids(cfg.data.protocol),
+                       device=device, autocast_dtype=step_settings(cfg, device).autocast_dtype, prefix=split,
+                       report_indices=val.report_indices, infer=eval_infer(cfg))
+    n_report = sum(1 for i in val.report_indices if i < val.num_images) if val.report_indices is not None else 0
+    return CheckpointEvaluation(which, split, int(state["iteration"]), val.num_images, n_report, metrics)

@@ -26,12 +26,42 @@ import ray.tune
 from ray.train import Checkpoint
 from ray.train.torch import TorchTrainer
 
-from uda_ray.config import Config, from_dict, to_dict
+from uda_ray.config import Config, ConfigError, from_dict, to_dict
+from uda_ray.data.readers import DatasetError
+from uda_ray.models.segmenter import CheckpointError
+from uda_ray.results.store import join, write_bytes
 from uda_ray.train.loop import FitResult, fit
 
 
 class TrialDiverged(RuntimeError):
     """Raised by a trial whose loss became NaN/inf, so Tune records it as failed with this message."""
+
+
+# Errors that a retry of the same trial cannot fix: a config that does not validate, data that is missing or
+# unreadable, a checkpoint that does not fit the network. Tune does not retry trials that fail with them.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (ConfigError, DatasetError, CheckpointError, FileNotFoundError)
+
+
+def is_non_retryable(error: BaseException) -> bool:
+    """Whether ``error`` (or its cause, or a Train worker's error inside it) is one of ``NON_RETRYABLE``."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NON_RETRYABLE):
+            return True
+        cause = getattr(e, "as_instanceof_cause", None)  # RayTaskError wraps the user's exception
+        if callable(cause):
+            try:
+                todo.append(cause())
+            except Exception:  # noqa: BLE001 - an unpicklable cause: look no further down this branch
+                pass
+        todo.extend(getattr(e, "worker_failures", {}).values())  # ray.train.WorkerGroupError
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return False
 
 
 @dataclass(frozen=True)
@@ -48,20 +78,29 @@ class Scaling:
         return res
 
 
+def _image_sink(images_uri: str | None) -> Callable[[str, bytes], None] | None:
+    """Prediction grids go straight to the experiment's storage (a local folder or a URI), beside the trial's
+    checkpoints: the run's own work folder is temporary."""
+    if not images_uri:
+        return None
+    return lambda name, png: write_bytes(png, join(images_uri, name))
+
+
 def _run_fit(cfg: Config, checkpoint: Checkpoint | None, device: Any,
-             report: Callable[[dict[str, float], Checkpoint | None], None]) -> FitResult:
+             report: Callable[[dict[str, float], Checkpoint | None], None], images_uri: str | None) -> FitResult:
     with tempfile.TemporaryDirectory(prefix="uda-ray-") as work:
 
         def reporter(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
             report(metrics, Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None)
 
+        images = _image_sink(images_uri)
         if checkpoint is None:
-            return fit(cfg, work_dir=work, report=reporter, device=device)
+            return fit(cfg, work_dir=work, report=reporter, device=device, images=images)
         with checkpoint.as_directory() as resume_dir:
             local = Path(work) / "resume"
             # copy out of the (possibly temporary) download folder before training writes new checkpoints
             shutil.copytree(resume_dir, local)
-        return fit(cfg, work_dir=work, report=reporter, resume_from=local, device=device)
+        return fit(cfg, work_dir=work, report=reporter, resume_from=local, device=device, images=images)
 
 
 def _raise_if_diverged(result: FitResult) -> None:
@@ -78,25 +117,25 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], checkpoint: Checkpoint | None) -> None:
         ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
 
-    _raise_if_diverged(_run_fit(cfg, ray.train.get_checkpoint(), device, report))
+    _raise_if_diverged(_run_fit(cfg, ray.train.get_checkpoint(), device, report, loop_config.get("images_uri")))
 
 
-def run_in_process(cfg: Config) -> FitResult:
+def run_in_process(cfg: Config, *, images_uri: str | None = None) -> FitResult:
     """0 workers: train in the Tune trial's own process, reporting straight to Tune."""
     from uda_ray.train.loop import resolve_device
 
     result = _run_fit(cfg, ray.tune.get_checkpoint(), resolve_device(cfg.run.device),
-                      lambda m, c: ray.tune.report(m, checkpoint=c))
+                      lambda m, c: ray.tune.report(m, checkpoint=c), images_uri)
     _raise_if_diverged(result)
     return result
 
 
-def run_trainer(cfg: Config, scaling: Scaling, *, name: str, storage_path: str,
-                callbacks: list | None = None) -> ray.train.Result:
+def run_trainer(cfg: Config, scaling: Scaling, *, name: str, storage_path: str, callbacks: list | None = None,
+                images_uri: str | None = None) -> ray.train.Result:
     """One Ray Train run of ``cfg`` on ``scaling.num_workers >= 1`` workers (DDP)."""
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "images_uri": images_uri},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=scaling.resources_per_worker()),
         run_config=ray.train.RunConfig(

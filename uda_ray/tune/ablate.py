@@ -17,7 +17,8 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from uda_ray.config import Config
-from uda_ray.results.schema import FINISHED, metric_value_text
+from uda_ray.preflight import preflight
+from uda_ray.results.schema import FINISHED, is_percent_metric, metric_value_text
 from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
 from uda_ray.tune.ablation import AblationSpec, cell_config, expand, grid, load_ablation
 from uda_ray.tune.callback import TrialInfo
@@ -27,6 +28,7 @@ from uda_ray.tune.driver import (
     ExperimentSpec,
     choose_experiment,
     init_ray,
+    launch_overrides,
     run_experiment,
     storage_root,
 )
@@ -39,12 +41,13 @@ SPEC_COPY = "ablation.yaml"
 @dataclass(frozen=True)
 class AblationOutcome:
     """Where the ablation was written, its spec, and ``summary``: rows = cells (spec order), columns = seeds,
-    values = ``best/<metric>`` of each finished trial (NaN where the trial did not finish)."""
+    values = each finished trial's score, ``last/<metric>`` (NaN where the trial did not finish)."""
 
     experiment: Experiment
     spec: AblationSpec
     summary: pd.DataFrame
     statuses: dict[str, int]
+    interrupted: bool = False
 
 
 def _entry(tune_config: dict[str, Any]) -> dict[str, Any]:
@@ -56,11 +59,11 @@ def _entry(tune_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def ablation_summary(trials: pd.DataFrame, spec: AblationSpec) -> pd.DataFrame:
-    """Cells × seeds table of ``best/<metric>`` from the trials rows; a trial that is not TERMINATED gives NaN.
+    """Cells × seeds table of ``last/<metric>`` from the trials rows; a trial that is not TERMINATED gives NaN.
 
     Rows follow the spec's cell order and columns its seeds, whether or not a trial has written its row yet.
     """
-    col = f"best/{spec.metric}"
+    col = f"last/{spec.metric}"
     cells = [c.name for c in expand(spec)]
     table = pd.DataFrame(float("nan"), index=pd.Index(cells, name="cell"),
                          columns=pd.Index(list(spec.seeds), name="seed"))
@@ -86,14 +89,20 @@ def _check_resume_spec(exp: Experiment, spec_path: Path) -> None:
 
 
 def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: str | None = None,
-                 name: str | None = None, resume: bool = False) -> AblationOutcome:
-    """Run (or with ``resume`` continue) the ablation of ``spec_path``; returns where it went and its summary."""
+                 name: str | None = None, resume: bool = False, overrides: list[str] | None = None
+                 ) -> AblationOutcome:
+    """Run (or with ``resume`` continue) the ablation of ``spec_path``; returns where it went and its summary.
+    ``overrides`` (``key=value``) change the base config of every cell (a resume keeps the launch's)."""
     spec_path = Path(spec_path)
-    spec = load_ablation(spec_path)  # raises SpaceError before Ray starts
+    spec = load_ablation(spec_path, overrides)  # raises SpaceError before Ray starts
+    exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
+    launched = launch_overrides(exp, overrides, resume)
+    if launched != list(overrides or []):
+        spec = load_ablation(spec_path, launched)
     entries = grid(spec)
     # every run config is built (and validated) here, so trials never read the YAML files on cluster nodes
     configs: dict[tuple[str, int], Config] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}
-    exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
+    preflight(configs.values(), storage=exp.root)
     if resume:
         _check_resume_spec(exp, spec_path)
     else:
@@ -109,14 +118,14 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
         return TrialInfo(config=configs[(e["cell"], e["seed"])], overrides=own_overrides(spec, e["overrides"]),
                          cell=e["cell"], seed=e["seed"])
 
-    run_experiment(ExperimentSpec(
+    run = run_experiment(ExperimentSpec(
         experiment=exp, kind="ablation", metric=spec.metric, mode=spec.mode, config_of=config_of,
         trial_info=trial_info, scaling=scaling_of(spec), num_samples=1, max_concurrent=spec.max_concurrent,
         max_failures=spec.max_failures, param_space={"trial": tune.grid_search(entries)},
         scheduler=FIFOScheduler()), resume=resume)
     trials = load_trials(exp.uri)
     statuses = {str(k): int(v) for k, v in trials["status"].value_counts().items()} if not trials.empty else {}
-    return AblationOutcome(exp, spec, ablation_summary(trials, spec), statuses)
+    return AblationOutcome(exp, spec, ablation_summary(trials, spec), statuses, run.interrupted)
 
 
 def format_ablation(outcome: AblationOutcome) -> str:
@@ -126,7 +135,8 @@ def format_ablation(outcome: AblationOutcome) -> str:
     table.columns = [f"seed {s}" for s in table.columns]
     table["mean"] = outcome.summary.mean(axis=1, skipna=False)
     lines = [f"trials:  {uri}/trials/*.parquet", f"metrics: {uri}/metrics/*.parquet", f"spec:    {uri}/{SPEC_COPY}",
-             "", f"best/{spec.metric} ({spec.mode}) per cell and seed:",
+             "", f"{spec.metric} ({spec.mode}) of each run at its last evaluation, per cell and seed"
+             + (" (%)" if is_percent_metric(spec.metric) else "") + ":",
              table.to_string(float_format=lambda v: metric_value_text(spec.metric, v), na_rep="-")]
     total = len(spec.seeds) * len(outcome.summary)
     finished = outcome.statuses.get(FINISHED, 0)

@@ -140,10 +140,10 @@ def _overrides(value: Any, path: Path, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def load_ablation(path: str | Path) -> AblationSpec:
+def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationSpec:
     """Read and validate an ablation YAML (see the module docstring); raises ``SpaceError``."""
     path = Path(path)
-    h = read_header(path, _TOP_KEYS, _REQUIRED)
+    h = read_header(path, _TOP_KEYS, _REQUIRED, overrides)
     data, experiment, cfg, metric, mode = h.data, h.experiment, h.cfg, h.metric, h.mode
     base_path, base_overrides = h.base_path, h.base_overrides
     if isinstance(metric, list):

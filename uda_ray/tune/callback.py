@@ -7,6 +7,15 @@ Each write replaces the trial's file atomically (``uda_ray.results.store``), so 
 the other trials' files untouched and a resumed search overwrites instead of duplicating. Rows are keyed by the
 trainer's ``iteration``: when a retried or resumed trial reports an iteration again, the rows from that iteration
 on are replaced, and rows already on storage from an earlier driver process are picked up first.
+
+The trial row also records the checkpoint written at the scored evaluation (Tune's checkpoint of an in-process
+trial, the Train run's checkpoint path of a trial with Train workers) and ``wall_s``, the time the trial has run
+over every driver process of a resumed search (written at least every ``WALL_EVERY_S`` while it runs, so a killed
+driver loses at most that much of it).
+
+A trial that raises an error no retry can fix (``uda_ray.train.worker.NON_RETRYABLE``: config, data and checkpoint
+errors) reports ``NON_RETRYABLE_KEY`` just before it raises; the callback then sets the trial's
+``max_failures`` to 0, so Tune records the error instead of starting the same failure again.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +44,9 @@ from uda_ray.results.store import (
     load_trials,
     metrics_uri,
     resolve,
+    score_of,
     trial_row,
+    trial_uri,
     write_metrics,
     write_trial,
 )
@@ -56,12 +68,30 @@ class TrialInfo:
     source_trial_id: str | None = None
 
 
+NON_RETRYABLE_KEY = "uda_ray_non_retryable"  # no "/": never a metric
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray Train's TuneReportCallback on reports with a checkpoint
+WALL_EVERY_S = 30.0
+
+
+SETTLED_STATUSES = ("TERMINATED", "PRUNED")
+
+
 @dataclass
 class _TrialState:
     info: TrialInfo
-    started_at: float
+    started_at: float  # when the trial first started, over every driver process
+    segment_start: float  # when this driver process first saw it
+    prior_s: float = 0.0  # seconds it ran under earlier driver processes
     reports: list[dict[str, float]] = field(default_factory=list)
-    loaded: bool = False
+    checkpoints: dict[int, str] = field(default_factory=dict)  # iteration -> checkpoint path
+    written_at: float = 0.0
+    # (ended_at, wall_s) of a trial whose stored row had already ended when a resumed search restored it: Tune may
+    # restore such a trial from its last checkpoint (its experiment state was saved before the trial ended) and
+    # complete it again at once; its row then keeps the original end time and running time
+    settled: tuple[float, float] | None = None
+
+    def wall_s(self, now: float) -> float:
+        return self.prior_s + now - self.segment_start
 
 
 def error_text(trial: Trial) -> str:
@@ -122,6 +152,9 @@ class ResultsCallback(Callback):
         LIVE_TRIALS[trial.trial_id] = trial
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(NON_RETRYABLE_KEY):
+            trial.max_failures = 0  # read by Trial.should_recover when the error that follows is processed
+            return
         state = self._state(trial)
         report = {k: float(v) for k, v in result.items()
                   if is_metric_name(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -129,18 +162,29 @@ class ResultsCallback(Callback):
             return
         report["iteration"] = float(result["iteration"])
         it = report["iteration"]
-        if not state.loaded:
-            state.reports = self._stored_reports(trial.trial_id)
-            state.loaded = True
+        state.settled = None  # it runs again: a new end time
         state.reports = [r for r in state.reports if r["iteration"] < it] + [report]
+        if result.get(CHECKPOINT_PATH_KEY):
+            state.checkpoints[int(it)] = str(result[CHECKPOINT_PATH_KEY])
         write_metrics(self.root, self.experiment, trial.trial_id, state.reports)
-        if any(k.startswith("val/") for k in report):
+        if self.metric in report or time.time() - state.written_at >= WALL_EVERY_S:
             self._write_row(trial.trial_id, state, "RUNNING")
         value = report.get(self.metric)
         if value is not None and math.isfinite(value):
             if self._best is None or (value > self._best[0] if self.mode == "max" else value < self._best[0]):
                 self._best = (value, trial.trial_id)
             self._say(f"{trial.trial_id} iteration {int(it)}: {metric_text(self.metric, value)}")
+
+    def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
+        """Tune's checkpoint of an in-process trial, saved from the result just processed."""
+        last = getattr(trial, "last_result", None) or {}
+        if "iteration" not in last:
+            return
+        state = self._state(trial)
+        it = int(last["iteration"])
+        state.checkpoints[it] = checkpoint.path
+        if score_of(state.reports, self.metric)[1] == it:  # the row written with the result lacked it
+            self._write_row(trial.trial_id, state, "RUNNING")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = self._state(trial)
@@ -183,8 +227,31 @@ class ResultsCallback(Callback):
 
     def _state(self, trial: Trial) -> _TrialState:
         if trial.trial_id not in self._trials:
-            self._trials[trial.trial_id] = _TrialState(self.trial_info(trial.config), time.time())
+            now = time.time()
+            state = _TrialState(self.trial_info(trial.config), started_at=now, segment_start=now)
+            stored = self._stored_row(trial.trial_id)
+            if stored is not None:  # a resumed search: the trial ran under an earlier driver process
+                state.reports = self._stored_reports(trial.trial_id)
+                if isinstance(stored.get("started_at"), datetime):
+                    state.started_at = stored["started_at"].timestamp()
+                wall = stored.get("wall_s")
+                state.prior_s = float(wall) if isinstance(wall, float) and math.isfinite(wall) else 0.0
+                if stored.get("checkpoint") and stored.get("score_iteration") is not None:
+                    state.checkpoints[int(stored["score_iteration"])] = stored["checkpoint"]
+                if stored.get("status") in SETTLED_STATUSES and isinstance(stored.get("ended_at"), datetime):
+                    state.settled = (stored["ended_at"].timestamp(), state.prior_s)
+            self._trials[trial.trial_id] = state
         return self._trials[trial.trial_id]
+
+    def _stored_row(self, trial_id: str) -> dict[str, Any] | None:
+        uri = trial_uri(self.root, self.experiment, trial_id)
+        if not exists(uri):
+            return None
+        fs, path = resolve(uri)
+        rows = pq.read_table(path, filesystem=fs,
+                             columns=["started_at", "ended_at", "wall_s", "status", "checkpoint",
+                                      "score_iteration"]).to_pylist()
+        return rows[0] if rows else None
 
     def _stored_reports(self, trial_id: str) -> list[dict[str, float]]:
         uri = metrics_uri(self.root, self.experiment, trial_id)
@@ -202,10 +269,15 @@ class ResultsCallback(Callback):
             self._git_rev, self._versions = git_revision(), package_versions()
         info = state.info
         now = time.time()
+        _, scored_at = score_of(state.reports, self.metric)
+        ended_at, wall = (now if ended else None), state.wall_s(now)
+        if ended and state.settled is not None:
+            ended_at, wall = state.settled
         row = trial_row(experiment=self.experiment, trial_id=trial_id, kind=self.kind, status=status,
                         config=flatten(info.config), overrides=info.overrides, reports=state.reports,
                         metric=self.metric, mode=self.mode, error=error, started_at=state.started_at,
-                        ended_at=now if ended else None, wall_s=now - state.started_at, cell=info.cell,
+                        ended_at=ended_at, wall_s=wall, cell=info.cell,
                         seed=info.seed, source_trial_id=info.source_trial_id, git_rev=self._git_rev,
-                        versions=self._versions)
+                        versions=self._versions, checkpoint=state.checkpoints.get(scored_at))
         write_trial(self.root, row)
+        state.written_at = now

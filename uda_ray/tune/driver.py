@@ -7,10 +7,13 @@ config and either trains in-process (0 workers) or launches a ``TorchTrainer`` w
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,23 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from uda_ray.analysis.best import best_trials
 from uda_ray.config import Config
-from uda_ray.results.store import experiment_uri, join, load_trials, resolve
-from uda_ray.train.worker import Scaling, run_in_process, run_trainer
-from uda_ray.tune.callback import ResultsCallback, TrialInfo
+from uda_ray.results.store import (
+    METRICS_DIR,
+    TRIALS_DIR,
+    exists,
+    experiment_uri,
+    join,
+    load_trials,
+    read_bytes,
+    resolve,
+    trial_images_uri,
+    write_bytes,
+)
+from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_trainer
+from uda_ray.tune.callback import NON_RETRYABLE_KEY, ResultsCallback, TrialInfo
+from uda_ray.tune.local_ray import end_leftovers, record_session
 from uda_ray.tune.spec_yaml import objectives
 
 DEFAULT_ROOT = "results"
@@ -96,8 +112,28 @@ def choose_experiment(root: str, base_name: str, *, name: str | None, resume: bo
     return Experiment(root, candidate)
 
 
+OVERRIDES_FILE = "overrides.json"
+
+
+def launch_overrides(exp: Experiment, overrides: list[str] | None, resume: bool) -> list[str]:
+    """The command-line overrides an experiment runs with: recorded in ``<experiment>/overrides.json`` at launch;
+    a resume reuses them (giving none) or must repeat them exactly."""
+    given = list(overrides or [])
+    uri = join(exp.uri, OVERRIDES_FILE)
+    if not resume:
+        write_bytes(json.dumps(given).encode(), uri)
+        return given
+    stored = json.loads(read_bytes(uri)) if exists(uri) else []
+    if given and given != stored:
+        raise ExperimentError(f"--resume: overrides {given} differ from those {exp.uri} was launched with "
+                              f"({stored}); resume without overrides, or with exactly those")
+    return stored
+
+
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` (a running cluster, or "auto"), or start a local Ray (the embedded default)."""
+    """Connect to ``address`` (a running cluster, or "auto"), or start a local Ray (the embedded default); before a
+    local Ray starts, the leftovers of earlier local sessions whose driver was killed are ended
+    (``uda_ray.tune.local_ray``)."""
     # Results without the search metric (train-loss reports between evaluations) are expected
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # A stopped trial whose process does not exit within this many seconds is killed, which takes its Train
@@ -109,8 +145,40 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
+    if address is None:
+        for line in end_leftovers():
+            print(f"[uda-ray] {line}", flush=True)
     ray.init(address=address, log_to_driver=True,
              runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}})
+    if address is None:
+        record_session(ray._private.worker.global_worker.node.get_session_dir_path())
+
+
+class _Interruption(logging.Filter):
+    """Notices Tune's "interrupted" warning (SIGINT) and drops its advice to call ``Tuner.restore``: the command to
+    continue is ``uda-ray … --resume``, which the CLI prints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "interrupted" in text and "Tuner.restore" in text:
+            self.seen = True
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _watch_interruption() -> Iterator[_Interruption]:
+    watcher = _Interruption()
+    logger = logging.getLogger("ray.tune.tune")
+    logger.addFilter(watcher)
+    try:
+        yield watcher
+    finally:
+        logger.removeFilter(watcher)
 
 
 def trial_resources(scaling: Scaling) -> dict[str, float]:
@@ -130,18 +198,25 @@ def trial_resources(scaling: Scaling) -> dict[str, float]:
 
 
 def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scaling,
-                   train_storage: str) -> Callable[[dict[str, Any]], None]:
-    """The Tune function trainable: one UDA run per trial."""
+                   experiment_uri: str) -> Callable[[dict[str, Any]], None]:
+    """The Tune function trainable: one UDA run per trial. Its prediction grids go to
+    ``<experiment>/trial_<id>/images/``, beside the trial's Tune folder."""
 
     def trainable(tune_config: dict[str, Any]) -> None:
-        cfg = config_of(tune_config)
-        if scaling.num_workers == 0:
-            run_in_process(cfg)
-            return
-        trial_id = tune.get_context().get_trial_id()
-        # named after the trial, so a retried trial finds its own Train run and resumes from its checkpoint
-        run_trainer(cfg, scaling, name=f"train-{trial_id}", storage_path=train_storage,
-                    callbacks=[TuneReportCallback()])
+        try:
+            cfg = config_of(tune_config)
+            trial_id = tune.get_context().get_trial_id()
+            images = trial_images_uri(experiment_uri, trial_id)
+            if scaling.num_workers == 0:
+                run_in_process(cfg, images_uri=images)
+                return
+            # named after the trial, so a retried trial finds its own Train run and resumes from its checkpoint
+            run_trainer(cfg, scaling, name=f"train-{trial_id}", storage_path=join(experiment_uri, "train"),
+                        callbacks=[TuneReportCallback()], images_uri=images)
+        except Exception as e:
+            if is_non_retryable(e):  # the results callback then takes this trial's retries away
+                tune.report({NON_RETRYABLE_KEY: 1.0})
+            raise
 
     return trainable
 
@@ -163,27 +238,73 @@ class ExperimentSpec:
     param_space: dict[str, Any] | None = None
     search_alg: Any = None
     scheduler: Any = None
+    on_lost: Callable[[list[str]], None] | None = None  # told the ids of trials a killed driver lost (on resume)
 
 
 def _trial_dirname(trial: tune.experiment.Trial) -> str:
-    """Short trial folders (Tune's default encodes every override into the name)."""
+    """Short trial folders (Tune's default encodes every override into the name); a trial's prediction grids go
+    beside Tune's files, to ``trial_<id>/images`` (``uda_ray.results.store.trial_images_uri``)."""
     return f"trial_{trial.trial_id}"
 
 
-def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> tune.ResultGrid:
+LOST_DIR = "lost"
+
+
+def set_aside_lost_trials(exp: Experiment) -> list[str]:
+    """Trials whose rows exist but whom Tune's saved state does not know: they started after the last experiment
+    checkpoint of a driver that was killed, and Tune will not resume them (the search samples a trial in their
+    place). Their unfinished rows are moved to ``<experiment>/lost/{trials,metrics}/`` so that the tables hold each
+    trial once; returns their ids."""
+    from ray.tune import ExperimentAnalysis
+
+    if not exists(join(exp.uri, TRIALS_DIR)):
+        return []
+    known = {t.trial_id for t in ExperimentAnalysis(exp.uri).trials}
+    rows = load_trials(exp.uri, cache=False)
+    lost = sorted(rows.loc[~rows["trial_id"].isin(known) & (rows["status"] == "RUNNING"), "trial_id"])
+    fs, _ = resolve(exp.uri)
+    for tid in lost:
+        for folder in (TRIALS_DIR, METRICS_DIR):
+            src = join(exp.uri, folder, f"{tid}.parquet")
+            if exists(src):
+                dst = join(exp.uri, LOST_DIR, folder, f"{tid}.parquet")
+                fs.create_dir(resolve(join(exp.uri, LOST_DIR, folder))[1], recursive=True)
+                fs.move(resolve(src)[1], resolve(dst)[1])
+    if lost:
+        print(f"[uda-ray] {len(lost)} trial(s) ({', '.join(lost)}) started after the killed driver's last saved "
+              f"state; Tune cannot resume them and samples new trials in their place: their rows were moved to "
+              f"{join(exp.uri, LOST_DIR)}", flush=True)
+    return lost
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    """What ``run_experiment`` returns: Tune's results and whether the run was interrupted (SIGINT) before it
+    finished, in which case ``uda-ray … --resume`` continues it."""
+
+    results: tune.ResultGrid
+    interrupted: bool
+
+
+def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> ExperimentRun:
     exp = spec.experiment
     objs = objectives(spec.metric, spec.mode)
     first_metric, first_mode = objs[0]
     trainable = tune.with_resources(
-        make_trainable(spec.config_of, spec.scaling, join(exp.uri, "train")),
+        make_trainable(spec.config_of, spec.scaling, exp.uri),
         trial_resources(spec.scaling))
     # what Tune's per-trial result boxes show (Ray reads this attribute of a function trainable); without it they
     # list every reported metric, 19 per-class IoUs included
     trainable._progress_metrics = list(dict.fromkeys([*(m for m, _ in objs), "val/miou", "train/loss", "iteration"]))
     if resume:
+        lost = set_aside_lost_trials(exp)
+        if lost and spec.on_lost is not None:
+            spec.on_lost(lost)
         tuner = tune.Tuner.restore(exp.uri, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=spec.param_space)
-        return tuner.fit()
+        with _watch_interruption() as watcher:
+            results = tuner.fit()
+        return ExperimentRun(results, watcher.seen)
     callback = ResultsCallback(root=exp.root, experiment=exp.name, kind=spec.kind, metric=first_metric,
                                mode=first_mode, trial_info=spec.trial_info)
     tuner = tune.Tuner(
@@ -199,19 +320,28 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> tune.Result
                                     reuse_actors=spec.scaling.num_workers == 0),
         run_config=tune.RunConfig(name=exp.name, storage_path=exp.root, callbacks=[callback],
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                  # the newest checkpoint is the one behind the score: every evaluation writes
+                                  # one, and a score is the last evaluation (uda_ray.results.schema)
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
-    return tuner.fit()
+    with _watch_interruption() as watcher:
+        results = tuner.fit()
+    return ExperimentRun(results, watcher.seen)
+
+
+def status_counts(uri: str) -> dict[str, int]:
+    """``{status: number of trials}`` from an experiment's trials table ({} before any trial wrote a row)."""
+    if not exists(join(uri, TRIALS_DIR)):
+        return {}
+    df = load_trials(uri)
+    return {str(k): int(v) for k, v in df["status"].value_counts().items()} if not df.empty else {}
 
 
 def best_row(experiment: Experiment, metric: str, mode: str) -> dict[str, Any] | None:
-    """The finished trial with the best ``best/<metric>``, as a dict, from the parquet rows."""
+    """The finished trial with the best score (``last/<metric>``: ``uda_ray.results.schema``), as a dict, from the
+    parquet rows; ties go to the smaller trial id, as in every ranking of ``uda_ray.analysis``."""
     df = load_trials(experiment.uri)
-    col = f"best/{metric}"
-    if df.empty or col not in df:
+    if df.empty or f"last/{metric}" not in df:
         return None
-    done = df[(df["status"] == "TERMINATED") & df[col].notna()]
-    if done.empty:
-        return None
-    idx = done[col].idxmax() if mode == "max" else done[col].idxmin()
-    return done.loc[idx].to_dict()
+    top = best_trials(df, metric, mode, 1)
+    return None if top.empty else top.iloc[0].to_dict()

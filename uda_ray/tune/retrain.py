@@ -1,6 +1,6 @@
 """``uda-ray retrain``: retrain the best trials of a finished experiment with their full schedule over several seeds.
 
-From the source experiment's trials table alone (no YAML): the ``top`` TERMINATED trials by ``best/<metric>``
+From the source experiment's trials table alone (no YAML): the ``top`` TERMINATED trials by their score
 (``uda_ray.analysis.best.best_trials``; pruned, failed, diverged and running trials are never picked), each trial's
 exact config rebuilt from its ``config/*`` columns (``config_from_row``), with ``run.seed`` set to every requested
 seed and ``run.iterations`` to the trial's own schedule (or ``iterations``). The runs are a Tune grid, one trial per
@@ -13,6 +13,11 @@ seed and ``run.iterations`` to the trial's own schedule (or ``iterations``). The
     <source>/retrain/summary.csv          per source trial: mean and sample std (ddof 1) over the finished seeds
 
 A second retrain of the same experiment goes to ``retrain-2``, then ``retrain-3``, ...
+
+Like with like: a source trial's score and each retrained run's are the same quantity (the metric at the run's
+last evaluation, ``uda_ray.results.schema``), and a retrained run's last evaluation is its final one, made by the
+final checkpoint it hands back. Under ``eval.holdout`` the source trials were chosen on the selection half
+(``val/*``) and the summary also reports the held-out half (``holdout/*``), the number to publish.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from typing import Any
 import pandas as pd
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import FIFOScheduler
 
 from uda_ray.analysis.best import best_trials, config_from_row
+from uda_ray.analysis.summary import holdout_metric
 from uda_ray.config import Config, apply_overrides
-from uda_ray.results.schema import FINISHED, metric_value_text
+from uda_ray.preflight import preflight
+from uda_ray.results.schema import FINISHED, is_percent_metric, metric_value_text
 from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo
@@ -44,6 +50,7 @@ from uda_ray.tune.driver import (
     ExperimentSpec,
     init_ray,
     run_experiment,
+    status_counts,
     storage_root,
 )
 
@@ -65,8 +72,8 @@ class RetrainRun:
 @dataclass(frozen=True)
 class RetrainOutcome:
     """``chosen``: the picked source rows (``best_trials``: ``rank`` first). ``runs``: one row per retrain trial
-    (``trial_id, source_trial_id, seed, status, best/<metric>, checkpoint``). ``summary``: one row per source
-    trial, as written to ``summary.csv``."""
+    (``trial_id, source_trial_id, seed, status, last/<metric>, checkpoint``). ``summary``: one row per source
+    trial and reported metric, as written to ``summary.csv``."""
 
     source: str
     experiment: Experiment
@@ -75,6 +82,7 @@ class RetrainOutcome:
     chosen: pd.DataFrame
     runs: pd.DataFrame
     summary: pd.DataFrame
+    interrupted: bool = False
 
 
 def source_uri(results_path: str, storage: str | None = None) -> str:
@@ -112,14 +120,14 @@ def plan_retrain(trials: pd.DataFrame, *, top: int, seeds: Sequence[int], iterat
     _check_request(top, seeds, iterations, None)
     if trials.empty:
         raise ValueError(f"{source}: the trials table is empty; nothing to retrain")
-    if f"best/{metric}" not in trials:
-        have = sorted(c[len("best/"):] for c in trials.columns if c.startswith("best/"))
-        raise ValueError(f"{source}: --metric {metric}: no column 'best/{metric}' in the trials table "
+    if f"last/{metric}" not in trials:
+        have = sorted(c[len("last/"):] for c in trials.columns if c.startswith("last/"))
+        raise ValueError(f"{source}: --metric {metric}: no column 'last/{metric}' in the trials table "
                          f"(metrics recorded: {have})")
     chosen = best_trials(trials, metric, mode, top)
     if chosen.empty:
         counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
-        raise ValueError(f"{source}: no TERMINATED trial with a finite best/{metric} to retrain (trials: {counts})")
+        raise ValueError(f"{source}: no TERMINATED trial with a finite {metric} to retrain (trials: {counts})")
     runs = []
     for _, row in chosen.iterrows():
         tid = str(row["trial_id"])
@@ -181,39 +189,29 @@ def retrain_scaling(workers: int | None) -> Scaling:
 
 
 def seed_summary(rows: pd.DataFrame, chosen: pd.DataFrame, metric: str, seeds: Sequence[int]) -> pd.DataFrame:
-    """Per source trial: the source's own value, and mean / sample std (ddof 1) of ``best/<metric>`` over the
-    retrain runs that finished (std is NaN with fewer than 2 finished seeds)."""
-    col = f"best/{metric}"
+    """Per source trial and reported metric (``metric``, and its held-out half when the runs have one): the
+    source's own value and the mean / sample std (ddof 1) of the retrain runs that finished, each at its final
+    evaluation (std is NaN with fewer than 2 finished seeds)."""
+    reported = [metric] + [m for m in (holdout_metric(metric),) if m and f"last/{m}" in rows]
     out = []
-    for _, src in chosen.iterrows():
-        tid = src["trial_id"]
-        mine = rows[rows["source_trial_id"] == tid] if not rows.empty else rows
-        if col in mine:
-            mine = mine[(mine["status"] == FINISHED) & mine[col].astype("float64").map(math.isfinite)]
-            values = mine[col].astype("float64")
-            done = sorted(int(s) for s in mine["seed"])
-        else:
-            values, done = pd.Series([], dtype="float64"), []
-        out.append({"rank": int(src["rank"]), "source_trial_id": tid, "metric": metric,
-                    "source_value": float(src[col]), "seeds": " ".join(map(str, done)), "n": len(done),
-                    "n_unfinished": len(seeds) - len(done),
-                    "mean": float(values.mean()) if len(done) else math.nan,
-                    "std": float(values.std(ddof=1)) if len(done) > 1 else math.nan})
+    for m in reported:
+        col = f"last/{m}"
+        for _, src in chosen.iterrows():
+            tid = src["trial_id"]
+            mine = rows[rows["source_trial_id"] == tid] if not rows.empty else rows
+            if col in mine:
+                mine = mine[(mine["status"] == FINISHED) & mine[col].astype("float64").map(math.isfinite)]
+                values = mine[col].astype("float64")
+                done = sorted(int(s) for s in mine["seed"])
+            else:
+                values, done = pd.Series([], dtype="float64"), []
+            source_value = float(src[col]) if col in src and pd.notna(src[col]) else math.nan
+            out.append({"rank": int(src["rank"]), "source_trial_id": tid, "metric": m,
+                        "source_value": source_value, "seeds": " ".join(map(str, done)), "n": len(done),
+                        "n_unfinished": len(seeds) - len(done),
+                        "mean": float(values.mean()) if len(done) else math.nan,
+                        "std": float(values.std(ddof=1)) if len(done) > 1 else math.nan})
     return pd.DataFrame(out)
-
-
-def _checkpoints(results: tune.ResultGrid) -> dict[str, str]:
-    """trial id → path of its last checkpoint: Tune's own (in-process runs) or the one Ray Train reported."""
-    out = {}
-    for r in results:
-        tid = r.metrics.get("trial_id") if r.metrics else None
-        if tid is None:
-            continue
-        if r.checkpoint is not None:
-            out[tid] = r.checkpoint.path
-        elif CHECKPOINT_PATH_KEY in r.metrics:
-            out[tid] = r.metrics[CHECKPOINT_PATH_KEY]
-    return out
 
 
 def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1, 2), iterations: int | None = None,
@@ -226,6 +224,7 @@ def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1
     chosen, runs = plan_retrain(load_trials(source), top=top, seeds=seeds, iterations=iterations, metric=metric,
                                 mode=mode, source=source)  # everything is validated before Ray starts
     exp = choose_retrain(source, resume=resume)
+    preflight([r.config for r in runs], storage=source, storage_option="the source experiment")
     request = _request(source, metric, mode, runs)
     if resume:
         _check_resume_request(exp, request)
@@ -246,37 +245,41 @@ def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1
         return TrialInfo(config=r.config, overrides=r.overrides, seed=r.seed, source_trial_id=r.source_trial_id)
 
     entries = [{"source_trial_id": r.source_trial_id, "seed": r.seed} for r in runs]
-    results = run_experiment(ExperimentSpec(
+    run = run_experiment(ExperimentSpec(
         experiment=exp, kind="retrain", metric=metric, mode=mode, config_of=lambda c: run_of(c).config,
         trial_info=trial_info, scaling=retrain_scaling(workers), num_samples=1, max_concurrent=len(runs),
         param_space={"trial": tune.grid_search(entries)}, scheduler=FIFOScheduler()), resume=resume)
 
-    rows = load_trials(exp.uri)
-    col = f"best/{metric}"
-    keep = [c for c in ("trial_id", "source_trial_id", "seed", "status", "iterations", col) if c in rows]
-    table = rows[keep].copy()
-    ckpts = _checkpoints(results)
-    table["checkpoint"] = [ckpts.get(t) for t in table["trial_id"]]
-    table = table.sort_values(["source_trial_id", "seed"], kind="stable").reset_index(drop=True)
+    rows = load_trials(exp.uri) if status_counts(exp.uri) else pd.DataFrame(columns=["trial_id", "status"])
+    cols = ("trial_id", "source_trial_id", "seed", "status", "iterations", f"last/{metric}",
+            f"last/{holdout_metric(metric)}", "checkpoint")
+    table = rows[[c for c in cols if c in rows]].copy()
+    if not table.empty:
+        table = table.sort_values(["source_trial_id", "seed"], kind="stable").reset_index(drop=True)
     summary = seed_summary(rows, chosen, metric, seeds)
     write_bytes(summary.to_csv(index=False).encode(), join(exp.uri, SUMMARY_FILE))
-    return RetrainOutcome(source, exp, metric, mode, chosen, table, summary)
+    return RetrainOutcome(source, exp, metric, mode, chosen, table, summary, run.interrupted)
 
 
 def format_retrain(outcome: RetrainOutcome) -> str:
     """The text ``uda-ray retrain`` prints: where everything is, mean ± std per source trial, the checkpoints."""
-    uri, m = outcome.experiment.uri, outcome.metric
-    lines = [f"retrain of {outcome.source} (best/{m}, {outcome.mode})",
+    uri = outcome.experiment.uri
+    lines = [f"retrain of {outcome.source} (chosen by {outcome.metric}, {outcome.mode})",
              f"trials:      {uri}/trials/*.parquet", f"metrics:     {uri}/metrics/*.parquet",
              f"summary:     {join(uri, SUMMARY_FILE)}",
-             "checkpoints: the last one of every run, listed below", ""]
-    text = functools.partial(metric_value_text, m)
+             "every number is a run's metric at its last evaluation: for the source trials their score, for the "
+             "retrained runs their final evaluation, made by the final checkpoint listed below", ""]
     for s in outcome.summary.itertuples(index=False):
+        text = functools.partial(metric_value_text, s.metric)
+        unit = " %" if is_percent_metric(s.metric) else ""
+        split = " (held-out report half)" if s.metric.startswith("holdout/") else ""
         spread = f"{text(s.mean)} ± {text(s.std)}" if s.n > 1 else (text(s.mean) if s.n else "-")
-        lines.append(f"#{s.rank} {s.source_trial_id}: source {text(s.source_value)} → retrained {spread} over "
-                     f"{s.n} seed(s) [{s.seeds}]" + (f", {s.n_unfinished} unfinished" if s.n_unfinished else ""))
+        lines.append(f"#{s.rank} {s.source_trial_id} {s.metric}{split}: source {text(s.source_value)} → retrained "
+                     f"{spread}{unit} over {s.n} seed(s) [{s.seeds}]"
+                     + (f", {s.n_unfinished} unfinished" if s.n_unfinished else ""))
     lines.append("")
     for r in outcome.runs.itertuples(index=False):
+        ckpt = getattr(r, "checkpoint", None)
         lines.append(f"  {r.trial_id} (from {r.source_trial_id}, seed {r.seed}): {r.status}, "
-                     f"checkpoint {r.checkpoint or '-'}")
+                     f"checkpoint {ckpt if isinstance(ckpt, str) and ckpt else '-'}")
     return "\n".join(lines)

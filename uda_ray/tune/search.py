@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
+from uda_ray.preflight import preflight
 from uda_ray.results.store import join, write_bytes
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo, error_of
@@ -19,9 +20,12 @@ from uda_ray.tune.driver import (
     best_row,
     choose_experiment,
     init_ray,
+    launch_overrides,
     run_experiment,
+    status_counts,
     storage_root,
 )
+from uda_ray.tune.scheduler import ResumableASHA
 from uda_ray.tune.searcher import UdaOptunaSearch
 from uda_ray.tune.space import (
     SearchSpec,
@@ -39,9 +43,11 @@ STUDY_FILE = "optuna.db"
 @dataclass(frozen=True)
 class SearchOutcome:
     experiment: Experiment
-    best: dict[str, Any] | None  # the trials-table row of the best finished trial by the first metric
+    best: dict[str, Any] | None  # the trials-table row of the best finished trial by the first metric's score
     study_storage: str
     metrics: tuple[str, ...] = ("val/miou",)  # the search's metric(s)
+    interrupted: bool = False  # stopped by SIGINT before the search ended: `--resume` continues it
+    statuses: dict[str, int] = dataclasses.field(default_factory=dict)  # trials by status
 
 
 def scaling_of(spec: Any) -> Scaling:
@@ -57,15 +63,33 @@ def study_storage(exp: Experiment) -> str:
     return f"sqlite:///{(local / STUDY_FILE).resolve()}"
 
 
+def fail_lost_trials(study_url: str, study_name: str, trial_ids: list[str]) -> None:
+    """Mark the Optuna trials of lost trials (``uda_ray.tune.driver.set_aside_lost_trials``) FAIL with the reason,
+    so the study does not keep them RUNNING forever."""
+    study = optuna.load_study(study_name=study_name, storage=study_url)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("trial_id") in trial_ids:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost: started after the last saved "
+                                               "state of a driver that was killed; sampled again on resume")
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
 def run_search(space_path: str | Path, *, address: str | None = None, storage: str | None = None,
-               name: str | None = None, resume: bool = False, num_samples: int | None = None) -> SearchOutcome:
-    spec: SearchSpec = load_space(space_path)  # validated before Ray starts
+               name: str | None = None, resume: bool = False, num_samples: int | None = None,
+               overrides: list[str] | None = None) -> SearchOutcome:
+    """Run (or with ``resume`` continue) the search of ``space_path``; ``overrides`` (``key=value``) change its base
+    config, as ``uda-ray train`` does (a resumed search keeps the overrides it was launched with)."""
+    spec: SearchSpec = load_space(space_path, overrides)  # validated before Ray starts
+    exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
+    launched = launch_overrides(exp, overrides, resume)
+    if launched != list(overrides or []):
+        spec = load_space(space_path, launched)
     if num_samples is not None:
         if num_samples < 1:
             raise ValueError(f"--num-samples {num_samples}: expected at least 1")
         spec = dataclasses.replace(spec, num_samples=num_samples)
     base = base_config(spec)
-    exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
+    preflight([base], storage=exp.root)
     if not resume:
         write_bytes(Path(space_path).read_bytes(), join(exp.uri, "search_space.yaml"))
     study_url = study_storage(exp)
@@ -74,21 +98,23 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
     metric, mode = spec.metric, spec.mode
     searcher = UdaOptunaSearch(space=define_by_run(spec), metric=metric, mode=mode, sampler=build_sampler(spec),
                                study_name=exp.name, storage=optuna.storages.RDBStorage(study_url),
-                               total_iterations=base.run.iterations, error_of=error_of)
+                               total_iterations=base.run.iterations, experiment=exp.name, error_of=error_of)
     s = spec.scheduler
     scheduler = FIFOScheduler()
     if s.type == "asha":
-        scheduler = ASHAScheduler(time_attr="iteration", metric=metric, mode=mode, max_t=s.max_t,
+        scheduler = ResumableASHA(experiment_uri=exp.uri, metric=metric, mode=mode, max_t=s.max_t,
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
         return TrialInfo(config=trial_config(spec, tune_config),
                          overrides=own_overrides(spec, trial_overrides(spec, tune_config)))
 
-    run_experiment(ExperimentSpec(
+    run = run_experiment(ExperimentSpec(
         experiment=exp, kind="search", metric=metric, mode=mode,
         config_of=lambda c: trial_config(spec, c), trial_info=trial_info, scaling=scaling_of(spec),
         num_samples=spec.num_samples, max_concurrent=spec.max_concurrent, max_failures=spec.max_failures,
-        search_alg=searcher, scheduler=scheduler), resume=resume)
+        search_alg=searcher, scheduler=scheduler, on_lost=lambda ids: fail_lost_trials(study_url, exp.name, ids)),
+        resume=resume)
     objs = objectives(metric, mode)
-    return SearchOutcome(exp, best_row(exp, *objs[0]), study_url, tuple(m for m, _ in objs))
+    return SearchOutcome(exp, best_row(exp, *objs[0]), study_url, tuple(m for m, _ in objs),
+                         interrupted=run.interrupted, statuses=status_counts(exp.uri))

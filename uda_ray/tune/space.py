@@ -383,10 +383,10 @@ def _check_combinations(switches: tuple[Switch, ...], params: tuple[Param, ...],
         check_overrides(cfg, overrides, path, f"params with {label}")
 
 
-def load_space(path: str | Path) -> SearchSpec:
+def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpec:
     """Read and validate a search-space YAML (see the module docstring); raises ``SpaceError``."""
     path = Path(path)
-    h = read_header(path, _TOP_KEYS, _REQUIRED)
+    h = read_header(path, _TOP_KEYS, _REQUIRED, overrides)
     data, experiment, cfg, metric, mode = h.data, h.experiment, h.cfg, h.metric, h.mode
     base_path, base_overrides = h.base_path, h.base_overrides
     sampler, seed, options = _parse_sampler(data.get("sampler"), path)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from uda_ray.config import Config, ConfigError, apply_overrides, load_config
+from uda_ray.config import Config, ConfigError, apply_overrides, load_config, parse_override
 
 
 class SpaceError(ValueError):
@@ -53,14 +53,16 @@ class Header:
     mode: str | list[str]
 
 
-def read_header(path: Path, allowed: set[str], required: tuple[str, ...]) -> Header:
-    """Read a spec YAML, check its top-level keys and parse the parts every spec has."""
+def read_header(path: Path, allowed: set[str], required: tuple[str, ...],
+                extra_overrides: list[str] | None = None) -> Header:
+    """Read a spec YAML, check its top-level keys and parse the parts every spec has. ``extra_overrides``
+    (``key=value`` strings from the command line) are added to the base overrides, after the YAML's own."""
     data = read_yaml(path)
     check_keys(data, allowed, path, "")
     for key in required:
         if key not in data:
             raise SpaceError(f"{path}: missing required key '{key}'")
-    base_path, base_overrides, cfg = parse_base(data["base"], path)
+    base_path, base_overrides, cfg = parse_base(data["base"], path, extra_overrides)
     metric, mode = parse_objective(data["metric"], data["mode"], path)
     return Header(data, parse_experiment(data["experiment"], path), base_path, base_overrides, cfg, metric, mode)
 
@@ -139,8 +141,9 @@ def parse_experiment(value: Any, path: Path) -> str:
     return value
 
 
-def parse_base(value: Any, path: Path) -> tuple[Path, dict[str, Any], Config]:
-    """``base: {config, overrides}`` → (absolute config path, overrides, the validated base config)."""
+def parse_base(value: Any, path: Path, extra: list[str] | None = None) -> tuple[Path, dict[str, Any], Config]:
+    """``base: {config, overrides}`` (+ command-line ``key=value`` overrides) → (absolute config path, overrides,
+    the validated base config)."""
     if not isinstance(value, dict):
         raise SpaceError(f"{path}: base = {value!r}: expected a mapping {{config: FILE, overrides: {{...}}}}")
     check_keys(value, {"config", "overrides"}, path, "base: ")
@@ -155,6 +158,13 @@ def parse_base(value: Any, path: Path) -> tuple[Path, dict[str, Any], Config]:
         cfg = load_config(config_path, overrides)
     except ConfigError as e:
         raise SpaceError(f"{path}: base: {e}") from e
+    if extra:
+        try:
+            parsed = dict(parse_override(o) for o in extra)
+            cfg = apply_overrides(cfg, parsed, source=f"{path} (command-line overrides)")
+        except ConfigError as e:
+            raise SpaceError(f"command-line override of {path}: {e}") from e
+        overrides = {**overrides, **parsed}
     return config_path, dict(overrides), cfg
 
 
@@ -165,6 +175,9 @@ def parse_objective(metric: Any, mode: Any, path: Path) -> tuple[str | list[str]
     if not metrics:
         raise SpaceError(f"{path}: metric is an empty list")
     for m in metrics:
+        if isinstance(m, str) and m.startswith("holdout/"):
+            raise SpaceError(f"{path}: metric {m!r}: holdout/* is the report half of eval.holdout, which must never "
+                             "choose anything; search on its selection half, val/*")
         if not isinstance(m, str) or not METRIC_PATTERN.match(m):
             raise SpaceError(f"{path}: metric {m!r} does not look like a uda-ray metric: expected a name under "
                              "train/, val/, pseudo/ or time/ (e.g. val/miou)")

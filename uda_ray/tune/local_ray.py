@@ -1,0 +1,109 @@
+"""The local Ray that uda-ray starts when no cluster address is given, and what a killed driver leaves behind.
+
+A driver that is killed with SIGKILL cannot shut its local Ray down: its GCS dies with it, so ``ray status`` sees
+nothing, but agents and workers of that session (``DashboardAgent``, ``RuntimeEnvAgent``, idle workers) can live
+on, holding memory and ports. So every local session uda-ray starts is recorded in
+``~/.cache/uda-ray/local-ray/<driver pid>.json`` (the session's folder, e.g. ``/tmp/ray/session_…``) and the record
+is removed when the driver exits normally. Before the next local Ray starts, ``end_leftovers`` looks at every
+record whose driver is gone, ends the processes of that session (those whose command line names the session, or
+that hold a file open inside its folder): SIGTERM, then SIGKILL after a grace period, and reports what it ended.
+Sessions of drivers that are still alive, and Ray sessions uda-ray did not start, are never touched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import psutil
+
+RECORDS = Path("~/.cache/uda-ray/local-ray")
+GRACE_S = 5.0
+
+
+def _records_dir() -> Path:
+    return Path(os.environ.get("UDA_RAY_LOCAL_RAY_RECORDS", str(RECORDS))).expanduser()
+
+
+def record_session(session_dir: str) -> Path:
+    """Note that this process started the local Ray session in ``session_dir`` (removed again at normal exit)."""
+    folder = _records_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    path = folder / f"{pid}.json"
+    path.write_text(json.dumps({"driver_pid": pid, "session_dir": session_dir,
+                                "driver_create_time": psutil.Process(pid).create_time()}))
+    atexit.register(lambda: path.unlink(missing_ok=True))
+    return path
+
+
+def _driver_alive(record: dict) -> bool:
+    try:
+        proc = psutil.Process(int(record["driver_pid"]))
+    except (psutil.NoSuchProcess, ValueError, KeyError):
+        return False
+    # the pid may have been reused by an unrelated process since
+    return abs(proc.create_time() - float(record.get("driver_create_time", proc.create_time()))) < 1.0
+
+
+def session_processes(session_dir: str) -> list[psutil.Process]:
+    """Processes of a Ray session: its name on their command line, or a file open inside its folder."""
+    session = Path(session_dir)
+    name, me = session.name, os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == me:
+            continue
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if name in cmdline or any(Path(f.path).is_relative_to(session) for f in proc.open_files()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        cmd = proc.cmdline()
+        title = " ".join(cmd[:1] + [a for a in cmd[1:] if not a.startswith("-")][:1]) if cmd else proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        title = "?"
+    return f"{proc.pid} ({os.path.basename(title)[:60]})"
+
+
+def end_leftovers() -> list[str]:
+    """End the processes of local sessions whose uda-ray driver is gone; one line per session that had any."""
+    folder = _records_dir()
+    if not folder.is_dir():
+        return []
+    said = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        if _driver_alive(record):
+            continue
+        procs = session_processes(record.get("session_dir", ""))
+        names = [_describe(p) for p in procs]
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                p.terminate()
+        gone, alive = psutil.wait_procs(procs, timeout=GRACE_S)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                p.kill()
+        if alive:
+            psutil.wait_procs(alive, timeout=GRACE_S)
+        path.unlink(missing_ok=True)
+        if procs:
+            said.append(f"ended {len(procs)} leftover process(es) of the local Ray session "
+                        f"{record.get('session_dir')} whose uda-ray driver (pid {record.get('driver_pid')}) is gone: "
+                        + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
+    return said
+
