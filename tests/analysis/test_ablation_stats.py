@@ -37,7 +37,10 @@ def table(ablation_dir: str) -> pd.DataFrame:
 def test_cells_and_pairs(table: pd.DataFrame) -> None:
     assert list(table.index) == ["all", "cluda", "sdca"]  # the baseline is not compared with itself
     assert (table["n_pairs"] == len(ABLATION_SEEDS)).all()  # the crashed extra baseline seed is not paired
-    assert (table["note"] == "").all()
+    # 4 pairs < MIN_PAIRS_BOOTSTRAP: the intervals are marked unreliable and the note says to read the t-test
+    assert len(ABLATION_SEEDS) < ablation_stats.MIN_PAIRS_BOOTSTRAP
+    assert not table["ci_reliable"].any()
+    assert table["note"].str.contains("4 seed pairs: the bootstrap interval is unreliable").all()
 
 
 @pytest.mark.parametrize("cell", sorted(DIFFS))
@@ -71,7 +74,7 @@ def test_known_interval_examples() -> None:
     trials = pd.DataFrame({
         "trial_id": [f"t{i}" for i in range(7)], "status": ["TERMINATED"] * 6 + ["ERROR"],
         "cell": ["baseline", "baseline", "x", "x", "one", "only_base_seed", "x"],
-        "seed": [0, 1, 0, 1, 0, 5, 2], "best/loss": [1.0, 2.0, 0.5, 1.5, 0.75, 3.0, 0.0],
+        "seed": [0, 1, 0, 1, 0, 5, 2], "last/loss": [1.0, 2.0, 0.5, 1.5, 0.75, 3.0, 0.0],
     })
     t = ablation_stats.paired_differences(trials, "loss", "min", n_boot=500).set_index("cell")
     # x: differences (-0.5, -0.5): constant, so every bootstrap mean is -0.5; lower loss is an improvement
@@ -86,7 +89,7 @@ def test_known_interval_examples() -> None:
 
 def test_duplicate_pairs_and_missing_baseline_are_errors() -> None:
     dup = pd.DataFrame({"trial_id": ["a", "b", "c"], "status": ["TERMINATED"] * 3, "cell": ["baseline", "x", "x"],
-                        "seed": [0, 0, 0], "best/m": [1.0, 2.0, 3.0]})
+                        "seed": [0, 0, 0], "last/m": [1.0, 2.0, 3.0]})
     with pytest.raises(ValueError, match="same \\(cell, seed\\)"):
         ablation_stats.paired_differences(dup, "m", "max")
     with pytest.raises(KeyError, match="baseline"):

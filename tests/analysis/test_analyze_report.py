@@ -11,6 +11,7 @@ import pytest
 from analysis_fixtures import ABLATION_SEEDS, BASELINE, DIFFS, N_SEARCH
 
 from uda_ray.analysis import ablation_stats, analyze
+from uda_ray.analysis.summary import in_percent
 from uda_ray.results import store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,12 +50,17 @@ def test_search_tables(search_report: tuple[Path, dict]) -> None:
     assert status["total"] == N_SEARCH
     top = tables["top"]
     assert len(top) == 5 and top["rank"].tolist() == [1, 2, 3, 4, 5]
-    assert top["best/val/miou"].is_monotonic_decreasing and top["best/val/miou"].max() < 0.99  # no pruned row
+    score = top["last/val/miou (%)"]  # the score, in percent for people
+    assert score.is_monotonic_decreasing and score.max() < 99.0  # no pruned row
     assert top["overrides"].str.contains("loss.cluda.weight").all()
     hist = tables["history"]
-    assert len(hist) == N_SEARCH - 3
-    np.testing.assert_array_equal(hist["best_so_far"], np.maximum.accumulate(hist["value"]))
-    assert hist["best_so_far"].iloc[-1] == top["best/val/miou"].iloc[0]
+    assert len(hist) == N_SEARCH - 1  # finished and pruned trials; the crashed one has no score
+    assert (hist["status"] == "PRUNED").sum() == 2
+    done = hist["status"] == "TERMINATED"
+    # the running best is over finished trials only: a pruned trial's early value is not comparable
+    np.testing.assert_array_equal(hist["best_so_far (%)"][done],
+                                  np.maximum.accumulate(hist["value (%)"][done].to_numpy()))
+    assert hist["best_so_far (%)"].iloc[-1] == score.iloc[0]
     assert tables["importance"]["param"].iloc[0] == "loss.cluda.weight"
 
 
@@ -67,8 +73,10 @@ def test_search_files(search_report: tuple[Path, dict], capsys: pytest.CaptureFi
                  "marginal_optim.momentum"):
         _png(out / f"{name}.png")
     md = (out / "report.md").read_text()
-    assert "## Parameter importance" in md and "![history](history.png)" in md
+    assert "## Parameter importance" in md and "![](history.png)" in md
     assert "| 1 | " in md and "search_space.yaml" in md
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5 and "Parameter importance" in page  # self-contained
 
 
 def test_ablation_report(ablation_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,13 +86,15 @@ def test_ablation_report(ablation_dir: str, tmp_path: Path, capsys: pytest.Captu
     assert set(tables) == {"status", "top", "ablation", "curves"}
     abl = tables["ablation"].set_index("cell")
     for cell, d in DIFFS.items():
-        assert abl.loc[cell, "mean_diff"] == pytest.approx(np.mean(d), abs=1e-12)
+        assert abl.loc[cell, "mean_diff (%)"] == pytest.approx(100 * np.mean(d), abs=1e-10)
         assert abl.loc[cell, "n_pairs"] == len(ABLATION_SEEDS)
     expected = ablation_stats.paired_differences(store.load_trials(ablation_dir), "val/miou", "max")
-    pd.testing.assert_frame_equal(tables["ablation"], expected)
+    pd.testing.assert_frame_equal(tables["ablation"], in_percent(
+        expected, ["baseline_mean", "cell_mean", "mean_diff", "ci_low", "ci_high"]))
     curves = tables["curves"]
     final = curves[(curves["cell"] == "baseline") & (curves["iteration"] == 200)]
-    assert final["mean"].iloc[0] == pytest.approx(np.mean([BASELINE[s] for s in ABLATION_SEEDS]), abs=1e-12)
+    assert final["mean (%)"].iloc[0] == pytest.approx(100 * np.mean([BASELINE[s] for s in ABLATION_SEEDS]),
+                                                      abs=1e-10)
     assert tables["status"].set_index("status").loc["ERROR", "count"] == 1
     for name, df in tables.items():
         _same_csv(out / f"{name}.csv", df)
@@ -92,6 +102,9 @@ def test_ablation_report(ablation_dir: str, tmp_path: Path, capsys: pytest.Captu
     _png(out / "curves_val_miou.png")
     assert not (Path(ablation_dir) / "report").exists()  # out_dir was honoured
     assert "## Ablation: paired differences from the baseline" in printed and "| cluda | 4 |" in printed
+    # 4 seed pairs: the report leads with the paired t-test and says the intervals are unreliable
+    assert printed.index("Paired t-test") < printed.index("95% percentile bootstrap interval")
+    assert "bootstrap intervals are unreliable" in printed
     assert (out / "report.md").read_text() in printed
 
 
@@ -118,7 +131,7 @@ def test_retrain_rows_get_mean_and_std_over_seeds(tmp_path: Path) -> None:
     tables = analyze(str(tmp_path / "exp"))
     r = tables["retrain"].set_index("source_trial_id")
     assert r.loc["s1", "n_seeds"] == 3 and r.loc["s2", "n_seeds"] == 2  # the crashed seed is left out
-    assert r.loc["s1", "mean"] == pytest.approx(np.mean([0.60, 0.62, 0.67]), abs=1e-12)
-    assert r.loc["s1", "std"] == pytest.approx(np.std([0.60, 0.62, 0.67], ddof=1), abs=1e-12)
-    assert r.loc["s2", "mean"] == pytest.approx(0.45, abs=1e-12)
+    assert r.loc["s1", "mean (%)"] == pytest.approx(100 * np.mean([0.60, 0.62, 0.67]), abs=1e-10)
+    assert r.loc["s1", "std (%)"] == pytest.approx(100 * np.std([0.60, 0.62, 0.67], ddof=1), abs=1e-10)
+    assert r.loc["s2", "mean (%)"] == pytest.approx(45.0, abs=1e-10)
     _same_csv(tmp_path / "exp" / "report" / "retrain.csv", tables["retrain"])

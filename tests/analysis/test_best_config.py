@@ -20,7 +20,7 @@ VALUES = [0.5, 0.9, 0.95, 0.97, 0.99, 0.7, np.nan, 0.7]
 
 def _table() -> pd.DataFrame:
     return pd.DataFrame({"trial_id": [f"t{i}" for i in (7, 1, 2, 3, 4, 5, 6, 0)], "status": STATUSES,
-                         "best/val/miou": VALUES, "best/train/loss": [1.0 - v for v in VALUES]})
+                         "last/val/miou": VALUES, "last/train/loss": [1.0 - v for v in VALUES]})
 
 
 def test_best_trials_excludes_unfinished_and_breaks_ties_by_id() -> None:
@@ -28,7 +28,7 @@ def test_best_trials_excludes_unfinished_and_breaks_ties_by_id() -> None:
     assert top["trial_id"].tolist() == ["t0", "t5", "t7"]  # 0.7 tie: t0 before t5; NaN and non-finished excluded
     assert top["rank"].tolist() == [1, 2, 3]
     low = best_trials(_table(), "train/loss", "min", k=1)
-    assert low["trial_id"].tolist() == ["t0"] and low["best/train/loss"].iloc[0] == pytest.approx(0.3)
+    assert low["trial_id"].tolist() == ["t0"] and low["last/train/loss"].iloc[0] == pytest.approx(0.3)
 
 
 def test_best_trials_errors() -> None:
@@ -41,11 +41,11 @@ def test_best_trials_errors() -> None:
 def test_best_search_rows_match_the_fixture_objective(search_dir: str) -> None:
     trials = store.load_trials(search_dir)
     top = best_trials(trials, "val/miou", "max", k=5)
-    assert not top["status"].ne("TERMINATED").any() and 0.99 not in top["best/val/miou"].tolist()
+    assert not top["status"].ne("TERMINATED").any() and 0.99 not in top["last/val/miou"].tolist()
     for _, row in top.iterrows():  # the recorded value is the objective of the config the row rebuilds
         cfg = config_from_row(row)
         p = {"loss.cluda.weight": cfg.loss.cluda.weight, "mix.class_ratio": cfg.mix.class_ratio}
-        assert row["best/val/miou"] == pytest.approx(search_value(p), abs=1e-12)
+        assert row["last/val/miou"] == pytest.approx(search_value(p), abs=1e-12)
         assert cfg.run.iterations == 200
 
 

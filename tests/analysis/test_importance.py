@@ -47,7 +47,7 @@ def test_study_holds_the_finished_trials_with_their_values(trials: pd.DataFrame,
     assert len(study.trials) == len(done) == N_SEARCH - 3
     for t in study.trials:
         row = done.loc[t.user_attrs["trial_id"]]
-        assert t.value == row["best/val/miou"]
+        assert t.value == row["last/val/miou"]
         assert t.params == {k: v for k, v in json.loads(row["overrides"]).items() if k in t.distributions}
         assert ("optim.momentum" in t.params) == (t.params["optim.name"] == "sgd")  # conditional: define-by-run
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -97,7 +97,7 @@ def test_identical_scores_give_nan_instead_of_an_error():
     from uda_ray.analysis import param_importances
 
     trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "status": ["TERMINATED"] * 3, "kind": ["search"] * 3,
-                           "best/val/miou": [0.5, 0.5, 0.5], "config/optim.lr": [1e-3, 2e-3, 3e-3],
+                           "last/val/miou": [0.5, 0.5, 0.5], "config/optim.lr": [1e-3, 2e-3, 3e-3],
                            "overrides": ['{"optim.lr": 0.001}', '{"optim.lr": 0.002}', '{"optim.lr": 0.003}']})
     table = param_importances(trials, "val/miou", "max")
     assert table["param"].tolist() == ["optim.lr"] and table["fanova"].isna().all()

@@ -1,8 +1,8 @@
 """Paired statistics of an ablation: each cell against the baseline over the same seeds, and learning curves.
 
 For a cell c and the seeds s = 1..n that finished in both c and the baseline b, the paired differences are
-``d_s = y_c,s - y_b,s`` with ``y = best/<metric>`` (the seed fixes data order, augmentation and initialisation, so
-the pairs share their noise). Reported per cell:
+``d_s = y_c,s - y_b,s`` with ``y = last/<metric>``, each run's value at its last evaluation (the seed fixes data
+order, augmentation and initialisation, so the pairs share their noise). Reported per cell, each with ``n_pairs``:
 - ``mean_diff`` = mean_s d_s (raw units of the metric; positive = higher than the baseline);
 - ``ci_low, ci_high``: percentile bootstrap interval of the mean: B resamples of the n pairs with replacement,
   index matrix ``numpy.random.default_rng(seed).integers(0, n, (B, n))`` (the same seed for every cell), the
@@ -15,6 +15,10 @@ the pairs share their noise). Reported per cell:
   the bootstrap probability that the cell improves on the baseline on average. A resampled mean within
   ``1e-12 * max|d|`` of 0 is a tie (not an improvement): a mean that is 0 in exact arithmetic must not count
   by the sign of its rounding error.
+
+Small samples: a percentile bootstrap of the mean of fewer than ``MIN_PAIRS_BOOTSTRAP`` pairs can only take a
+handful of distinct values (3 pairs: 10 resampled means) and is too narrow, so ``ci_reliable`` is False there and
+the report leads with the paired t-test (which accounts for n through its degrees of freedom) instead.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from uda_ray.analysis.best import check_mode, finished, metric_column
 from uda_ray.results.schema import BASELINE_CELL, FINISHED, ITERATION
 
 N_BOOT = 10_000
+MIN_PAIRS_BOOTSTRAP = 5
 _TIE = 1e-12
-ABLATION_COLUMNS = ("cell", "n_pairs", "baseline_mean", "cell_mean", "mean_diff", "ci_low", "ci_high", "p_value",
-                    "p_holm", "p_improve", "p_improve_boot", "note")
+ABLATION_COLUMNS = ("cell", "n_pairs", "baseline_mean", "cell_mean", "mean_diff", "ci_low", "ci_high",
+                    "ci_reliable", "p_value", "p_holm", "p_improve", "p_improve_boot", "note")
 
 
 def holm(p_values: np.ndarray | list[float]) -> np.ndarray:
@@ -83,7 +88,7 @@ def paired_differences(trials: pd.DataFrame, metric: str, mode: str, *, baseline
         y_b = both[baseline].to_numpy(np.float64)
         y_c = both[cell].to_numpy(np.float64) if n else np.empty(0)
         d = y_c - y_b  # (n,)
-        row = {"cell": cell, "n_pairs": n, "note": ""}
+        row = {"cell": cell, "n_pairs": n, "ci_reliable": n >= MIN_PAIRS_BOOTSTRAP, "note": ""}
         if n == 0:
             row.update(baseline_mean=np.nan, cell_mean=np.nan, mean_diff=np.nan, ci_low=np.nan, ci_high=np.nan,
                        p_value=np.nan, p_improve=np.nan, p_improve_boot=np.nan,
@@ -100,6 +105,9 @@ def paired_differences(trials: pd.DataFrame, metric: str, mode: str, *, baseline
         else:
             row["p_value"] = np.nan
             row["note"] = "1 seed pair: no t-test (needs at least 2); the interval is a single point"
+        if 1 < n < MIN_PAIRS_BOOTSTRAP:
+            row["note"] = (f"{n} seed pairs: the bootstrap interval is unreliable (fewer than "
+                           f"{MIN_PAIRS_BOOTSTRAP}); read the paired t-test")
         rows.append(row)
     out = pd.DataFrame(rows, columns=[c for c in ABLATION_COLUMNS if c != "p_holm"])
     out.insert(ABLATION_COLUMNS.index("p_holm"), "p_holm", holm(out["p_value"].to_numpy(np.float64)))

@@ -1,4 +1,7 @@
-"""Pick the best trials from the trials table and rebuild their exact configs from the ``config/*`` columns."""
+"""Pick the best trials from the trials table and rebuild their exact configs from the ``config/*`` columns.
+
+Trials are ranked by their value of the metric at their last evaluation, ``last/<metric>`` (for the experiment's
+metric that is the ``score``: ``uda_ray.results.schema``), the number the checkpoint kept beside it gives."""
 
 from __future__ import annotations
 
@@ -10,11 +13,11 @@ import numpy as np
 import pandas as pd
 
 from uda_ray import config as config_mod
-from uda_ray.results.schema import BEST_PREFIX, CONFIG_PREFIX, FINISHED
+from uda_ray.results.schema import CONFIG_PREFIX, FINISHED, LAST_PREFIX
 
 
-def metric_column(trials: pd.DataFrame, metric: str, prefix: str = BEST_PREFIX) -> str:
-    """``best/<metric>`` (or ``last/<metric>``), checked to exist in ``trials``."""
+def metric_column(trials: pd.DataFrame, metric: str, prefix: str = LAST_PREFIX) -> str:
+    """``last/<metric>`` (or ``best/<metric>`` with that prefix), checked to exist in ``trials``."""
     col = f"{prefix}{metric}"
     if col not in trials.columns:
         have = sorted(c[len(prefix):] for c in trials.columns if c.startswith(prefix))
@@ -35,7 +38,7 @@ def finished(trials: pd.DataFrame, col: str) -> pd.DataFrame:
 
 
 def best_trials(trials: pd.DataFrame, metric: str, mode: str, k: int) -> pd.DataFrame:
-    """The ``k`` finished trials with the best ``best/<metric>`` (``mode`` max or min), best first, with a 1-based
+    """The ``k`` finished trials with the best ``last/<metric>`` (``mode`` max or min), best first, with a 1-based
     ``rank`` column; ties are broken by ``trial_id`` so the order is reproducible."""
     check_mode(mode)
     if k < 1:

@@ -1,9 +1,9 @@
 """Parameter importance of a search, computed by Optuna's evaluators from the parquet rows alone.
 
 The finished trials are turned back into Optuna trials (``optuna.trial.create_trial`` with each trial's params, their
-distributions and its ``best/<metric>``) and added to an in-memory study, so any ``optuna.importance`` evaluator
-runs on them: fANOVA (Hutter et al., ICML 2014: variance of the objective explained by each parameter in a random
-forest fit) and PED-ANOVA (Watanabe et al., IJCAI 2023: how much the top-quantile trials' Parzen density of a
+distributions and its ``last/<metric>``, the score) and added to an in-memory study, so any ``optuna.importance``
+evaluator runs on them: fANOVA (Hutter et al., ICML 2014: variance of the objective explained by each parameter in a
+random forest fit) and PED-ANOVA (Watanabe et al., IJCAI 2023: how much the top-quantile trials' Parzen density of a
 parameter differs from all trials').
 
 Distributions come from ``<experiment>/search_space.yaml`` (the search's ``params``) when it exists: a trial's params
@@ -13,6 +13,13 @@ trials: numbers → ``FloatDistribution(min, max, log = min > 0 and max / min > 
 
 Conditional params: PED-ANOVA scores every param over the trials that hold it; fANOVA only scores params held by
 every trial, so conditional ones get NaN in its column (Optuna's documented behaviour).
+
+How many trials: importance is computed from ``MIN_IMPORTANCE_TRIALS`` = 20 finished trials on. PED-ANOVA compares
+the top 10 % of the trials (Optuna's default quantile) with all of them: below 20 that top set is a single trial,
+whose parameter values are then "important" by construction. fANOVA fits a random forest to the trials: with fewer
+points than about twice the usual 5–10 searched parameters it explains noise. Pruned trials never enter importance
+(their value is taken at an early rung, not comparable with a finished trial's); they appear in the marginal plots
+at the rung they reached, marked as pruned.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ LOG_SPAN = 100.0  # an inferred positive numeric range wider than two decades is
 # fANOVA's forest costs grow faster than linearly with the trials (about 8 s for 200 trials, 110 s for 1000 on
 # 2 busy cores), so it sees a seeded random sample of at most this many finished trials; PED-ANOVA sees all.
 FANOVA_MAX_TRIALS = 200
+MIN_IMPORTANCE_TRIALS = 20
 
 EVALUATORS: dict[str, Callable[[int], optuna.importance.BaseImportanceEvaluator]] = {
     "fanova": lambda seed: optuna.importance.FanovaImportanceEvaluator(seed=seed),
@@ -155,19 +163,23 @@ def trial_params(row: pd.Series, space: Mapping[str, BaseDistribution], from_ove
 
 
 def search_params(trials: pd.DataFrame, metric: str, mode: str,
-                  space: Mapping[str, BaseDistribution] | None = None
+                  space: Mapping[str, BaseDistribution] | None = None, *, with_pruned: bool = False
                   ) -> tuple[pd.DataFrame, dict[str, BaseDistribution]]:
-    """The finished trials' parameters: a frame with ``trial_id``, ``value`` (``best/<metric>``) and one column per
-    parameter (None where a trial does not hold it), and the distributions used (``space`` or inferred)."""
+    """The finished (and with ``with_pruned`` the pruned) trials' parameters: a frame with ``trial_id``, ``status``,
+    ``value`` (``last/<metric>``: at the end, or at the rung a pruned trial reached) and one column per parameter
+    (None where a trial does not hold it), and the distributions used (``space``, or inferred from those trials)."""
     check_mode(mode)
     col = metric_column(trials, metric)
     ok = finished(trials, col)
+    if with_pruned:
+        pruned = trials[trials["status"] == "PRUNED"]
+        ok = pd.concat([ok, pruned[np.isfinite(pd.to_numeric(pruned[col]).astype("float64").to_numpy())]])
     dists = dict(space) if space is not None else infer_distributions(ok)
     rows = []
     for _, row in ok.iterrows():
         params = trial_params(row, dists, from_overrides=space is not None)
-        rows.append({"trial_id": row["trial_id"], "value": float(row[col]), **params})
-    frame = pd.DataFrame(rows, columns=["trial_id", "value", *dists])
+        rows.append({"trial_id": row["trial_id"], "status": row["status"], "value": float(row[col]), **params})
+    frame = pd.DataFrame(rows, columns=["trial_id", "status", "value", *dists])
     return frame, dists
 
 
@@ -185,7 +197,7 @@ def _quiet_optuna() -> Iterator[None]:
 
 def study_from_trials(trials: pd.DataFrame, metric: str, mode: str,
                       space: Mapping[str, BaseDistribution] | None = None) -> optuna.Study:
-    """An in-memory study holding one COMPLETE trial per finished row (value ``best/<metric>``)."""
+    """An in-memory study holding one COMPLETE trial per finished row (value ``last/<metric>``)."""
     frame, dists = search_params(trials, metric, mode, space)
     frozen = []
     for rec in frame.to_dict("records"):

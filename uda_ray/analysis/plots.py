@@ -36,47 +36,60 @@ def _sample(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=MAX_POINTS, replace=False))
 
 
-def plot_history(hist: pd.DataFrame, metric: str, out_dir: str) -> str:
-    """Each finished trial's value by the order it ended, and the running best; ``history.png``."""
+def plot_history(hist: pd.DataFrame, label: str, out_dir: str) -> str:
+    """Each finished trial's score by the order trials ended, pruned trials at the rung they reached (hollow), and
+    the running best of the finished trials; ``history.png``. ``hist`` holds values in the units of ``label``."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
+    done = (hist["status"] == "TERMINATED").to_numpy(bool)
+    x, y = hist["n"].to_numpy(), hist["value"].to_numpy(np.float64)
     pick = _sample(len(hist))
-    ax.scatter(hist["n"].to_numpy()[pick], hist["value"].to_numpy()[pick], s=8, alpha=0.5, label="trial",
-               rasterized=True)
-    ax.step(hist["n"], hist["best_so_far"], where="post", color="C3", label="best so far")
-    ax.set_xlabel("finished trial (by end time)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"optimisation history ({len(hist)} finished trials)")
-    ax.legend(loc="best")
+    sel = np.zeros(len(hist), bool)
+    sel[pick] = True
+    ax.scatter(x[sel & done], y[sel & done], s=10, alpha=0.7, label="finished trial", rasterized=True)
+    ax.scatter(x[sel & ~done], y[sel & ~done], s=14, facecolors="none", edgecolors="C1", alpha=0.8,
+               label="pruned trial (value at its rung)", rasterized=True)
+    ax.step(x, hist["best_so_far"], where="post", color="C3", label="best finished so far")
+    ax.set_xlabel("trial (by end time)")
+    ax.set_ylabel(label)
+    ax.set_title(f"optimisation history: {int(done.sum())} finished, {int((~done).sum())} pruned trials")
+    ax.legend(loc="best", fontsize="small")
     return _save(fig, store.join(out_dir, "history.png"))
 
 
-def plot_marginal(values: pd.Series, target: pd.Series, param: str, dist: BaseDistribution | None, metric: str,
-                  out_dir: str) -> str:
-    """``metric`` against one parameter's value (trials that hold it); ``marginal_<param>.png``."""
+def plot_marginal(values: pd.Series, target: pd.Series, status: pd.Series, param: str,
+                  dist: BaseDistribution | None, label: str, out_dir: str) -> str:
+    """``label`` against one parameter's value for the trials that hold it, pruned trials hollow at the rung they
+    reached; ``marginal_<param>.png``."""
     fig = Figure(figsize=(5, 4))
     ax = fig.add_subplot()
     keep = values.notna().to_numpy()
     x, y = values[keep], target[keep].to_numpy(np.float64)
-    pick = _sample(len(x))
+    done = (status[keep] == "TERMINATED").to_numpy(bool)
+    pick = np.zeros(len(x), bool)
+    pick[_sample(len(x))] = True
     if isinstance(dist, CategoricalDistribution) or dist is None and not pd.api.types.is_numeric_dtype(x):
         labels = [str(v) for v in x]
         cats = sorted(set(labels))
         pos = np.array([cats.index(v) for v in labels], dtype=np.float64)
-        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, size=pos.size)
-        ax.scatter((pos + jitter)[pick], y[pick], s=8, alpha=0.5, rasterized=True)
+        xs = pos + np.random.default_rng(0).uniform(-0.15, 0.15, size=pos.size)
         ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
     else:
-        ax.scatter(x.to_numpy(np.float64)[pick], y[pick], s=8, alpha=0.5, rasterized=True)
+        xs = x.to_numpy(np.float64)
         if getattr(dist, "log", False):
             ax.set_xscale("log")
+    ax.scatter(xs[pick & done], y[pick & done], s=10, alpha=0.7, label="finished", rasterized=True)
+    if (~done).any():
+        ax.scatter(xs[pick & ~done], y[pick & ~done], s=14, facecolors="none", edgecolors="C1", alpha=0.8,
+                   label="pruned (at its rung)", rasterized=True)
+        ax.legend(loc="best", fontsize="small")
     ax.set_xlabel(param)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {param} ({int(keep.sum())} trials)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{param}: {int(done.sum())} finished + {int((~done).sum())} pruned trials", fontsize="medium")
     return _save(fig, store.join(out_dir, f"marginal_{safe_name(param)}.png"))
 
 
-def plot_importance(importance: pd.DataFrame, evaluators: list[str], out_dir: str) -> str:
+def plot_importance(importance: pd.DataFrame, evaluators: list[str], n_trials: int, out_dir: str) -> str:
     """Horizontal bars of each evaluator's normalised importance per parameter; ``importance.png``."""
     fig = Figure(figsize=(7, 0.4 * len(importance) + 1.5))
     ax = fig.add_subplot()
@@ -87,34 +100,62 @@ def plot_importance(importance: pd.DataFrame, evaluators: list[str], out_dir: st
     ax.set_yticks(y + h * (len(evaluators) - 1) / 2, importance["param"])
     ax.invert_yaxis()
     ax.set_xlabel("normalised importance")
+    ax.set_title(f"parameter importance from {n_trials} finished trials")
     ax.legend(loc="best")
     return _save(fig, store.join(out_dir, "importance.png"))
 
 
-def plot_ablation(table: pd.DataFrame, metric: str, out_dir: str) -> str:
-    """Each cell's mean paired difference from the baseline with its bootstrap interval; ``ablation.png``."""
+def plot_ablation(table: pd.DataFrame, label: str, out_dir: str) -> str:
+    """Each cell's mean paired difference from the baseline with its bootstrap interval (grey and dashed where it
+    rests on too few pairs to be reliable), n pairs in each row's name; ``ablation.png``. ``table`` holds
+    ``mean_diff``, ``ci_low``, ``ci_high`` in the units of ``label``, ``n_pairs`` and ``ci_reliable``."""
     fig = Figure(figsize=(7, 0.5 * len(table) + 1.5))
     ax = fig.add_subplot()
     y = np.arange(len(table))
     mean = table["mean_diff"].to_numpy(np.float64)
     err = np.vstack([mean - table["ci_low"].to_numpy(np.float64), table["ci_high"].to_numpy(np.float64) - mean])
-    ax.errorbar(mean, y, xerr=err, fmt="o", capsize=4)
+    reliable = table["ci_reliable"].to_numpy(bool)
+    for ok, style in ((True, dict(color="C0")), (False, dict(color="grey", ls="--"))):
+        m = reliable == ok
+        if m.any():
+            bars = ax.errorbar(mean[m], y[m], xerr=err[:, m], fmt="o", capsize=4, color=style["color"])
+            if not ok:
+                for line in bars[2]:
+                    line.set_linestyle("--")
     ax.axvline(0.0, color="grey", lw=1)
-    ax.set_yticks(y, table["cell"])
+    ax.set_yticks(y, [f"{c} (n={n})" for c, n in zip(table["cell"], table["n_pairs"])])
     ax.invert_yaxis()
-    ax.set_xlabel(f"{metric}: cell - baseline (mean over paired seeds, 95% bootstrap interval)")
+    ax.set_xlabel(f"{label}: cell - baseline (mean over paired seeds, 95% bootstrap interval)")
+    if not reliable.all():
+        ax.set_title("grey dashed: fewer than 5 pairs, the interval is unreliable", fontsize="small")
     return _save(fig, store.join(out_dir, "ablation.png"))
 
 
-def plot_learning_curves(curves: pd.DataFrame, metric: str, out_dir: str) -> str:
-    """Per cell: mean over seeds against iteration with a min-max band; ``curves_<metric>.png``."""
+def plot_learning_curves(curves: pd.DataFrame, label: str, out_dir: str, name: str) -> str:
+    """Per cell: mean over seeds against iteration with a min-max band, the number of seeds in the legend;
+    ``curves_<name>.png``. ``curves`` holds ``mean``, ``min``, ``max`` in the units of ``label``."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for i, (cell, c) in enumerate(curves.groupby("cell", sort=True)):
-        ax.plot(c["iteration"], c["mean"], color=f"C{i % 10}", label=str(cell))
+        ax.plot(c["iteration"], c["mean"], color=f"C{i % 10}", label=f"{cell} (n={int(c['n'].max())})")
         ax.fill_between(c["iteration"], c["min"], c["max"], color=f"C{i % 10}", alpha=0.2, lw=0)
     ax.set_xlabel("iteration")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(label)
     ax.set_title("learning curves: mean over seeds, band = min-max")
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, store.join(out_dir, f"curves_{safe_name(metric)}.png"))
+    return _save(fig, store.join(out_dir, f"curves_{safe_name(name)}.png"))
+
+
+def plot_trial_curves(curves: pd.DataFrame, label: str, out_dir: str, name: str) -> str:
+    """One line per trial (``trial_id, iteration, value``) in the order given; ``trials_<name>.png``."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ids = list(dict.fromkeys(curves["trial_id"]))
+    for i, tid in enumerate(ids):
+        c = curves[curves["trial_id"] == tid]
+        ax.plot(c["iteration"], c["value"], marker="o", ms=3, color=f"C{i % 10}", label=str(tid))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(label)
+    ax.set_title(f"learning curves of the {len(ids)} best trials")
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, store.join(out_dir, f"trials_{safe_name(name)}.png"))

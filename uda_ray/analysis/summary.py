@@ -1,15 +1,24 @@
 """Plain tables over the trials table: status counts, top-k with overrides, optimisation history, retrain means;
-and the markdown rendering used by the report."""
+the conversion of fractions to percent for people, and the markdown rendering used by the report.
+
+Every value of a metric here is the trial's value at its last evaluation (``last/<metric>``; for the search metric
+that is the ``score``, see ``uda_ray.results.schema``). Tables are built in the parquet's units (fractions);
+``in_percent`` makes the copy that is printed, plotted and written for people.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
 from uda_ray.analysis.best import best_trials, check_mode, finished, metric_column
-from uda_ray.results.schema import LAST_PREFIX, STATUSES
+from uda_ray.results.schema import BEST_PREFIX, LAST_PREFIX, STATUSES, is_percent_metric
+
+PRUNED = "PRUNED"
+PERCENT_SUFFIX = " (%)"
 
 
 def status_counts(trials: pd.DataFrame) -> pd.DataFrame:
@@ -20,33 +29,51 @@ def status_counts(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([out, pd.DataFrame({"status": ["total"], "count": [len(trials)]})], ignore_index=True)
 
 
+def holdout_metric(metric: str) -> str:
+    """The report-half counterpart of a selection metric (``val/miou`` → ``holdout/miou``; ``uda_ray.data.holdout``)."""
+    return "holdout/" + metric.split("/", 1)[1] if metric.startswith("val/") else ""
+
+
 def top_table(trials: pd.DataFrame, metric: str, mode: str, k: int) -> pd.DataFrame:
-    """The best ``k`` finished trials: rank, trial_id, ``best/<metric>``, ``last/<metric>``, iterations, wall time,
-    cell/seed where set, and the trial's overrides (JSON)."""
+    """The best ``k`` finished trials: rank, trial_id, ``last/<metric>`` (the score), the held-out report half's
+    value when the search had one, the iteration it was scored at, iterations, wall time, cell/seed where set, the
+    checkpoint behind the score and the trial's overrides (JSON)."""
     top = best_trials(trials, metric, mode, k)
     cols = ["rank", "trial_id", metric_column(trials, metric)]
-    last = f"{LAST_PREFIX}{metric}"
-    cols += [last] if last in trials.columns else []
+    held = f"{LAST_PREFIX}{holdout_metric(metric)}"
+    cols += [held] if held in top.columns and top[held].notna().any() else []
+    cols += [c for c in ("score_iteration",) if c in top.columns]
     cols += ["iterations", "wall_s"]
     cols += [c for c in ("cell", "seed", "source_trial_id") if c in top.columns and top[c].notna().any()]
+    cols += [c for c in ("checkpoint",) if c in top.columns]
     cols += ["overrides"]
     return top[cols].reset_index(drop=True)
 
 
 def history(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """Finished trials in the order they ended (``ended_at``, then ``trial_id``): ``n`` (1-based), trial_id,
-    ended_at, value (``best/<metric>``) and ``best_so_far`` (running max or min)."""
+    """Finished and pruned trials in the order they ended (``ended_at``, then ``trial_id``): ``n`` (1-based),
+    trial_id, status, ended_at, iteration (where its value was taken: the end, or the rung ASHA stopped it at),
+    value (``last/<metric>``) and ``best_so_far`` (running max or min over the *finished* trials so far, NaN before
+    the first: a pruned trial's value at an early rung is not comparable with a finished trial's)."""
     check_mode(mode)
     col = metric_column(trials, metric)
-    ok = finished(trials, col).sort_values(["ended_at", "trial_id"], kind="stable", na_position="last")
-    values = ok[col].to_numpy(dtype="float64")
-    running = np.maximum.accumulate(values) if mode == "max" else np.minimum.accumulate(values)
+    values = pd.to_numeric(trials[col], errors="raise").astype("float64")
+    keep = trials["status"].isin(["TERMINATED", PRUNED]).to_numpy(bool) & np.isfinite(values.to_numpy())
+    ok = trials.loc[keep].sort_values(["ended_at", "trial_id"], kind="stable", na_position="last")
+    v = ok[col].to_numpy(dtype="float64")
+    done = (ok["status"] == "TERMINATED").to_numpy(bool)
+    masked = np.where(done, v, -np.inf if mode == "max" else np.inf)
+    running = np.maximum.accumulate(masked) if mode == "max" else np.minimum.accumulate(masked)
+    running = np.where(np.isfinite(running), running, np.nan)
+    at = ok["score_iteration"] if "score_iteration" in ok.columns else ok["iterations"]
     return pd.DataFrame({"n": np.arange(1, len(ok) + 1), "trial_id": ok["trial_id"].to_numpy(),
-                         "ended_at": ok["ended_at"].to_numpy(), "value": values, "best_so_far": running})
+                         "status": ok["status"].to_numpy(), "ended_at": ok["ended_at"].to_numpy(),
+                         "iteration": pd.array(at.to_numpy(), dtype="Int64"), "value": v,
+                         "best_so_far": running})
 
 
 def retrain_summary(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per ``source_trial_id`` of finished retrain rows: seeds, mean, std (ddof 1) of ``best/<metric>``."""
+    """Per ``source_trial_id`` of finished retrain rows: seeds, mean, std (ddof 1) of ``last/<metric>``."""
     col = metric_column(trials, metric)
     ok = finished(trials[trials["kind"] == "retrain"], col)
     g = ok.groupby("source_trial_id")[col]
@@ -54,17 +81,38 @@ def retrain_summary(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out.sort_values("source_trial_id", kind="stable").reset_index(drop=True)
 
 
-def _cell(value: object) -> str:
+# ------------------------------------------------------------------------------------------------- for people
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Columns of ``df`` that hold a fraction metric by name (``last/val/miou``, ``best/holdout/miou``, …)."""
+    return [c for c in df.columns if isinstance(c, str) and c.startswith((LAST_PREFIX, BEST_PREFIX))
+            and is_percent_metric(c)]
+
+
+def in_percent(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """A copy with ``columns`` (fractions) × 100, each renamed ``<name> (%)``; other columns untouched."""
+    cols = [c for c in columns if c in df.columns]
+    out = df.copy()
+    for c in cols:
+        out[c] = pd.to_numeric(out[c], errors="raise").astype("float64") * 100.0
+    return out.rename(columns={c: f"{c}{PERCENT_SUFFIX}" for c in cols})
+
+
+def _cell(value: object, percent: bool) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4g}"
+        if math.isnan(value):
+            return ""
+        return f"{value:.2f}" if percent else f"{value:.4g}"
     if value is None or value is pd.NA or value is pd.NaT:
         return ""
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub markdown table (floats with 4 significant digits, empty cells for missing values)."""
+    """A GitHub markdown table: percent columns (named ``… (%)``) with 2 decimals, other floats with 4 significant
+    digits, empty cells for missing values."""
+    percent = [str(c).endswith(PERCENT_SUFFIX) for c in df.columns]
     header = "| " + " | ".join(str(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False, name=None)]
+    rows = ["| " + " | ".join(_cell(v, p) for v, p in zip(row, percent)) + " |"
+            for row in df.itertuples(index=False, name=None)]
     return "\n".join([header, rule, *rows])
