@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -35,6 +36,19 @@ def test_train_then_evaluate(tmp_path: Path, synthetic_cache: Path, capsys: pyte
     assert float(lines["val/miou"]) == pytest.approx(100 * final, abs=0.006)
     # the prediction grid of every evaluation, beside the checkpoints
     assert sorted(p.name for p in (run / "images").iterdir()) == ["iter_0000003.png", "iter_0000006.png"]
+    # the coloured prediction of every val image
+    out_dir = tmp_path / "predictions"
+    assert main(["evaluate", str(run / "checkpoints" / "iter_0000006"), "--save-images", str(out_dir)]) == 0
+    assert "coloured predictions of the 3 images" in capsys.readouterr().out
+    files = sorted(out_dir.glob("*.png"))
+    assert len(files) == 3
+    from PIL import Image
+
+    from uda_ray.train.images import colorize
+
+    palette = {tuple(c) for c in colorize(np.arange(19, dtype=np.uint8)[None])[0]}
+    image = np.asarray(Image.open(files[0]).convert("RGB"))
+    assert image.shape[:2] == (32, 64) and {tuple(c) for c in image.reshape(-1, 3)} <= palette
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -36,8 +36,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from uda_ray.train.run_eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, split=args.split, use_teacher=args.teacher,
-                                 overrides=args.overrides)
+                                 overrides=args.overrides, save_images=args.save_images)
     print(f"evaluated: {result.describe()}; IoU in percent")
+    if args.save_images:
+        print(f"coloured predictions of the {result.num_images} images: {args.save_images}/<image name>.png")
     width = max(len(k) for k in result.metrics)
     for k, v in result.metrics.items():
         print(f"{k:<{width}}  {100 * v:6.2f}")
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="checkpoint.pt or the folder holding it")
     e.add_argument("--split", default="val", choices=("val", "train"))
     e.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
+    e.add_argument("--save-images", metavar="DIR", help="also write the coloured prediction of every image to DIR")
     e.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config (e.g. data paths)")
     e.set_defaults(func=_cmd_evaluate)
 

@@ -49,6 +49,19 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class RareClassConfig:
+    """Rare Class Sampling of source images (DAFormer, METHODS.md §9)."""
+
+    enabled: bool = _f(False)
+    temperature: float = _f(0.01, gt=0.0, doc="P(c) = softmax((1 - f_c) / T)")
+    min_pixels: int = _f(3000, ge=0, doc="an image is drawn for class c only with more pixels of c than this")
+    min_crop_ratio: float = _f(0.5, ge=0.0, doc="crops are re-drawn (10 times) until they hold more than "
+                               "min_pixels * min_crop_ratio pixels of c (HRDA's 1024 crops: 2.0)")
+    stats_dir: str = _f("", doc="folder of sample_class_stats.json; empty = the source root (DAFormer's place) or, "
+                        "read-only, ~/.cache/uda-ray/rcs/")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = _f("synthetic", choices=("synthetic", "gta5", "synthia"))
     target: str = _f("synthetic", choices=("synthetic", "cityscapes"))
@@ -63,6 +76,16 @@ class DataConfig:
     batch_size: int = _f(2, ge=1, doc="images per domain per worker")
     loader_workers: int = _f(0, ge=0)
     val_max_images: int = _f(0, ge=0, doc="0 = the whole val split")
+    label_format: str = _f("auto", choices=("auto", "ids", "train_ids"),
+                           doc="ids: the datasets' label ids; train_ids: DAFormer's converted *_labelTrainIds.png; "
+                           "auto: the one kind found (an error when both exist)")
+    resize_labels: bool = _f(False, doc="a label whose size differs from its image is resized (nearest) instead of "
+                             "being an error")
+    keep_ratio: bool = _f(False, doc="resize to fit the *_resize sizes keeping the aspect ratio (mmseg's Resize, "
+                          "DAFormer) instead of to them exactly")
+    cat_max_ratio: float = _f(1.0, gt=0.0, le=1.0, doc="source crops are re-drawn (10 times) while one class covers "
+                              "more than this share (DAFormer: 0.75); 1.0 = off")
+    rcs: RareClassConfig = _sub(RareClassConfig)
     synthetic: SyntheticConfig = _sub(SyntheticConfig)
 
 
@@ -97,7 +120,13 @@ class ModelConfig:
 class TeacherConfig:
     alpha: float = _f(0.999, ge=0.0, lt=1.0, doc="EMA: alpha_t = min(1 - 1/(t+1), alpha)")
     pseudo_threshold: float = _f(0.968, ge=0.0, le=1.0)
-    weighting: str = _f("scalar", choices=("scalar", "pixel"), doc="scalar: fraction above threshold per image")
+    weighting: str = _f("scalar", choices=("scalar", "pixel", "batch"),
+                        doc="scalar: fraction above threshold per image (margins excluded); pixel: 1 above the "
+                        "threshold; batch: one fraction over the whole target batch, margins zeroed after (DAFormer)")
+    bn_mode: str = _f("running", choices=("running", "batch"),
+                      doc="teacher BatchNorm while pseudo-labelling: running = eval mode (running statistics); "
+                      "batch = train mode, normalising with the target batch's statistics, only dropout and "
+                      "drop-path off (DAFormer's code); the teacher's running statistics are never changed")
     ignore_top: int = _f(0, ge=0, doc="pixels at the top with pseudo-label weight 0")
     ignore_bottom: int = _f(0, ge=0)
 
@@ -163,6 +192,18 @@ class CrossViewConfig:
     grid_size: int = _f(32, ge=1, doc="views are compared on a grid_size x grid_size grid of pixels")
 
 
+THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # traffic light/sign, person … bicycle (METHODS.md §9)
+
+
+@dataclass(frozen=True)
+class FeatureDistanceConfig:
+    weight: float = _f(0.0, ge=0.0, doc="ImageNet Feature Distance on the source (DAFormer: 0.005); 0 removes it; "
+                       "meant for pretrained backbones")
+    classes: tuple[int, ...] = _f(THING_CLASSES, ge=0, le=18, doc="train ids whose features are kept close")
+    scale_min_ratio: float = _f(0.75, gt=0.0, le=1.0, doc="a feature cell takes its label's majority class only "
+                                "when it covers this share of the cell")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     source_weight: float = _f(1.0, ge=0.0)
@@ -172,6 +213,7 @@ class LossConfig:
     entropy: EntropyConfig = _sub(EntropyConfig)
     sdca: SDCAConfig = _sub(SDCAConfig)
     cross_view: CrossViewConfig = _sub(CrossViewConfig)
+    fd: FeatureDistanceConfig = _sub(FeatureDistanceConfig)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from uda_ray.config import Config, apply_overrides
+from uda_ray.models import build_segmenter
 from uda_ray.train.loop import build_model, build_optimizer, build_scheduler, step_settings
 from uda_ray.train.step import DivergedError, step
 from uda_ray.train.terms import TERMS, build_terms
@@ -22,6 +23,9 @@ TERM_ON = {
                     "loss.cross_view.grid_size": 8}, ["train/loss_cross_view_pixel", "train/loss_cross_view_proto"]),
     "target_mix": ({"mix.target_to_source.enabled": True, "mix.target_to_source.t_max": 0.0},
                    ["train/loss_t2s"]),
+    # 32×32 crops give a 1×1 last stage: every class, a 10 % majority
+    "fd": ({"loss.fd.weight": 0.005, "loss.fd.classes": list(range(19)), "loss.fd.scale_min_ratio": 0.1},
+           ["train/loss_fd"]),
 }
 
 TINY = {"model.backbone": "resnet18", "model.embed_dim": 8, "model.dropout": 0.0, "optim.lr": 1e-3,
@@ -46,7 +50,7 @@ def _setup(cfg: Config, seed: int = 0):
     from uda_ray.models import make_teacher
 
     teacher = make_teacher(student)
-    terms = torch.nn.ModuleList(build_terms(cfg, 19, student.feature_channels[-1]))
+    terms = torch.nn.ModuleList(build_terms(cfg, student))
     opt = build_optimizer(cfg, student)
     sched = build_scheduler(cfg, opt)
     return student, teacher, terms, opt, sched
@@ -91,14 +95,14 @@ def test_source_only_skips_the_teacher():
 
 
 def test_registry_builds_nothing_by_default():
-    assert build_terms(_cfg(), 19, 512) == []
+    assert build_terms(_cfg(), build_segmenter("resnet18", 19, embed_dim=8)) == []
 
 
 @pytest.mark.parametrize("name", list(TERMS))
 def test_each_term_alone(name: str):
     overrides, keys = TERM_ON[name]
     cfg = _cfg(overrides)
-    assert [t.name for t in build_terms(cfg, 19, 512)], name
+    assert [t.name for t in build_terms(cfg, build_segmenter("resnet18", 19, embed_dim=8))], name
     metrics, _, _ = _run(cfg, iters=2)
     for m in metrics:
         for k in keys:

@@ -129,20 +129,31 @@ def test_asha_prunes_and_later_trials_still_run(ray_local, tmp_path: Path, synth
 
 def test_failed_and_diverged_trials_are_recorded_and_search_goes_on(ray_local, tmp_path: Path,
                                                                    synthetic_cache: Path):
+    bad = tmp_path / "not_a_checkpoint.pth"
+    bad.write_bytes(b"not a state dict")
     space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=4, sampler="tpe",
                         overrides={"optim.name": "sgd", "optim.momentum": 0.0, "optim.warmup_iters": 0},
-                        params={"model.backbone": {"choice": ["test_resnet", "no_such_backbone"]},
+                        params={"model.pretrained_path": {"choice": ["", str(bad)]},
                                 "optim.lr": {"choice": [1.0e-3, 1.0e12]}})
+    data = yaml.safe_load(space.read_text())
+    data["max_failures"] = 2  # a checkpoint error is not retried all the same
+    space.write_text(yaml.safe_dump(data))
     out = run_search(space, storage=str(tmp_path / "results"))
     trials = load_trials(out.experiment.uri)
     assert len(trials) == 4
     for _, row in trials.iterrows():
-        if row["config/model.backbone"] == "no_such_backbone":
-            assert row["status"] == "ERROR" and "no_such_backbone" in row["error"]
+        if row["config/model.pretrained_path"]:
+            assert row["status"] == "ERROR" and "not_a_checkpoint.pth" in row["error"], row["error"]
         elif row["config/optim.lr"] > 1:
             assert row["status"] == "DIVERGED" and "Diverged at iteration" in row["error"]
         else:
             assert row["status"] == "TERMINATED" and row["error"] == ""
+    from ray.tune import ExperimentAnalysis
+
+    attempts = {t.trial_id: t.run_metadata.num_failures for t in ExperimentAnalysis(out.experiment.uri).trials}
+    for _, row in trials[trials["status"] == "ERROR"].iterrows():
+        assert attempts[row["trial_id"]] == 1, "a checkpoint error was retried"
+    assert (trials["status"] == "ERROR").any() and (trials["status"] == "TERMINATED").any()
     study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == (trials["status"] != "TERMINATED").sum()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-WEIGHTINGS = ("scalar", "pixel")
+WEIGHTINGS = ("scalar", "pixel", "batch")
 
 
 def pseudo_labels(logits: torch.Tensor, *, threshold: float, weighting: str = "scalar", ignore_top: int = 0,
@@ -18,8 +18,11 @@ def pseudo_labels(logits: torch.Tensor, *, threshold: float, weighting: str = "s
       The margin rows are excluded from the fraction's denominator, so ω_b is the confident share of the pixels
       that can carry a weight at all.
     - ``"pixel"``: ω_p = 1[p ∈ K].
+    - ``"batch"`` (DAFormer's code, ``dacs.py``): one scalar for the whole target batch, the share of all B·H·W
+      pixels (margins included) at or above the threshold, ω = |{p ≥ threshold}| / (B·H·W); the margin rows are
+      zeroed after it is computed. Its mean is then not |K| / (B·H·W).
 
-    In both modes ``weights.mean()`` is |K| / (B·H·W), the fraction of all target pixels kept (see
+    In the scalar and pixel modes ``weights.mean()`` is |K| / (B·H·W), the fraction of all target pixels kept (see
     ``keep_fraction``). No gradient flows through the result.
 
     Args:
@@ -46,6 +49,9 @@ def pseudo_labels(logits: torch.Tensor, *, threshold: float, weighting: str = "s
         kept = (confidence >= threshold) & region  # (B, H, W)
         if weighting == "pixel":
             weights = kept.float()
+        elif weighting == "batch":
+            fraction = (confidence >= threshold).float().mean()  # (): margins included, as DAFormer
+            weights = fraction * region  # (B, H, W)
         else:
             rows = height - ignore_top - ignore_bottom
             fraction = kept.flatten(1).sum(1).float() / (rows * logits.shape[3])  # (B,)

@@ -40,6 +40,7 @@ class StepContext:
     autocast: Callable[[], torch.autocast]
     num_classes: int
     aux_bn_update: bool = True  # whether auxiliary passes update BatchNorm running statistics
+    teacher_bn_batch: bool = False  # teacher.bn_mode = batch: the teacher's BatchNorm uses the target batch's stats
     _pseudo: PseudoLabels | None = None
     _out_tgt: SegOutput | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
@@ -48,7 +49,7 @@ class StepContext:
     def pseudo(self) -> PseudoLabels:
         """Teacher pseudo-labels of the un-augmented target batch (computed once)."""
         if self._pseudo is None:
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn_batch):
                 logits = self.teacher(self.x_tgt).logits
             logits = upsample(logits.float(), self.x_tgt.shape[-2:])  # (B, C, H, W)
             self._pseudo = self.pseudo_fn(logits)
@@ -87,6 +88,25 @@ def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
         for m, momentum, count in saved:
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
+
+
+@contextlib.contextmanager
+def teacher_bn_mode(teacher: nn.Module, batch: bool) -> Iterator[None]:
+    """With ``batch``, the (eval-mode) teacher's BatchNorm layers normalise with the statistics of the batch they
+    see, as in train mode, while dropout and drop-path stay off and the running statistics stay as they are
+    (DAFormer's teacher runs in train mode with only dropout and drop-path switched off; ``teacher.bn_mode``)."""
+    if not batch:
+        yield
+        return
+    norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training]
+    for m in norms:
+        m.train()
+    try:
+        with bn_stats_frozen(teacher):
+            yield
+    finally:
+        for m in norms:
+            m.eval()
 
 
 def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

@@ -24,6 +24,7 @@ from uda_ray.config import Config, to_dict
 from uda_ray.data.holdout import holdout_split, image_groups
 from uda_ray.data.labels import eval_class_ids
 from uda_ray.data.loaders import build_train_loader, build_val_loader
+from uda_ray.data.rcs import RareClassSpec, build_rcs
 from uda_ray.data.readers import SegmentationDataset, build_dataset
 from uda_ray.data.synthetic import ensure_synthetic
 from uda_ray.data.transforms import EvalTransform, TrainTransform
@@ -103,7 +104,9 @@ def build_val(cfg: Config, split: str = "val", dist_info: DistInfo | None = None
     d, di = cfg.data, dist_info or DistInfo()
     root = target_root if target_root is not None else data_roots(cfg)[1]
     name = _reader(d.target, "target")
-    ds = build_dataset(name, root, split, EvalTransform(d.val_resize), cache_in_memory=d.target == "synthetic")
+    ds = build_dataset(name, root, split, EvalTransform(d.val_resize, keep_ratio=d.keep_ratio),
+                       cache_in_memory=d.target == "synthetic", label_format=d.label_format,
+                       resize_labels=d.resize_labels)
     loader = build_val_loader(ds, rank=di.rank, world_size=di.world_size, max_images=d.val_max_images,
                               num_workers=d.loader_workers)
     n = len(ds) if d.val_max_images <= 0 else min(len(ds), d.val_max_images)
@@ -125,21 +128,53 @@ class Data:
 
 
 def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
-    """The run's data, the iterators resuming at ``start_iteration``."""
+    """The run's data, the iterators resuming at ``start_iteration``.
+
+    With ``data.rcs.enabled`` the source images are drawn by Rare Class Sampling; its class statistics are read
+    from (or computed into) the source root by rank 0 first, while the other ranks wait, then read by all.
+    """
     d = cfg.data
     src_root, tgt_root = data_roots(cfg)
-    cache = d.source == "synthetic"
-    src_ds = build_dataset(_reader(d.source, "source"), src_root, "train",
-                           TrainTransform(d.source_resize, d.crop, d.flip), cache_in_memory=cache)
+    src_ds = build_dataset(_reader(d.source, "source"), src_root, "train", _source_transform(cfg, None),
+                           cache_in_memory=d.source == "synthetic", label_format=d.label_format,
+                           resize_labels=d.resize_labels)
+    rcs = None
+    if d.rcs.enabled:
+        rcs = _rare_class_spec(cfg, src_ds, src_root, dist_info)
+        src_ds.transform = _source_transform(cfg, rcs.min_crop_pixels)
     tgt_ds = build_dataset(_reader(d.target, "target"), tgt_root, "train",
-                           TrainTransform(d.target_resize, d.crop, d.flip), cache_in_memory=d.target == "synthetic")
+                           TrainTransform(d.target_resize, d.crop, d.flip, keep_ratio=d.keep_ratio),
+                           cache_in_memory=d.target == "synthetic", label_format=d.label_format,
+                           resize_labels=d.resize_labels)
     start = start_iteration * d.batch_size
     common = dict(batch_size=d.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
                   num_workers=d.loader_workers, start=start)
     # distinct seeds per domain so source and target orders are not correlated
-    src_it = build_train_loader(src_ds, seed=cfg.run.seed, **common)
+    src_it = build_train_loader(src_ds, seed=cfg.run.seed, rcs=rcs, **common)
     tgt_it = build_train_loader(tgt_ds, seed=cfg.run.seed + 1_000_003, **common)
     return Data(src_it, tgt_it, tgt_ds, build_val(cfg, "val", dist_info, target_root=tgt_root))
+
+
+def _source_transform(cfg: Config, rcs_min_crop_pixels: float | None) -> TrainTransform:
+    d = cfg.data
+    return TrainTransform(d.source_resize, d.crop, d.flip, keep_ratio=d.keep_ratio, cat_max_ratio=d.cat_max_ratio,
+                          rcs_min_crop_pixels=rcs_min_crop_pixels)
+
+
+def _rare_class_spec(cfg: Config, src_ds: SegmentationDataset, src_root: Path, dist_info: DistInfo) -> RareClassSpec:
+    r = cfg.data.rcs
+    distributed = dist.is_available() and dist.is_initialized() and dist_info.world_size > 1
+
+    def build() -> RareClassSpec:
+        return build_rcs(src_ds, src_root, temperature=r.temperature, min_pixels=r.min_pixels,
+                         min_crop_ratio=r.min_crop_ratio, cache_dir=r.stats_dir or None,
+                         progress=dist_info.rank == 0)
+
+    if not distributed:
+        return build()
+    spec = build() if dist_info.rank == 0 else None  # rank 0 computes and writes the statistics once
+    dist.barrier()
+    return spec if spec is not None else build()
 
 
 def eval_infer(cfg: Config) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
@@ -192,7 +227,8 @@ def step_settings(cfg: Config, device: torch.device) -> StepSettings:
                         blur_sigma=(m.blur_sigma_min, m.blur_sigma_max), ema_alpha=t.alpha,
                         grad_clip=cfg.optim.grad_clip,
                         autocast_dtype=torch.bfloat16 if cfg.run.precision == "bf16" else None,
-                        aux_bn_update=cfg.model.aux_pass_bn_update)
+                        aux_bn_update=cfg.model.aux_pass_bn_update, teacher_bn_batch=t.bn_mode == "batch",
+                        aux_weight=cfg.model.aux_weight)
 
 
 def seed_everything(seed: int, rank: int) -> torch.Generator:
@@ -250,9 +286,10 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
     ckpt_root = work_dir / "checkpoints"
     generator = seed_everything(cfg.run.seed, di.rank)
 
-    student = build_model(cfg).to(device)
+    student = build_model(cfg)
+    terms = nn.ModuleList(build_terms(cfg, student)).to(device)  # before training: FD copies the initial backbone
+    student = student.to(device)
     teacher = make_teacher(student)
-    terms = nn.ModuleList(build_terms(cfg, NUM_CLASSES, student.feature_channels[-1])).to(device)
     optimizer = build_optimizer(cfg, student)
     scheduler = build_scheduler(cfg, optimizer)
     start = 0
@@ -263,7 +300,6 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         terms.load_state_dict(state["terms"])
-        set_rng_state(state["rng"], generator)
         start = int(state["iteration"])
     if di.world_size > 1:
         if cfg.model.sync_bn:
@@ -279,6 +315,10 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
     grid = _grid_writer(cfg, data, images or _folder_sink(work_dir / "images"), device) \
         if cfg.run.save_images and di.rank == 0 else None
     settings = step_settings(cfg, device)
+    if resume_from is not None:
+        # last: building the data iterators draws from torch's global generator (DataLoader's base seed), which
+        # would shift the dropout and drop-path draws of a resumed run against an uninterrupted one
+        set_rng_state(state["rng"], generator)
     class_ids = eval_class_ids(cfg.data.protocol)
     infer = eval_infer(cfg)
     model_for_eval = getattr(student, "module", student)

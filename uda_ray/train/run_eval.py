@@ -7,15 +7,20 @@ trial's score gives that score.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from uda_ray.config import Config, apply_overrides, from_dict
 from uda_ray.data.labels import eval_class_ids
 from uda_ray.train.checkpoint import load_checkpoint
+from uda_ray.train.context import upsample
 from uda_ray.train.evaluate import evaluate
+from uda_ray.train.images import label_png
 from uda_ray.train.loop import (
     DEFAULT_THREADS,
     NUM_CLASSES,
@@ -46,7 +51,11 @@ class CheckpointEvaluation:
 
 
 def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bool = False,
-                        overrides: list[str] | None = None) -> CheckpointEvaluation:
+                        overrides: list[str] | None = None, save_images: str | Path | None = None
+                        ) -> CheckpointEvaluation:
+    """Evaluate a training checkpoint's student (or teacher) as the run evaluated it (same inference mode, size,
+    precision and thread count); with ``save_images`` also write the coloured prediction of every evaluated image
+    to ``<save_images>/<image name>.png`` (the Cityscapes palette, ``uda_ray.train.images``)."""
     state = load_checkpoint(path)
     cfg: Config = from_dict(state["config"], source=f"{path} (saved config)")
     if overrides:
@@ -62,4 +71,34 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bo
                        device=device, autocast_dtype=step_settings(cfg, device).autocast_dtype, prefix=split,
                        report_indices=val.report_indices, infer=eval_infer(cfg))
     n_report = sum(1 for i in val.report_indices if i < val.num_images) if val.report_indices is not None else 0
+    if save_images is not None:
+        save_predictions(model, val.loader, Path(save_images), infer=eval_infer(cfg), device=device,
+                         autocast_dtype=step_settings(cfg, device).autocast_dtype)
     return CheckpointEvaluation(which, split, int(state["iteration"]), val.num_images, n_report, metrics)
+
+
+@torch.no_grad()
+def save_predictions(model: torch.nn.Module, loader: DataLoader, folder: Path, *,
+                     infer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None, device: torch.device,
+                     autocast_dtype: torch.dtype | None) -> list[Path]:
+    """The coloured argmax prediction of every image of ``loader`` (batch size 1), at the label's resolution, as
+    ``<folder>/<image file stem>.png``; returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = loader.dataset
+    was_training = model.training
+    model.eval()
+    written = []
+    try:
+        for batch in loader:
+            x = batch["image"].to(device)
+            size = tuple(batch["label"].shape[-2:])
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits = infer(model, x) if infer is not None else model(x).logits
+            pred = upsample(logits.float(), size).argmax(dim=1)[0].cpu().numpy()  # (H, W)
+            image_path = Path(dataset.pairs[int(batch["index"][0])][0])
+            out = folder / f"{image_path.stem}.png"
+            out.write_bytes(label_png(pred.astype(np.uint8)))
+            written.append(out)
+    finally:
+        model.train(was_training)
+    return written

@@ -46,6 +46,8 @@ class StepSettings:
     grad_clip: float = 0.0
     autocast_dtype: torch.dtype | None = None  # None = full precision
     aux_bn_update: bool = True  # auxiliary student passes update BatchNorm running statistics
+    teacher_bn_batch: bool = False  # the teacher's BatchNorm normalises with the target batch's statistics
+    aux_weight: float = 0.0  # weight of the auxiliary prediction's CE (DeepLabV2's layer3 classifier)
 
 
 class DivergedError(RuntimeError):
@@ -97,11 +99,14 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
         out_src = student(x_src)
     losses: dict[str, Tensor] = {"src": s.source_weight * cross_entropy(upsample(out_src.logits.float(),
                                                                                 y_src.shape[-2:]), y_src)}
+    if s.aux_weight > 0 and out_src.aux is not None:
+        losses["src_aux"] = s.aux_weight * s.source_weight * cross_entropy(
+            upsample(out_src.aux.float(), y_src.shape[-2:]), y_src)
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
                       pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
                                                ignore_top=s.ignore_top, ignore_bottom=s.ignore_bottom),
                       generator=generator, autocast=autocast, num_classes=s.num_classes,
-                      aux_bn_update=s.aux_bn_update)
+                      aux_bn_update=s.aux_bn_update, teacher_bn_batch=s.teacher_bn_batch)
 
     if s.mix_weight > 0:
         losses["mix"] = s.mix_weight * _classmix_loss(ctx, s)
@@ -143,4 +148,7 @@ def _classmix_loss(ctx: StepContext, s: StepSettings) -> Tensor:
     with ctx.autocast():
         out = ctx.student(x)
     ctx.extra.update(mix_fused=out.fused, mix_labels=y, mix_weights=w)
-    return cross_entropy(upsample(out.logits.float(), y.shape[-2:]), y, w)
+    loss = cross_entropy(upsample(out.logits.float(), y.shape[-2:]), y, w)
+    if s.aux_weight > 0 and out.aux is not None:
+        loss = loss + s.aux_weight * cross_entropy(upsample(out.aux.float(), y.shape[-2:]), y, w)
+    return loss

@@ -15,11 +15,13 @@ from typing import Protocol
 from torch import Tensor
 
 from uda_ray.config import Config
+from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext
 from uda_ray.train.terms.cfcontra import build_cfcontra
 from uda_ray.train.terms.cluda import build_cluda
 from uda_ray.train.terms.cross_view import build_cross_view
 from uda_ray.train.terms.entropy import build_entropy
+from uda_ray.train.terms.feature_distance import build_feature_distance
 from uda_ray.train.terms.sdca import build_sdca
 from uda_ray.train.terms.target_mix import build_target_mix
 
@@ -30,10 +32,12 @@ class Term(Protocol):
     def __call__(self, ctx: StepContext) -> dict[str, Tensor]: ...
 
 
-TermBuilder = Callable[[Config, int, int], "Term | None"]
+TermBuilder = Callable[[Config, Segmenter], "Term | None"]
 
-# name -> builder(cfg, num_classes, deepest backbone feature channels)
+# name -> builder(cfg, student): the student as built (pretrained weights loaded, not yet wrapped for DDP or moved
+# to the device) gives the number of classes, the feature channels, and what a term must copy (the FD backbone)
 TERMS: dict[str, TermBuilder] = {
+    "fd": build_feature_distance,
     "cluda": build_cluda,
     "cfcontra": build_cfcontra,
     "entropy": build_entropy,
@@ -43,7 +47,7 @@ TERMS: dict[str, TermBuilder] = {
 }
 
 
-def build_terms(cfg: Config, num_classes: int, feat_dim: int) -> list[Term]:
-    """The enabled terms of a config, in registry order."""
-    terms = (build(cfg, num_classes, feat_dim) for build in TERMS.values())
+def build_terms(cfg: Config, model: Segmenter) -> list[Term]:
+    """The enabled terms of a config for the student ``model``, in registry order."""
+    terms = (build(cfg, model) for build in TERMS.values())
     return [t for t in terms if t is not None]

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from uda_ray.adaptation import MemoryBank, ambiguous_mask
 from uda_ray.config import Config
 from uda_ray.losses import prototype_contrast
+from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext, resize_labels
 
 IGNORE = 255
@@ -55,7 +56,8 @@ class CFContraTerm(nn.Module):
         return {self.name: self.weight * loss}
 
 
-def build_cfcontra(cfg: Config, num_classes: int, feat_dim: int) -> CFContraTerm | None:
+def build_cfcontra(cfg: Config, model: Segmenter) -> CFContraTerm | None:
+    num_classes = model.num_classes
     c = cfg.loss.cfcontra
     if c.weight == 0:
         return None

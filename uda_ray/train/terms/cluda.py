@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from uda_ray.config import Config
 from uda_ray.losses import pixel_contrast
+from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext, resize_labels, upsample
 
 
@@ -42,7 +43,7 @@ class CludaTerm(nn.Module):
         return {self.name: self.weight * loss}
 
 
-def build_cluda(cfg: Config, num_classes: int, feat_dim: int) -> CludaTerm | None:
+def build_cluda(cfg: Config, model: Segmenter) -> CludaTerm | None:
     c = cfg.loss.cluda
     if c.weight == 0 or not (c.on_source or c.on_mix):
         return None

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from uda_ray.adaptation import strong_view
 from uda_ray.config import Config
 from uda_ray.losses import class_prototypes, cross_view_contrast, cross_view_prototype_contrast
+from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext, resize_labels, upsample
 
 
@@ -48,7 +49,8 @@ class CrossViewTerm(nn.Module):
         return {"cross_view_pixel": self.pixel_weight * pixel / n, "cross_view_proto": self.proto_weight * proto / n}
 
 
-def build_cross_view(cfg: Config, num_classes: int, feat_dim: int) -> CrossViewTerm | None:
+def build_cross_view(cfg: Config, model: Segmenter) -> CrossViewTerm | None:
+    num_classes = model.num_classes
     c = cfg.loss.cross_view
     if c.pixel_weight == 0 and c.proto_weight == 0:
         return None

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from uda_ray.config import Config
 from uda_ray.losses import entropy_loss
+from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext
 
 
@@ -20,5 +21,5 @@ class EntropyTerm(nn.Module):
         return {self.name: self.weight * entropy_loss(ctx.out_tgt.logits.float())}
 
 
-def build_entropy(cfg: Config, num_classes: int, feat_dim: int) -> EntropyTerm | None:
+def build_entropy(cfg: Config, model: Segmenter) -> EntropyTerm | None:
     return EntropyTerm(weight=cfg.loss.entropy.weight) if cfg.loss.entropy.weight > 0 else None

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from uda_ray.adaptation import ClassStatistics
 from uda_ray.config import Config
 from uda_ray.losses import sdca_loss
+from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext, resize_labels
 
 IGNORE = 255
@@ -54,7 +55,9 @@ class SDCATerm(nn.Module):
         return {self.name: loss}
 
 
-def build_sdca(cfg: Config, num_classes: int, feat_dim: int) -> SDCATerm | None:
+def build_sdca(cfg: Config, model: Segmenter) -> SDCATerm | None:
+    num_classes = model.num_classes
+    feat_dim = model.feature_channels[-1]
     c = cfg.loss.sdca
     if c.weight_feat == 0 and c.weight_out == 0:
         return None

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from uda_ray.adaptation import target_to_source_mix
 from uda_ray.config import Config
 from uda_ray.losses import cross_entropy
+from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext, upsample
 
 
@@ -24,7 +25,7 @@ class TargetMixTerm(nn.Module):
         return {self.name: self.weight * cross_entropy(upsample(logits.float(), y.shape[-2:]), y)}
 
 
-def build_target_mix(cfg: Config, num_classes: int, feat_dim: int) -> TargetMixTerm | None:
+def build_target_mix(cfg: Config, model: Segmenter) -> TargetMixTerm | None:
     c = cfg.mix.target_to_source
     if not c.enabled or c.weight == 0:
         return None
