@@ -4,6 +4,7 @@
     python benchmarks/adaptation.py --methods            # + one row per contrastive method on top of the base
     python benchmarks/adaptation.py --seeds 0 --iterations 200   # a quick look
     python benchmarks/adaptation.py --controls --only base base+cfcontra/pass base+sdca/pass
+    python benchmarks/adaptation.py --recipe --only base base+rcs base+bn_batch   # DAFormer's recipe parts
 
 Every setting trains the same config (search_spaces/base/synthetic.yaml) for the same iterations with the same
 seeds; only the adaptation terms differ. Source mIoU is measured on the first 60 source training images (in-domain
@@ -41,14 +42,21 @@ METHODS: dict[str, dict] = {  # METHODS.md §6 default weights, on top of the ba
                         "loss.cross_view.pixel_weight": 0.01, "loss.cross_view.proto_weight": 0.01},
 }
 
+RECIPE: dict[str, dict] = {  # parts of DAFormer's recipe (METHODS.md §9) on top of the base
+    # RCS at the synthetic pair's scale: DAFormer's 3000 pixels are 0.33 % of a 1280×720 GTA5 image; 60 of 96×192
+    "base+rcs": {"data.rcs.enabled": True, "data.rcs.min_pixels": 60, "data.rcs.min_crop_ratio": 0.5},
+    "base+bn_batch": {"teacher.bn_mode": "batch"},  # the teacher's BatchNorm normalises with the target batch
+}
+RARE = ("train", "bus", "truck", "motorcycle", "rider")  # rare by design in the synthetic pair
+
 CONTROLS: dict[str, dict] = {  # the method's target pass without (in effect) its loss
     "base+cfcontra/pass": {"loss.cfcontra.weight": 1e-9, "loss.entropy.weight": 1e-9},
     "base+sdca/pass": {"loss.sdca.weight_feat": 1e-9, "loss.sdca.weight_out": 1e-9},
 }
 
 
-def run_one(job: tuple[str, dict, int, int | None, list[str]]) -> tuple[str, int, float, float, float, str]:
-    """Train one (setting, seed); return target and source mIoU, wall time and status."""
+def run_one(job: tuple[str, dict, int, int | None, list[str]]) -> tuple[str, int, float, float, float, str, dict]:
+    """Train one (setting, seed); return target and source mIoU, wall time, status and the target per-class IoU."""
     name, overrides, seed, iterations, common = job
     import torch
 
@@ -76,7 +84,8 @@ def run_one(job: tuple[str, dict, int, int | None, list[str]]) -> tuple[str, int
     src = build_dataset("gta5", src_root, "train", EvalTransform(cfg.data.val_resize), cache_in_memory=True)
     src_miou = evaluate(model, build_val_loader(src, max_images=60), num_classes=NUM_CLASSES,
                         class_ids=range(NUM_CLASSES), device=torch.device("cpu"))["val/miou"]
-    return name, seed, result.metrics.get("val/miou", float("nan")), src_miou, wall, result.status
+    per_class = {k.removeprefix("val/iou/"): v for k, v in result.metrics.items() if k.startswith("val/iou/")}
+    return name, seed, result.metrics.get("val/miou", float("nan")), src_miou, wall, result.status, per_class
 
 
 def _fmt(values: list[float]) -> str:
@@ -91,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, help="override run.iterations of the base config")
     p.add_argument("--methods", action="store_true", help="add one row per contrastive method")
     p.add_argument("--controls", action="store_true", help="add the pass-only control rows (see above)")
+    p.add_argument("--recipe", action="store_true", help="add the rows base+rcs and base+bn_batch, and the "
+                   "per-class IoU of the rare classes")
     p.add_argument("--only", nargs="+", help="run only these settings")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every setting")
     args = p.parse_args(argv)
 
-    settings = dict(SETTINGS, **(METHODS if args.methods else {}), **(CONTROLS if args.controls else {}))
+    settings = dict(SETTINGS, **(METHODS if args.methods else {}), **(RECIPE if args.recipe else {}),
+                    **(CONTROLS if args.controls else {}))
     if args.only:
         settings = {k: v for k, v in settings.items() if k in args.only}
     jobs = [(name, o, s, args.iterations, args.set) for s in args.seeds for name, o in settings.items()]
@@ -126,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         statuses = ",".join(sorted({r[5] for r in rs}))
         print(f"{name:<19} {_fmt(tgt):>13} {_fmt([r[3] for r in rs]):>13} {gain:>17} "
               f"{statistics.fmean(r[4] for r in rs):7.0f}  {statuses}")
+    if args.recipe:
+        print("\ntarget IoU of the rare classes (mean ± std over seeds) and their mean")
+        print(f"{'setting':<19} " + " ".join(f"{c:>12}" for c in RARE) + f" {'rare mean':>12}")
+        for name in settings:
+            rs = by.get(name, [])
+            if not rs:
+                continue
+            cells = [_fmt([r[6].get(c, float("nan")) for r in rs]) for c in RARE]
+            rare = [statistics.fmean(r[6].get(c, float("nan")) for c in RARE) for r in rs]
+            print(f"{name:<19} " + " ".join(f"{c:>12}" for c in cells) + f" {_fmt(rare):>12}")
     ok = True
     if "source-only" in by:
         so = by["source-only"]

@@ -97,6 +97,29 @@ def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, syntheti
                                 f"trial {trials.loc[trials['best/val/miou'].idxmax(), 'trial_id']})")
 
 
+def test_curves_go_to_tensorboard_and_mlflow(ray_local, tmp_path: Path, synthetic_cache: Path,
+                                             monkeypatch: pytest.MonkeyPatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=2,
+                        params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}})
+    data = yaml.safe_load(space.read_text())
+    data["loggers"] = ["mlflow"]
+    space.write_text(f"# uda-ray tune {space}\n" + yaml.safe_dump(data, sort_keys=False))
+    out = run_search(space, storage=str(tmp_path / "results"))
+    exp = Path(out.experiment.uri)
+    # TensorBoard: Tune's logger writes every trial's results beside it (tensorboard --logdir <experiment>)
+    assert len({p.parent for p in exp.rglob("events.out.tfevents.*")}) == 2
+    # MLflow: one run per trial in the experiment named after the search, with the evaluations as metric history
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(out.experiment.name).experiment_id])
+    assert len(runs) == 2
+    trials = load_trials(out.experiment.uri)
+    logged = sorted(h.value for r in runs for h in client.get_metric_history(r.info.run_id, "val/miou")
+                    if h.step == 6)
+    assert logged == pytest.approx(sorted(trials["score"]), rel=1e-6)
+
+
 def m_at(metrics: pd.DataFrame, trial_id: str, iteration: int) -> float:
     return float(metrics[(metrics["trial_id"] == trial_id) & (metrics["iteration"] == iteration)]["val/miou"].iloc[0])
 

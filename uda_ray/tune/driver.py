@@ -239,6 +239,29 @@ class ExperimentSpec:
     search_alg: Any = None
     scheduler: Any = None
     on_lost: Callable[[list[str]], None] | None = None  # told the ids of trials a killed driver lost (on resume)
+    loggers: tuple[str, ...] = ()  # extra trial loggers: "mlflow"
+
+
+def logger_callbacks(loggers: tuple[str, ...], exp: Experiment) -> list[Any]:
+    """Tune callbacks for the ``loggers`` of a search space. MLflow logs to ``$MLFLOW_TRACKING_URI``, or by default
+    to ``sqlite:///<experiment>/mlflow.db`` for a local experiment (MLflow 3 refuses its old file store), one MLflow
+    run per trial in the MLflow experiment named after the uda-ray experiment."""
+    out: list[Any] = []
+    if "mlflow" in loggers:
+        try:
+            import mlflow  # noqa: F401 - the callback imports it lazily; fail here, before any trial runs
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+        except ImportError as e:
+            raise ExperimentError(f"loggers: [mlflow] needs MLflow: pip install 'uda-ray[mlflow]' ({e})") from e
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not uri:
+            fs, path = resolve(exp.uri)
+            if fs.type_name != "local":
+                raise ExperimentError(f"loggers: [mlflow] with remote storage {exp.uri}: set MLFLOW_TRACKING_URI to "
+                                      "your MLflow server")
+            uri = f"sqlite:///{Path(path).resolve() / 'mlflow.db'}"
+        out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=exp.name, save_artifact=False))
+    return out
 
 
 def _trial_dirname(trial: tune.experiment.Trial) -> str:
@@ -318,7 +341,8 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> ExperimentR
                                     # fit). Not with Train workers: a stopped trial's process must exit so that
                                     # its Train controller, worker group and their resources go with it.
                                     reuse_actors=spec.scaling.num_workers == 0),
-        run_config=tune.RunConfig(name=exp.name, storage_path=exp.root, callbacks=[callback],
+        run_config=tune.RunConfig(name=exp.name, storage_path=exp.root,
+                                  callbacks=[callback, *logger_callbacks(spec.loggers, exp)],
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   # the newest checkpoint is the one behind the score: every evaluation writes
                                   # one, and a score is the last evaluation (uda_ray.results.schema)

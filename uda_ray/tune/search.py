@@ -113,7 +113,8 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         experiment=exp, kind="search", metric=metric, mode=mode,
         config_of=lambda c: trial_config(spec, c), trial_info=trial_info, scaling=scaling_of(spec),
         num_samples=spec.num_samples, max_concurrent=spec.max_concurrent, max_failures=spec.max_failures,
-        search_alg=searcher, scheduler=scheduler, on_lost=lambda ids: fail_lost_trials(study_url, exp.name, ids)),
+        search_alg=searcher, scheduler=scheduler, on_lost=lambda ids: fail_lost_trials(study_url, exp.name, ids),
+        loggers=spec.loggers),
         resume=resume)
     objs = objectives(metric, mode)
     return SearchOutcome(exp, best_row(exp, *objs[0]), study_url, tuple(m for m, _ in objs),

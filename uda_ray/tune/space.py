@@ -14,6 +14,8 @@ File format (``search_spaces/*.yaml``; the first line is a comment holding the c
     num_samples: 8                        # trials
     max_concurrent: 2                     # optional, default 1
     max_failures: 0                       # optional, default 0: Tune FailureConfig retries per trial
+    loggers: [mlflow]                     # optional: also log every trial to MLflow (pip install "uda-ray[mlflow]";
+                                          # $MLFLOW_TRACKING_URI, default sqlite:///<experiment>/mlflow.db)
     scheduler: {type: asha, grace_period: 40, max_t: 120, reduction_factor: 2}   # in iterations; or {type: none}
     resources: {workers: 0, gpus_per_worker: 0, cpus_per_worker: 1}
                                           # optional (these are the defaults); workers 0 = in-process, with one
@@ -88,7 +90,8 @@ SCHEDULERS = ("none", "asha")
 KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 
 _TOP_KEYS = {"experiment", "base", "metric", "mode", "sampler", "num_samples", "max_concurrent", "max_failures",
-             "scheduler", "resources", "switches", "params"}
+             "scheduler", "resources", "switches", "params", "loggers"}
+LOGGERS = ("mlflow",)  # TensorBoard needs no entry: every trial's metrics always go to its Tune folder
 _REQUIRED = ("experiment", "base", "metric", "mode", "num_samples", "params")
 
 
@@ -158,6 +161,7 @@ class SearchSpec:
     resources: Resources = field(default_factory=Resources)
     switches: tuple[Switch, ...] = ()
     params: tuple[Param, ...] = ()
+    loggers: tuple[str, ...] = ()
 
     @property
     def multi_objective(self) -> bool:
@@ -394,6 +398,9 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSp
     num_samples = integer(data["num_samples"], path, "num_samples", 1)
     max_concurrent, max_failures = parse_counts(data, path)
     resources = parse_resources(data.get("resources"), path)
+    loggers = data.get("loggers") or []
+    if not isinstance(loggers, list) or any(x not in LOGGERS for x in loggers):
+        raise SpaceError(f"{path}: key 'loggers' = {loggers!r}: expected a list of some of {', '.join(LOGGERS)}")
 
     raw_switches = data.get("switches") or {}
     raw_params = data["params"] or {}
@@ -446,7 +453,8 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSp
     return SearchSpec(path=path, experiment=experiment, base_config=base_path, base_overrides=base_overrides,
                       metric=metric, mode=mode, sampler=sampler, seed=seed, sampler_options=options,
                       num_samples=num_samples, max_concurrent=max_concurrent, max_failures=max_failures,
-                      scheduler=scheduler, resources=resources, switches=tuple(switches), params=tuple(params))
+                      scheduler=scheduler, resources=resources, switches=tuple(switches), params=tuple(params),
+                      loggers=tuple(dict.fromkeys(loggers)))
 
 
 # --------------------------------------------------------------------------------------------- to Optuna/Tune
