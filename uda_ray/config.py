@@ -57,8 +57,9 @@ class RareClassConfig:
     min_pixels: int = _f(3000, ge=0, doc="an image is drawn for class c only with more pixels of c than this")
     min_crop_ratio: float = _f(0.5, ge=0.0, doc="crops are re-drawn (10 times) until they hold more than "
                                "min_pixels * min_crop_ratio pixels of c (HRDA's 1024 crops: 2.0)")
-    stats_dir: str = _f("", doc="folder of sample_class_stats.json; empty = the source root (DAFormer's place) or, "
-                        "read-only, ~/.cache/uda-ray/rcs/")
+    stats_dir: str = _f("", doc="where the class statistics are cached when the source root holds none and is "
+                        "read-only; empty = ~/.cache/uda-ray/rcs/<hash>. DAFormer's sample_class_stats.json in the "
+                        "source root is always read first")
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,10 @@ def report_page(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path)
     best = store.load_trials(str(exp)).query("status == 'TERMINATED'").sort_values("score").trial_id.iloc[-1]
     shutil.copytree(run / "images", Path(store.trial_images_uri(str(exp), best)))
     analyze(str(exp), top=5)
+    # report.md links every figure relative to itself: the plots beside it, the grids in ../trial_<id>/images
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (exp / "report" / "report.md").read_text())
+    assert any(link.startswith("../trial_") for link in links)
+    assert all((exp / "report" / link).is_file() for link in links), links
     copied = root / "elsewhere" / "report"
     shutil.copytree(exp / "report", copied)
     return copied / "index.html"

@@ -3,6 +3,7 @@ release their workers; a 2-node cluster runs trials on both nodes."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -47,6 +48,23 @@ def test_two_workers_match_one_process_with_double_batch(ray_local, tmp_path: Pa
     assert ddp["train/loss"] == pytest.approx(single["train/loss"], rel=2e-3)
     assert ddp["val/miou"] == pytest.approx(single["val/miou"], abs=1e-6)
     assert result.checkpoint is not None  # reported by rank 0
+
+
+@pytest.mark.parametrize("recipe", ["daformer", "deeplabv2"])
+@pytest.mark.filterwarnings("ignore:RCS. no source image:UserWarning")
+def test_recipes_train_under_two_worker_ddp(ray_local, tmp_path: Path, synthetic_cache: Path, recipe: str):
+    """DAFormer's recipe (RCS statistics computed by rank 0 while rank 1 waits, FD, the teacher's batch statistics)
+    and DeepLabV2's (frozen BatchNorm, auxiliary classifier, SGD) run on 2 gloo workers and report one finite
+    loss per iteration, evaluation included."""
+    from tests.train.test_train_recipes import recipe_config
+
+    cfg = apply_overrides(recipe_config(synthetic_cache, recipe), {"data.rcs.stats_dir": str(tmp_path / "rcs")})
+    result = run_trainer(cfg, Scaling(num_workers=2, cpus_per_worker=1), name=f"ddp-{recipe}",
+                         storage_path=str(tmp_path / "storage"))
+    assert result.error is None, result.error
+    assert int(result.metrics["iteration"]) == cfg.run.iterations
+    assert math.isfinite(result.metrics["train/loss"]) and "val/miou" in result.metrics
+    assert result.checkpoint is not None
 
 
 @pytest.mark.timeout(1200)  # about 100 s on an idle 2-core machine; Ray's niced workers slow down under load

@@ -37,12 +37,14 @@ def test_rows_progress_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture):
     _run_trial(cb, "a", [0.1, 0.2], 6)
     _run_trial(cb, "b", [0.3], 3)
     out = [ln for ln in capsys.readouterr().out.splitlines()]
+    # the best so far is the best finished trial's score (its last evaluation), the number the search ends with: a
+    # pruned trial's early value does not count
     assert out == [
-        "[uda-ray] a iteration 3: val/miou 10.00  (best so far val/miou 10.00, trial a)",
-        "[uda-ray] a iteration 6: val/miou 20.00  (best so far val/miou 20.00, trial a)",
-        "[uda-ray] a TERMINATED at iteration 6  (best so far val/miou 20.00, trial a)",
-        "[uda-ray] b iteration 3: val/miou 30.00  (best so far val/miou 30.00, trial b)",
-        "[uda-ray] b PRUNED at iteration 3  (best so far val/miou 30.00, trial b)",
+        "[uda-ray] a iteration 3: val/miou 10.00",
+        "[uda-ray] a iteration 6: val/miou 20.00",
+        "[uda-ray] a TERMINATED at iteration 6  (best finished so far val/miou 20.00, trial a)",
+        "[uda-ray] b iteration 3: val/miou 30.00  (best finished so far val/miou 20.00, trial a)",
+        "[uda-ray] b PRUNED at iteration 3  (best finished so far val/miou 20.00, trial a)",
     ]
     # throttled: no cache yet while the search runs; the end of the experiment builds it
     assert not (root / "exp" / CACHE_DIR).exists()

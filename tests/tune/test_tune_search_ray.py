@@ -93,8 +93,8 @@ def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, syntheti
         mine = [ln.split("  (")[0] for ln in printed if ln.startswith(f"[uda-ray] {trial_id} ")]
         assert [ln.split(":")[0] for ln in mine[:2]] == [f"[uda-ray] {trial_id} iteration {i}" for i in (3, 6)]
         assert mine[2] == f"[uda-ray] {trial_id} TERMINATED at iteration 6"
-    assert printed[-1].endswith(f"(best so far val/miou {100 * trials['best/val/miou'].max():.2f}, "
-                                f"trial {trials.loc[trials['best/val/miou'].idxmax(), 'trial_id']})")
+    assert printed[-1].endswith(f"(best finished so far val/miou {100 * trials['score'].max():.2f}, "
+                                f"trial {out.best['trial_id']})")
 
 
 def test_curves_go_to_tensorboard_and_mlflow(ray_local, tmp_path: Path, synthetic_cache: Path,

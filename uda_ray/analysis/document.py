@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -43,8 +44,12 @@ class Section:
 
 
 def _relative(uri: str, out_dir: str) -> str:
-    prefix = out_dir.rstrip("/") + "/"
-    return uri[len(prefix):] if uri.startswith(prefix) else uri
+    """The link from ``report.md`` in ``out_dir`` to ``uri``: relative for two local paths (the plots beside it, the
+    trials' grids in ``../trial_<id>/images``), so the folder reads the same when copied; the URI otherwise."""
+    if "://" in uri or "://" in out_dir:
+        prefix = out_dir.rstrip("/") + "/"
+        return uri[len(prefix):] if uri.startswith(prefix) else uri
+    return os.path.relpath(os.path.abspath(uri), os.path.abspath(out_dir)).replace(os.sep, "/")
 
 
 def to_markdown_text(title: str, sections: list[Section], out_dir: str) -> str:

@@ -256,5 +256,8 @@ def _write(title: str, sections: list[Section], tables: dict[str, pd.DataFrame],
     text = to_markdown_text(title, sections, out)
     store.write_bytes(text.encode(), store.join(out, REPORT_FILE))
     store.write_bytes(to_html(title, sections).encode(), store.join(out, HTML_FILE))
-    print(text)
-    print(f"\nreport written to {out} ({REPORT_FILE}, {HTML_FILE})")
+    # the console gets the text and tables; the figures are in the files
+    console = [Section(x.title, [b for b in x.blocks if not isinstance(b, Image)], x.level) for x in sections]
+    console = [x for x in console if x.blocks]
+    print(to_markdown_text(title, console, out))
+    print(f"\nreport written to {out} ({REPORT_FILE}; {HTML_FILE}: open it in a browser, it holds every figure)")

@@ -131,7 +131,8 @@ class ResultsCallback(Callback):
         self.cache_every_s = cache_every_s
         self._cached_at = time.monotonic()
         self._trials: dict[str, _TrialState] = {}
-        self._best: tuple[float, str] | None = None  # (value, trial id) of the best search-metric report so far
+        # (score, trial id) of the best finished trial so far: the score is the last evaluation, as in the tables
+        self._best: tuple[float, str] | None = None
         self._git_rev: str | None = None
         self._versions: dict[str, str] | None = None
 
@@ -171,8 +172,6 @@ class ResultsCallback(Callback):
             self._write_row(trial.trial_id, state, "RUNNING")
         value = report.get(self.metric)
         if value is not None and math.isfinite(value):
-            if self._best is None or (value > self._best[0] if self.mode == "max" else value < self._best[0]):
-                self._best = (value, trial.trial_id)
             self._say(f"{trial.trial_id} iteration {int(it)}: {metric_text(self.metric, value)}")
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
@@ -190,6 +189,10 @@ class ResultsCallback(Callback):
         state = self._state(trial)
         last = state.reports[-1]["iteration"] if state.reports else 0
         status = "TERMINATED" if last >= state.info.config.run.iterations else "PRUNED"
+        score = score_of(state.reports, self.metric)[0]
+        if status == "TERMINATED" and score is not None and math.isfinite(score) and (
+                self._best is None or (score > self._best[0] if self.mode == "max" else score < self._best[0])):
+            self._best = (score, trial.trial_id)
         self._write_row(trial.trial_id, state, status, ended=True)
         self._say(f"{trial.trial_id} {status} at iteration {int(last)}")
         self._refresh_cache()
@@ -222,7 +225,7 @@ class ResultsCallback(Callback):
             return
         best = ""
         if self._best is not None:
-            best = f"  (best so far {metric_text(self.metric, self._best[0])}, trial {self._best[1]})"
+            best = f"  (best finished so far {metric_text(self.metric, self._best[0])}, trial {self._best[1]})"
         print(f"[uda-ray] {what}{best}", flush=True)
 
     def _state(self, trial: Trial) -> _TrialState:
