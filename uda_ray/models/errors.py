@@ -1,8 +1,33 @@
-"""Errors of the model layer that callers tell apart (a trial that fails with one is not retried)."""
+"""Checkpoint files of the model layer: reading one as a state dict, and the error callers tell apart (a trial that
+fails with it is not retried)."""
 
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
 
 
 class CheckpointError(ValueError):
     """A pretrained or training checkpoint that cannot be read or does not fit the network; the message names the
     file and the keys at fault."""
+
+
+def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
+    """A flat ``{key: tensor}`` from ``path`` (also accepted: that mapping under a lone 'state_dict' or 'model' key),
+    read with ``weights_only=True``; ``what`` names the file in errors (e.g. "SegFormer checkpoint")."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} {path!r}: no such file")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{what} {path!r}: cannot be read as a state dict with torch.load(weights_only=True): "
+                              f"{e}") from e
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{what} {path!r}: expected a mapping of parameter names to tensors (optionally under "
+                              f"a single 'state_dict' or 'model' key), got {type(obj).__name__}")
+    return obj

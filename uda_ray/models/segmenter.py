@@ -15,9 +15,7 @@ names, which misses its own decode head's BatchNorm ("bn"); matching by module t
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import timm
@@ -27,7 +25,7 @@ from torch import nn
 from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet, caffe_normalize, load_deeplabv2_checkpoint
 from uda_ray.models.backbones.mit import MIT_VARIANTS, build_mit, load_segformer_checkpoint
 from uda_ray.models.decoder import FusionDecoder, ProjectionHead
-from uda_ray.models.errors import CheckpointError
+from uda_ray.models.errors import CheckpointError, read_state_dict
 from uda_ray.models.heads.daformer import DAFormerHead
 from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
 
@@ -233,24 +231,6 @@ def build_segmenter(backbone: str, num_classes: int, **kwargs: Any) -> Segmenter
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A flat ``{key: tensor}`` from ``path`` (also accepted: that mapping under a lone 'state_dict' or 'model' key)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"pretrained_path {path!r}: no such file")
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"pretrained_path {path!r}: cannot be read as a state dict with "
-                              f"torch.load(weights_only=True): {e}") from e
-    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"pretrained_path {path!r}: expected a mapping of parameter names to tensors "
-                         f"(optionally under a single 'state_dict' or 'model' key), got {type(obj).__name__}")
-    return obj
-
-
 def _full_to_backbone_keys(backbone: nn.Module, name: str) -> dict[str, str | None]:
     """Map every key of timm's full classification model ``name`` to the features_only backbone's key, or None.
 
@@ -292,7 +272,7 @@ def load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
     (classifier, final norm) are dropped. Keys of neither model, backbone keys the file lacks, a key given twice
     (in both spellings) and shape mismatches raise an error naming the file and the keys.
     """
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "pretrained_path")
     own = backbone.state_dict()
     full_map: dict[str, str | None] | None = None
     loaded: dict[str, torch.Tensor] = {}

@@ -39,15 +39,13 @@ Checkpoints (``load_deeplabv2_checkpoint``):
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from uda_ray.models.errors import CheckpointError
+from uda_ray.models.errors import CheckpointError, read_state_dict
 
 if TYPE_CHECKING:
     from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
@@ -185,24 +183,6 @@ def _listing(items: Sequence[str], limit: int = 10) -> str:
     return shown + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A flat ``{key: tensor}`` from ``path`` (also accepted: that mapping under a lone 'state_dict' or 'model' key)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"DeepLabV2 checkpoint {path!r}: no such file")
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: cannot be read with torch.load(weights_only=True): "
-                              f"{e}") from e
-    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: expected a mapping of parameter names to tensors "
-                              f"(optionally under a single 'state_dict' or 'model' key), got {type(obj).__name__}")
-    return obj
-
-
 def _strip_init_prefix(state: dict[str, torch.Tensor], path: str) -> tuple[dict[str, torch.Tensor], bool]:
     """Drop the ImageNet/COCO init's ``Scale.`` prefix; returns (state, whether the file is in that format)."""
     prefixed = [k for k in state if k.startswith(INIT_PREFIX)]
@@ -241,7 +221,7 @@ def load_deeplabv2_checkpoint(backbone: DeepLabV2ResNet, head: DeepLabV2Head | N
     to ``head.aux_classifier``; each is skipped with a note when there is no head, no aux classifier, or the number
     of classes differs. A head classifier the file lacks keeps its initialisation (noted).
     """
-    state, init_format = _strip_init_prefix(_read_state_dict(path), path)
+    state, init_format = _strip_init_prefix(read_state_dict(path, "DeepLabV2 checkpoint"), path)
     _check_is_deeplabv2(state, path)
     notes: list[str] = []
     own = backbone.state_dict()

@@ -24,8 +24,6 @@ official code builds with a plain ``nn.LayerNorm``.
 from __future__ import annotations
 
 import math
-import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from uda_ray.models.errors import CheckpointError
+from uda_ray.models.errors import CheckpointError, read_state_dict
 
 BLOCK_NORM_EPS = 1e-6  # official: norm_layer = partial(nn.LayerNorm, eps=1e-6) for block and stage norms
 STAGE_REDUCTIONS = (4, 8, 16, 32)
@@ -239,23 +237,6 @@ def _listing(items: list[str], limit: int = 10) -> str:
     return f"{len(items)}: {shown}" + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"SegFormer checkpoint {path!r}: no such file")
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"SegFormer checkpoint {path!r}: cannot be read with torch.load(weights_only=True): "
-                              f"{e}") from e
-    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"SegFormer checkpoint {path!r}: expected a mapping of parameter names to tensors "
-                              f"(optionally under a single 'state_dict' or 'model' key), got {type(obj).__name__}")
-    return obj
-
-
 def load_segformer_checkpoint(model: MixTransformer, path: str) -> None:
     """Load SegFormer's ImageNet weights (e.g. ``mit_b5.pth``) into ``model``, strictly.
 
@@ -265,7 +246,7 @@ def load_segformer_checkpoint(model: MixTransformer, path: str) -> None:
     keys of stages that ``model`` does not build (``out_indices`` ending before stage 4) are checked, then dropped.
     Violations raise ValueError naming the file and the keys.
     """
-    state = _read_checkpoint(path)
+    state = read_state_dict(path, "SegFormer checkpoint")
     with torch.device("meta"):  # the full architecture's key set and shapes, at no memory or init cost
         full = MixTransformer(**model.arch).state_dict()
     own = model.state_dict()
