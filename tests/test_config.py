@@ -68,6 +68,15 @@ def test_override_types_are_parsed_by_field():
     ("loss.cluda=1", "is a section, not a value"),
     ("run.seed", "expected key=value"),
     ("optim.lr=nan", "'optim.lr'"),
+    ("model.backbone=no_such_net", "model.backbone = 'no_such_net': not a backbone"),
+    ("model.decoder=deeplabv2", "model.decoder = 'deeplabv2' needs a backbone whose layer4 has output stride 8"),
+    ("model.aux_weight=0.1", "'model.aux_weight' = 0.1: the auxiliary classifier exists only"),
+    ("loss.entropy.aux_weight=0.1", "'loss.entropy.aux_weight' = 0.1 needs the auxiliary classifier"),
+    ("data.target_crop=[32, 32]", "'data.target_crop' = [32, 32] differs from 'data.crop' = [64, 64], but "
+                                  "loss.mix_weight mixes"),
+    ("data.target_crop=[0, 32]", "'data.target_crop' = [0, 32]: expected (0, 0)"),
+    ("data.target_crop=[200, 64]", "'data.target_crop' = [200, 64] is larger than 'data.target_resize'"),
+    ("eval.mode=slide", "'eval.crop' = [512, 512] is larger than 'data.val_resize'"),
 ])
 def test_bad_overrides_name_the_key(override: str, expected: str):
     with pytest.raises(ConfigError, match=None) as e:

@@ -72,6 +72,9 @@ class DataConfig:
     source_resize: tuple[int, int] = _f((96, 192), ge=1, doc="(height, width) before cropping")
     target_resize: tuple[int, int] = _f((96, 192), ge=1)
     crop: tuple[int, int] = _f((64, 64), ge=1, doc="(height, width) random crop, at most the resize")
+    target_crop: tuple[int, int] = _f((0, 0), ge=0, doc="(height, width) random crop of the target images when it "
+                                      "differs from data.crop (ADVENT: whole 1280x720 source, 1024x512 target); "
+                                      "(0, 0) = data.crop. Mixing source and target pixels needs one size")
     val_resize: tuple[int, int] = _f((96, 192), ge=1, doc="inference size; logits are upsampled to the label")
     flip: bool = _f(True)
     batch_size: int = _f(2, ge=1, doc="images per domain per worker")
@@ -174,6 +177,8 @@ class CFContraConfig:
 @dataclass(frozen=True)
 class EntropyConfig:
     weight: float = _f(0.0, ge=0.0, doc="MinEnt on target predictions (METHODS default 0.001)")
+    aux_weight: float = _f(0.0, ge=0.0, doc="MinEnt on the auxiliary (layer3) prediction of DeepLabV2 (ADVENT's "
+                           "multi-level 0.0002); needs model.aux_weight > 0")
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,8 @@ class OptimConfig:
     warmup_iters: int = _f(1500, ge=0)
     warmup_ratio: float = _f(1e-6, ge=0.0, le=1.0, doc="learning-rate factor at iteration 0 of the warm-up")
     poly_power: float = _f(1.0, ge=0.0)
+    poly_iters: int = _f(0, ge=0, doc="length T of the poly schedule (1 - t/T)^power; 0 = run.iterations (ADVENT "
+                         "decays over 250000 iterations and stops at 120000)")
     grad_clip: float = _f(0.0, ge=0.0, doc="max gradient norm; 0 = off")
 
 
@@ -405,11 +412,25 @@ def from_dict(d: dict[str, Any], *, source: str = "<dict>", cls: type = Config, 
 def _check_cross(cfg: Config, source: str) -> None:
     """Constraints that involve more than one field."""
     d = cfg.data
-    for name in ("source_resize", "target_resize"):
-        size = getattr(d, name)
-        if d.crop[0] > size[0] or d.crop[1] > size[1]:
-            raise ConfigError(f"{source}: key 'data.crop' = {list(d.crop)} is larger than 'data.{name}' = "
+    if (d.target_crop[0] == 0) != (d.target_crop[1] == 0):
+        raise ConfigError(f"{source}: key 'data.target_crop' = {list(d.target_crop)}: expected (0, 0) (= data.crop) "
+                          "or a positive (height, width)")
+    for name, key in (("source_resize", "crop"), ("target_resize", "target_crop" if d.target_crop[0] else "crop")):
+        size, crop = getattr(d, name), getattr(d, key)
+        if crop[0] > size[0] or crop[1] > size[1]:
+            raise ConfigError(f"{source}: key 'data.{key}' = {list(crop)} is larger than 'data.{name}' = "
                               f"{list(size)}: the crop must fit inside the resized image")
+    if d.target_crop[0] and tuple(d.target_crop) != tuple(d.crop):
+        mixing = {"loss.mix_weight": cfg.loss.mix_weight > 0,
+                  "mix.target_to_source.enabled": cfg.mix.target_to_source.enabled}
+        on = [k for k, v in mixing.items() if v]
+        if on:
+            raise ConfigError(f"{source}: key 'data.target_crop' = {list(d.target_crop)} differs from 'data.crop' = "
+                              f"{list(d.crop)}, but {', '.join(on)} mixes source and target pixels, which needs "
+                              "one size: set the crops equal or switch the mixing off")
+    if cfg.loss.entropy.aux_weight > 0 and cfg.model.aux_weight == 0:
+        raise ConfigError(f"{source}: key 'loss.entropy.aux_weight' = {cfg.loss.entropy.aux_weight} needs the "
+                          "auxiliary classifier: set model.aux_weight > 0 (model.decoder: deeplabv2)")
     e = cfg.eval
     if e.mode == "slide":
         if e.crop[0] > d.val_resize[0] or e.crop[1] > d.val_resize[1]:

@@ -31,7 +31,12 @@ DEEPLABV2_TOY = {
     "optim.weight_decay": 5e-4, "optim.head_lr_mult": 10.0, "optim.warmup_iters": 0, "optim.poly_power": 0.9,
     "run.iterations": 4, "run.eval_every": 2, "run.checkpoint_every": 2,
 }
-RECIPES = {"daformer": DAFORMER_TOY, "deeplabv2": DEEPLABV2_TOY}
+MINENT_TOY = {  # ADVENT's MinEnt: whole images of a different size per domain, multi-level entropy, no mixing
+    **DEEPLABV2_TOY, "loss.mix_weight": 0.0, "loss.entropy.weight": 0.001, "loss.entropy.aux_weight": 0.0002,
+    "data.crop": [32, 64], "data.target_resize": [24, 48], "data.target_crop": [24, 48], "data.flip": False,
+    "optim.poly_iters": 10,
+}
+RECIPES = {"daformer": DAFORMER_TOY, "deeplabv2": DEEPLABV2_TOY, "minent": MINENT_TOY}
 pytestmark = pytest.mark.filterwarnings("ignore:RCS. no source image:UserWarning")
 
 
@@ -57,6 +62,11 @@ def test_recipe_trains_and_resumes_exactly(name: str, tmp_path: Path, synthetic_
         assert "train/loss_mix" in full[0]
     else:
         assert all(m["train/loss_src_aux"] > 0 for m in full)
+    if name == "minent":
+        assert all(m["train/loss_entropy"] > 0 and m["train/loss_entropy_aux"] > 0 for m in full)
+        assert "train/loss_mix" not in full[0]
+        # poly over 10 iterations while training stops at 4: lr = 2.5e-4 · (1 − t/10)^0.9
+        assert full[-1]["train/lr"] == pytest.approx(2.5e-4 * (1 - 3 / 10) ** 0.9)
     assert any("val/miou" in m for m in full)
     half = cfg.run.iterations // 2
     ckpt = tmp_path / "ckpt"

@@ -80,6 +80,43 @@ DAFORMER = [
     ("no contrastive terms", 0.0, "loss.cluda.weight", 0.0),
 ]
 
+# ADVENT (valeoai/ADVENT): advent/domain_adaptation/config.py with advent/scripts/configs/minent.yml merged on it
+ADVENT_MINENT = [
+    ("TRAIN.MODEL", "DeepLabv2", "model.backbone", "deeplabv2_r101"),
+    ("TRAIN.MODEL (ASPP classifier)", "DeepLabv2", "model.decoder", "deeplabv2"),
+    ("TRAIN.IMG_MEAN (BGR, no std)", (104.00698793, 116.66876762, 122.67891434), "model.input_norm", "caffe"),
+    ("TRAIN.RESTORE_FROM", "../../pretrained_models/DeepLab_resnet_pretrained_imagenet.pth", "model.pretrained_path",
+     "pretrained_models/DeepLab_resnet_pretrained_imagenet.pth"),
+    ("TRAIN.MULTI_LEVEL + LAMBDA_SEG_AUX", 0.1, "model.aux_weight", 0.1),
+    ("TRAIN.LAMBDA_SEG_MAIN", 1.0, "loss.source_weight", 1.0),
+    ("TRAIN.DA_METHOD MinEnt: no mixing", 0.0, "loss.mix_weight", 0.0),
+    ("TRAIN.LAMBDA_ENT_MAIN", 0.001, "loss.entropy.weight", 0.001),
+    ("TRAIN.LAMBDA_ENT_AUX", 0.0002, "loss.entropy.aux_weight", 0.0002),
+    ("DATA_DIRECTORY_SOURCE", "data/GTA5", "data.source_root", "data/GTA5"),
+    ("DATA_DIRECTORY_TARGET", "data/Cityscapes", "data.target_root", "data/Cityscapes"),
+    ("TRAIN.INPUT_SIZE_SOURCE (w, h)", (1280, 720), "data.source_resize", (720, 1280)),
+    ("TRAIN.INPUT_SIZE_SOURCE: no crop", (1280, 720), "data.crop", (720, 1280)),
+    ("TRAIN.INPUT_SIZE_TARGET (w, h)", (1024, 512), "data.target_resize", (512, 1024)),
+    ("TRAIN.INPUT_SIZE_TARGET: no crop", (1024, 512), "data.target_crop", (512, 1024)),
+    ("GTA5DataSet resizes to the size exactly", False, "data.keep_ratio", False),
+    ("no flip in GTA5DataSet/CityscapesDataSet", False, "data.flip", False),
+    ("TRAIN.BATCH_SIZE_SOURCE / _TARGET", 1, "data.batch_size", 1),
+    ("NUM_WORKERS", 4, "data.loader_workers", 4),
+    ("TEST.INPUT_SIZE_TARGET (w, h)", (1024, 512), "data.val_resize", (512, 1024)),
+    ("NUM_CLASSES", 19, "data.protocol", 19),
+    ("optim.SGD", "SGD", "optim.name", "sgd"),
+    ("TRAIN.LEARNING_RATE", 2.5e-4, "optim.lr", 2.5e-4),
+    ("TRAIN.MOMENTUM", 0.9, "optim.momentum", 0.9),
+    ("TRAIN.WEIGHT_DECAY", 0.0005, "optim.weight_decay", 0.0005),
+    ("optim_parameters: classifiers at 10 × lr", 10, "optim.head_lr_mult", 10.0),
+    ("no warm-up", 0, "optim.warmup_iters", 0),
+    ("TRAIN.POWER", 0.9, "optim.poly_power", 0.9),
+    ("TRAIN.MAX_ITERS (the poly schedule's length)", 250000, "optim.poly_iters", 250000),
+    ("TRAIN.EARLY_STOP", 120000, "run.iterations", 120000),
+    ("TRAIN.SAVE_PRED_EVERY / TEST.SNAPSHOT_STEP", 2000, "run.eval_every", 2000),
+    ("TRAIN.SAVE_PRED_EVERY", 2000, "run.checkpoint_every", 2000),
+]
+
 SYNTHIA_CHANGES = {
     "data.source": "synthia",
     "data.source_root": "data/synthia",
@@ -109,6 +146,10 @@ def test_daformer_synthia2cs_equals_the_official_config() -> None:
     flat = flatten(load_config(ROOT / "search_spaces" / "base" / "daformer_synthia2cs.yaml"))
     for key, value in SYNTHIA_CHANGES.items():
         assert flat[key] == value, key
+
+
+def test_deeplabv2_gta2cs_equals_advent_minent() -> None:
+    _check("deeplabv2_gta2cs.yaml", ADVENT_MINENT, {})
 
 
 @pytest.mark.parametrize("key", ["model.backbone", "model.decoder", "data.rcs.enabled", "loss.fd.weight",

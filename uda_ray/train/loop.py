@@ -143,7 +143,8 @@ def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
         rcs = _rare_class_spec(cfg, src_ds, src_root, dist_info)
         src_ds.transform = _source_transform(cfg, rcs.min_crop_pixels)
     tgt_ds = build_dataset(_reader(d.target, "target"), tgt_root, "train",
-                           TrainTransform(d.target_resize, d.crop, d.flip, keep_ratio=d.keep_ratio),
+                           TrainTransform(d.target_resize, d.target_crop if d.target_crop[0] else d.crop, d.flip,
+                                          keep_ratio=d.keep_ratio),
                            cache_in_memory=d.target == "synthetic", label_format=d.label_format,
                            resize_labels=d.resize_labels)
     start = start_iteration * d.batch_size
@@ -215,7 +216,8 @@ def lr_factor(iteration: int, *, total: int, warmup: int, warmup_ratio: float, p
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     o = cfg.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(
-        t, total=cfg.run.iterations, warmup=o.warmup_iters, warmup_ratio=o.warmup_ratio, power=o.poly_power))
+        t, total=o.poly_iters or cfg.run.iterations, warmup=o.warmup_iters, warmup_ratio=o.warmup_ratio,
+        power=o.poly_power))
 
 
 def step_settings(cfg: Config, device: torch.device) -> StepSettings:

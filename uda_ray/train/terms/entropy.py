@@ -1,4 +1,5 @@
-"""MinEnt: entropy of the student's target predictions, normalised by log C (CFContra's coarse stage, §3)."""
+"""MinEnt: entropy of the student's target predictions, normalised by log C (CFContra's coarse stage, §3; ADVENT's
+MinEnt with ``aux_weight`` on DeepLabV2's layer3 prediction too, its multi-level variant)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,21 @@ from uda_ray.train.context import StepContext
 class EntropyTerm(nn.Module):
     name = "entropy"
 
-    def __init__(self, *, weight: float) -> None:
+    def __init__(self, *, weight: float, aux_weight: float = 0.0) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight, self.aux_weight = weight, aux_weight
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
-        return {self.name: self.weight * entropy_loss(ctx.out_tgt.logits.float())}
+        out = ctx.out_tgt
+        losses = {self.name: self.weight * entropy_loss(out.logits.float())}
+        if self.aux_weight > 0:
+            if out.aux is None:
+                raise RuntimeError("loss.entropy.aux_weight > 0 but the student gave no auxiliary prediction: "
+                                   "build it with model.aux_weight > 0 and model.decoder: deeplabv2")
+            losses[f"{self.name}_aux"] = self.aux_weight * entropy_loss(out.aux.float())
+        return losses
 
 
 def build_entropy(cfg: Config, model: Segmenter) -> EntropyTerm | None:
-    return EntropyTerm(weight=cfg.loss.entropy.weight) if cfg.loss.entropy.weight > 0 else None
+    e = cfg.loss.entropy
+    return EntropyTerm(weight=e.weight, aux_weight=e.aux_weight) if e.weight > 0 or e.aux_weight > 0 else None
