@@ -40,8 +40,10 @@ def _browser() -> str:
 
 
 def _chromium(browser: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # no background networking: on a closed network Chromium's update, sync and QUIC connections only wait and fail
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-             "--no-first-run", f"--user-data-dir={cwd / 'profile'}"]
+             "--no-first-run", "--disable-quic", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={cwd / 'profile'}"]
     return subprocess.run([browser, *flags, *args], cwd=cwd, capture_output=True, text=True, timeout=180,
                           check=True)
 
