@@ -199,14 +199,18 @@ def read_image(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: unreadable image ({e})") from e
 
 
-def read_label_ids(path: Path) -> np.ndarray:
-    """A single-channel label PNG (8-bit grey, palette or 16-bit grey) → (H, W) integer ids (palette indices)."""
+def _label_png(path: Path) -> tuple[str, np.ndarray]:
+    """(PIL mode, pixel array) of a label PNG, undecoded values; unreadable files raise ``DatasetError``."""
     try:
         with Image.open(path) as im:
-            mode = im.mode
-            ids = np.array(im)
+            return im.mode, np.array(im)
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for missing, truncated or foreign files
         raise DatasetError(f"{path}: unreadable label ({e})") from e
+
+
+def read_label_ids(path: Path) -> np.ndarray:
+    """A single-channel label PNG (8-bit grey, palette or 16-bit grey) → (H, W) integer ids (palette indices)."""
+    mode, ids = _label_png(path)
     if mode not in ("L", "P", "I;16", "I"):
         raise DatasetError(f"{path}: label image has mode {mode!r}: expected single-channel label ids "
                            "(mode L, P or I;16); colour-coded labels are not label ids")
@@ -233,12 +237,7 @@ _VALID_TRAIN_IDS[[*range(NUM_CLASSES), IGNORE_INDEX]] = True
 
 def read_train_ids(path: Path) -> np.ndarray:
     """A DAFormer ``*_labelTrainIds.png`` (8-bit train ids, 255 = ignore) → (H, W) uint8, values checked."""
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            ids = np.array(im)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for missing, truncated or foreign files
-        raise DatasetError(f"{path}: unreadable label ({e})") from e
+    mode, ids = _label_png(path)
     if mode not in ("L", "P"):
         raise DatasetError(f"{path}: train-id label has mode {mode!r}: expected an 8-bit single-channel PNG "
                            "(mode L) as DAFormer's converters write")

@@ -35,7 +35,35 @@ def make_norm(name: str, channels: int) -> nn.Module:
     return NORMS[name](channels)
 
 
-class FusionDecoder(nn.Module):
+class MultiLevelHead(nn.Module):
+    """The forward pass shared by the fusion heads (this module's ``FusionDecoder`` and DAFormer's head): each level
+    through its ``embed[l]``, upsampled to the finest level, concatenated, ``fuse``, ``dropout``, ``classifier``.
+    Subclasses build those modules and ``in_channels``."""
+
+    in_channels: tuple[int, ...]
+    embed: nn.ModuleList
+    fuse: nn.Module
+    dropout: nn.Module
+    classifier: nn.Module
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """features: L maps (B, C_l, h_l, w_l), finest first → (logits (B, K, h_1, w_1), fused (B, E, h_1, w_1))."""
+        if len(features) != len(self.embed):
+            raise ValueError(f"{type(self).__name__}: got {len(features)} feature maps, expected {len(self.embed)} "
+                             f"(channels {list(self.in_channels)})")
+        size = features[0].shape[-2:]
+        embedded = []
+        for f, embed in zip(features, self.embed):
+            e = embed(f)  # (B, E, h_l, w_l)
+            if e.shape[-2:] != size:
+                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)  # (B, E, h_1, w_1)
+            embedded.append(e)
+        fused = self.fuse(torch.cat(embedded, dim=1))  # (B, L·E, h_1, w_1) → (B, E, h_1, w_1)
+        logits = self.classifier(self.dropout(fused))  # (B, K, h_1, w_1)
+        return logits, fused
+
+
+class FusionDecoder(MultiLevelHead):
     """DAFormer-style fusion of L backbone levels into one map at the finest level's resolution."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, *, embed_dim: int = 256, dropout: float = 0.1,
@@ -57,21 +85,6 @@ class FusionDecoder(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """features: L maps (B, C_l, h_l, w_l), finest first → (logits (B, K, h_1, w_1), fused (B, E, h_1, w_1))."""
-        if len(features) != len(self.embed):
-            raise ValueError(f"FusionDecoder: got {len(features)} feature maps, expected {len(self.embed)} "
-                             f"(channels {list(self.in_channels)})")
-        size = features[0].shape[-2:]
-        embedded = []
-        for f, embed in zip(features, self.embed):
-            e = embed(f)  # (B, E, h_l, w_l)
-            if e.shape[-2:] != size:
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)  # (B, E, h_1, w_1)
-            embedded.append(e)
-        fused = self.fuse(torch.cat(embedded, dim=1))  # (B, L·E, h_1, w_1) → (B, E, h_1, w_1)
-        logits = self.classifier(self.dropout(fused))  # (B, K, h_1, w_1)
-        return logits, fused
 
 
 class ProjectionHead(nn.Module):

@@ -4,6 +4,7 @@ fails with it is not retried)."""
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +13,13 @@ import torch
 class CheckpointError(ValueError):
     """A pretrained or training checkpoint that cannot be read or does not fit the network; the message names the
     file and the keys at fault."""
+
+
+def listing(items: Sequence[str], limit: int = 10, *, counted: bool = False) -> str:
+    """The first ``limit`` items joined by commas with a count of the rest (``counted``: led by ``n: ``), for error
+    messages that name keys."""
+    shown = ", ".join(items[:limit]) + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
+    return f"{len(items)}: {shown}" if counted else shown
 
 
 def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from torch import nn
 from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet, caffe_normalize, load_deeplabv2_checkpoint
 from uda_ray.models.backbones.mit import MIT_VARIANTS, build_mit, load_segformer_checkpoint
 from uda_ray.models.decoder import FusionDecoder, ProjectionHead
-from uda_ray.models.errors import CheckpointError, read_state_dict
+from uda_ray.models.errors import CheckpointError, listing, read_state_dict
 from uda_ray.models.heads.daformer import DAFormerHead
 from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
 
@@ -258,12 +258,6 @@ def _full_to_backbone_keys(backbone: nn.Module, name: str) -> dict[str, str | No
     return mapping
 
 
-def _listing(keys: list[str], limit: int = 10) -> str:
-    """The first ``limit`` items joined by commas, with a count of the rest."""
-    shown = ", ".join(keys[:limit])
-    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
     """Load a local state dict into a features_only timm backbone, strictly.
 
@@ -296,16 +290,16 @@ def load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
     problems = []
     if unknown:
         problems.append(f"unknown keys (in neither the features_only nor the full {name!r} model): "
-                        f"{_listing([repr(k) for k in unknown])}")
+                        f"{listing([repr(k) for k in unknown])}")
     if missing:
-        problems.append(f"missing backbone keys: {_listing([repr(k) for k in missing])}")
+        problems.append(f"missing backbone keys: {listing([repr(k) for k in missing])}")
     if twice:
         problems.append(f"keys given twice (features_only and full-model spelling): "
-                        f"{_listing([repr(k) for k in twice])}")
+                        f"{listing([repr(k) for k in twice])}")
     shapes = [f"{k!r} {tuple(v.shape)} vs expected {tuple(own[k].shape)}" for k, v in loaded.items()
               if v.shape != own[k].shape]
     if shapes:
-        problems.append(f"shape mismatches: {_listing(shapes)}")
+        problems.append(f"shape mismatches: {listing(shapes)}")
     if problems:
         raise CheckpointError(f"pretrained_path {path!r} does not fit backbone {name!r}: " + "; ".join(problems))
     backbone.load_state_dict(loaded, strict=True)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from uda_ray.models.errors import CheckpointError, read_state_dict
+from uda_ray.models.errors import CheckpointError, listing, read_state_dict
 
 if TYPE_CHECKING:
     from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
@@ -177,12 +177,6 @@ def build_deeplabv2_r101(*, pretrained_path: str = "") -> DeepLabV2ResNet:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def _listing(items: Sequence[str], limit: int = 10) -> str:
-    """The first ``limit`` items joined by commas, with a count of the rest."""
-    shown = ", ".join(items[:limit])
-    return shown + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def _strip_init_prefix(state: dict[str, torch.Tensor], path: str) -> tuple[dict[str, torch.Tensor], bool]:
     """Drop the ImageNet/COCO init's ``Scale.`` prefix; returns (state, whether the file is in that format)."""
     prefixed = [k for k in state if k.startswith(INIT_PREFIX)]
@@ -191,13 +185,13 @@ def _strip_init_prefix(state: dict[str, torch.Tensor], path: str) -> tuple[dict[
     if len(prefixed) != len(state):
         plain = [repr(k) for k in state if not k.startswith(INIT_PREFIX)]
         raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: {len(prefixed)} keys start with {INIT_PREFIX!r} (the "
-                              f"DeepLab init format) but {len(plain)} do not: {_listing(plain)}")
+                              f"DeepLab init format) but {len(plain)} do not: {listing(plain)}")
     return {k[len(INIT_PREFIX):]: v for k, v in state.items()}, True
 
 
 def _check_is_deeplabv2(state: dict[str, torch.Tensor], path: str) -> None:
     """Reject files of other networks before listing hundreds of missing keys."""
-    first = _listing([repr(k) for k in state], limit=5)
+    first = listing([repr(k) for k in state], limit=5)
     if "fc.weight" in state:
         raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: not a DeepLabV2 checkpoint: it has 'fc.weight', an "
                               "ImageNet classifier, so it is a torchvision/timm classification ResNet; those put the "
@@ -246,11 +240,11 @@ def load_deeplabv2_checkpoint(backbone: DeepLabV2ResNet, head: DeepLabV2Head | N
               if v.shape != own[k].shape]
     problems = []
     if unknown:
-        problems.append(f"unexpected keys: {_listing([repr(k) for k in unknown])}")
+        problems.append(f"unexpected keys: {listing([repr(k) for k in unknown])}")
     if missing:
-        problems.append(f"missing backbone keys: {_listing([repr(k) for k in missing])}")
+        problems.append(f"missing backbone keys: {listing([repr(k) for k in missing])}")
     if shapes:
-        problems.append(f"shape mismatches: {_listing(shapes)}")
+        problems.append(f"shape mismatches: {listing(shapes)}")
     if problems:
         raise CheckpointError(f"DeepLabV2 checkpoint {path!r} does not fit DeepLabV2ResNet{backbone.depths}: "
                               + "; ".join(problems))
@@ -272,7 +266,7 @@ def _classifier_roles(groups: dict[str, dict[str, torch.Tensor]], backbone: Deep
         weight = sub.get("conv2d_list.0.weight")
         if weight is None or weight.dim() != 4:
             raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: classifier {name!r} has no 4-d "
-                                  f"'conv2d_list.0.weight' (its keys: {_listing([repr(f'{name}.{k}') for k in sub])})")
+                                  f"'conv2d_list.0.weight' (its keys: {listing([repr(f'{name}.{k}') for k in sub])})")
         role = roles.get(int(weight.shape[1]))
         if role is None:
             raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: classifier {name!r} takes {weight.shape[1]} "
@@ -304,7 +298,7 @@ def _load_classifiers(classifiers: dict[str, tuple[str, dict[str, torch.Tensor]]
         own = module.state_dict()
         if set(sub) != set(own):
             raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: classifier {name!r} has keys "
-                                  f"{_listing(sorted(sub))}; head.{attr} expects {_listing(sorted(own))}")
+                                  f"{listing(sorted(sub))}; head.{attr} expects {listing(sorted(own))}")
         file_classes = int(sub["conv2d_list.0.weight"].shape[0])
         head_classes = int(own["conv2d_list.0.weight"].shape[0])
         if file_classes != head_classes:
@@ -315,7 +309,7 @@ def _load_classifiers(classifiers: dict[str, tuple[str, dict[str, torch.Tensor]]
                   if v.shape != own[k].shape]
         if shapes:
             raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: shape mismatches in classifier {name!r}: "
-                                  f"{_listing(shapes)}")
+                                  f"{listing(shapes)}")
         module.load_state_dict(sub, strict=True)
         notes.append(f"{path}: loaded classifier {name!r} {where} into head.{attr}")
     return notes

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from uda_ray.models.errors import CheckpointError, read_state_dict
+from uda_ray.models.errors import CheckpointError, listing, read_state_dict
 
 BLOCK_NORM_EPS = 1e-6  # official: norm_layer = partial(nn.LayerNorm, eps=1e-6) for block and stage norms
 STAGE_REDUCTIONS = (4, 8, 16, 32)
@@ -231,12 +231,6 @@ def build_mit(name: str, *, pretrained_path: str = "", drop_path_rate: float = 0
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def _listing(items: list[str], limit: int = 10) -> str:
-    """``n: a, b, …`` with the first ``limit`` items and a count of the rest."""
-    shown = ", ".join(items[:limit])
-    return f"{len(items)}: {shown}" + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def load_segformer_checkpoint(model: MixTransformer, path: str) -> None:
     """Load SegFormer's ImageNet weights (e.g. ``mit_b5.pth``) into ``model``, strictly.
 
@@ -257,11 +251,11 @@ def load_segformer_checkpoint(model: MixTransformer, path: str) -> None:
               if k in full and v.shape != full[k].shape]
     problems = []
     if missing:
-        problems.append(f"missing keys ({_listing(missing)})")
+        problems.append(f"missing keys ({listing(missing, counted=True)})")
     if unexpected:
-        problems.append(f"unexpected keys ({_listing(unexpected)})")
+        problems.append(f"unexpected keys ({listing(unexpected, counted=True)})")
     if shapes:
-        problems.append(f"shape mismatches ({_listing(shapes)})")
+        problems.append(f"shape mismatches ({listing(shapes, counted=True)})")
     if problems:
         dims = ", ".join(f"{k}={v}" for k, v in model.arch.items())
         raise CheckpointError(f"SegFormer checkpoint {path!r} does not fit MixTransformer({dims}): "

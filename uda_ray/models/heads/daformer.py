@@ -30,10 +30,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from uda_ray.models.decoder import make_norm
+from uda_ray.models.decoder import MultiLevelHead, make_norm
 
 FUSIONS = ("aspp", "conv1")
 
@@ -69,7 +68,7 @@ class SeparableASPP(nn.Module):
         return self.bottleneck(outs)
 
 
-class DAFormerHead(nn.Module):
+class DAFormerHead(MultiLevelHead):
     """Embed, upsample, concatenate and fuse L backbone levels; same contract as ``FusionDecoder``."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, *, embed_dim: int = 256, dropout: float = 0.1,
@@ -97,19 +96,3 @@ class DAFormerHead(nn.Module):
         self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """features: L maps (B, C_l, h_l, w_l), finest first → (logits (B, K, h_1, w_1), fused (B, E, h_1, w_1))."""
-        if len(features) != len(self.embed):
-            raise ValueError(f"DAFormerHead: got {len(features)} feature maps, expected {len(self.embed)} "
-                             f"(channels {list(self.in_channels)})")
-        size = features[0].shape[-2:]
-        embedded = []
-        for f, embed in zip(features, self.embed):
-            e = embed(f)  # (B, E, h_l, w_l)
-            if e.shape[-2:] != size:
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)  # (B, E, h_1, w_1)
-            embedded.append(e)
-        fused = self.fuse(torch.cat(embedded, dim=1))  # (B, L·E, h_1, w_1) → (B, E, h_1, w_1)
-        logits = self.classifier(self.dropout(fused))  # (B, K, h_1, w_1)
-        return logits, fused
