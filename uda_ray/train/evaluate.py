@@ -52,6 +52,16 @@ def miou_metrics(conf: np.ndarray, class_ids: Sequence[int], prefix: str = "val"
 HOLDOUT_PREFIX = "holdout"
 
 
+def predict_labels(model: nn.Module, x: Tensor, size: Sequence[int], *,
+                   infer: Callable[[nn.Module, Tensor], Tensor] | None = None,
+                   autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Argmax train ids (B, H, W) at ``size`` of images x (B, 3, h, w): logits from ``infer(model, x)`` (default one
+    whole-image pass) under autocast with ``autocast_dtype`` (None: full precision), upsampled bilinearly."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = infer(model, x) if infer is not None else model(x).logits
+    return upsample(logits.float(), tuple(size)).argmax(dim=1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], *, num_classes: int,
              class_ids: Sequence[int], device: torch.device, autocast_dtype: torch.dtype | None = None,
@@ -68,9 +78,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], *, num_clas
     for batch in batches:
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = infer(model, x) if infer is not None else model(x).logits
-        pred = upsample(logits.float(), y.shape[-2:]).argmax(dim=1)  # (B, H, W)
+        pred = predict_labels(model, x, y.shape[-2:], infer=infer, autocast_dtype=autocast_dtype)  # (B, H, W)
         if report_indices is None:
             conf[0] += confusion_matrix(pred, y, num_classes)
             continue

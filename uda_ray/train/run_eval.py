@@ -18,8 +18,7 @@ from torch.utils.data import DataLoader
 from uda_ray.config import Config, apply_overrides, from_dict
 from uda_ray.data.labels import eval_class_ids
 from uda_ray.train.checkpoint import load_checkpoint
-from uda_ray.train.context import upsample
-from uda_ray.train.evaluate import evaluate
+from uda_ray.train.evaluate import evaluate, predict_labels
 from uda_ray.train.images import label_png
 from uda_ray.train.loop import (
     DEFAULT_THREADS,
@@ -67,13 +66,14 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bo
     model.load_state_dict(state[which])
     model.to(device)
     val = build_val(cfg, split)
+    infer, autocast_dtype = eval_infer(cfg), step_settings(cfg, device).autocast_dtype
     metrics = evaluate(model, val.loader, num_classes=NUM_CLASSES, class_ids=eval_class_ids(cfg.data.protocol),
-                       device=device, autocast_dtype=step_settings(cfg, device).autocast_dtype, prefix=split,
-                       report_indices=val.report_indices, infer=eval_infer(cfg))
+                       device=device, autocast_dtype=autocast_dtype, prefix=split,
+                       report_indices=val.report_indices, infer=infer)
     n_report = sum(1 for i in val.report_indices if i < val.num_images) if val.report_indices is not None else 0
     if save_images is not None:
-        save_predictions(model, val.loader, Path(save_images), infer=eval_infer(cfg), device=device,
-                         autocast_dtype=step_settings(cfg, device).autocast_dtype)
+        save_predictions(model, val.loader, Path(save_images), infer=infer, device=device,
+                         autocast_dtype=autocast_dtype)
     return CheckpointEvaluation(which, split, int(state["iteration"]), val.num_images, n_report, metrics)
 
 
@@ -92,9 +92,7 @@ def save_predictions(model: torch.nn.Module, loader: DataLoader, folder: Path, *
         for batch in loader:
             x = batch["image"].to(device)
             size = tuple(batch["label"].shape[-2:])
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                logits = infer(model, x) if infer is not None else model(x).logits
-            pred = upsample(logits.float(), size).argmax(dim=1)[0].cpu().numpy()  # (H, W)
+            pred = predict_labels(model, x, size, infer=infer, autocast_dtype=autocast_dtype)[0].cpu().numpy()  # (H, W)
             image_path = Path(dataset.pairs[int(batch["index"][0])][0])
             out = folder / f"{image_path.stem}.png"
             out.write_bytes(label_png(pred.astype(np.uint8)))
