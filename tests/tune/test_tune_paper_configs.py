@@ -3,7 +3,9 @@
 Each table is written here from the official config files (DAFormer: configs/daformer/
 gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py and the _base_ files it names), as
 (official key, official value, our key, our value): the comparison is of our resolved config against our
-reading of the official value, and the official key says where to look it up again.
+reading of the official value, and the official key says where to look it up again. The DeepLabV2 tables come
+from the ADVENT-family repositories named above each (ADVENT, DADA, CFContra, SDCA, EHTDI); where uda-ray cannot
+take the official value, the official key says why and the YAML's header lists the difference.
 """
 
 from __future__ import annotations
@@ -117,6 +119,189 @@ ADVENT_MINENT = [
     ("TRAIN.SAVE_PRED_EVERY", 2000, "run.checkpoint_every", 2000),
 ]
 
+# valeoai/DADA (the ADVENT authors' SYNTHIA → Cityscapes code; ADVENT's own repository has no SYNTHIA loader):
+# dada/domain_adaptation/config.py. The MinEnt recipe itself stays ADVENT_MINENT's.
+DADA_SYNTHIA = [
+    ("cfg.SOURCE", "SYNTHIA", "data.source", "synthia"),
+    ("cfg.DATA_DIRECTORY_SOURCE", "data/SYNTHIA", "data.source_root", "data/SYNTHIA"),
+    ("cfg.DATA_DIRECTORY_TARGET", "data/Cityscapes", "data.target_root", "data/Cityscapes"),
+    ("cfg.NUM_CLASSES (16-class protocol, info16class.json)", 16, "data.protocol", 16),
+    ("TRAIN.INPUT_SIZE_SOURCE (w, h)", (1280, 760), "data.source_resize", (760, 1280)),
+    ("TRAIN.INPUT_SIZE_SOURCE: no crop", (1280, 760), "data.crop", (760, 1280)),
+    ("TRAIN.INPUT_SIZE_TARGET (w, h)", (1024, 512), "data.target_resize", (512, 1024)),
+    ("TEST.INPUT_SIZE_TARGET (w, h)", (1024, 512), "data.val_resize", (512, 1024)),
+]
+
+# CFContra (shiyutang/Coarse-to-fine-UDA): advent/domain_adaptation/config.py with advent/scripts/configs/minent.yml
+# merged on it; advent/domain_adaptation/train_UDA.py, advent/model/deeplabv2.py, advent/model/hm.py
+CFCONTRA = [
+    ("TRAIN.MODEL", "DeepLabv2", "model.backbone", "deeplabv2_r101"),
+    ("TRAIN.MODEL (ClassifierModule: sum of 4 dilated convs)", "DeepLabv2", "model.decoder", "deeplabv2"),
+    ("TRAIN.IMG_MEAN (BGR, no std)", (104.00698793, 116.66876762, 122.67891434), "model.input_norm", "caffe"),
+    ("minent.yml TRAIN.RESTORE_FROM", "../../pretrained_models/DeepLab_resnet_pretrained_imagenet.pth",
+     "model.pretrained_path", "pretrained_models/DeepLab_resnet_pretrained_imagenet.pth"),
+    ("minent.yml TRAIN.MULTI_LEVEL + LAMBDA_SEG_AUX", 0.1, "model.aux_weight", 0.1),
+    ("TRAIN.LAMBDA_SEG_MAIN", 1.0, "loss.source_weight", 1.0),
+    ("minent.yml TRAIN.DA_METHOD MinEnt: no mixing", 0.0, "loss.mix_weight", 0.0),
+    ("minent.yml TRAIN.LAMBDA_ENT_MAIN", 0.001, "loss.entropy.weight", 0.001),
+    ("minent.yml TRAIN.LAMBDA_ENT_AUX", 0.0002, "loss.entropy.aux_weight", 0.0002),
+    ("TRAIN.LAMBDA_CONTRA_S / _T / _T2S / _S2T", 0.001, "loss.cfcontra.weight", 0.001),
+    ("TRAIN.contra_temp", 0.07, "loss.cfcontra.temperature", 0.07),
+    ("TRAIN.contra_momentum", 0.9, "loss.cfcontra.momentum", 0.9),
+    ("TRAIN.cluster_threshold (pixels with the two nearest centroids closer are ignored)", 0.05,
+     "loss.cfcontra.margin", 0.05),
+    ("HybridMemory(num_features, NUM_CLASSES): one centroid per class", 1, "loss.cfcontra.bank_size", 1),
+    ("deeplabv2.py feat_dim (head_mode moco: 2048 → 2048 → 2048 on layer4)", 2048, "loss.cfcontra.proj_dim", 2048),
+    ("train_UDA.py: target labels from the trained network itself, no EMA model", 0.0, "teacher.alpha", 0.0),
+    ("train_UDA.py: model.train() for every pass (BN on the batch)", "train", "teacher.bn_mode", "batch"),
+    ("README <root_dir>/data/GTA5 (config.py: ../data/GTA5)", "data/GTA5", "data.source_root", "data/GTA5"),
+    ("README <root_dir>/data/Cityscapes (config.py: ../data/cityscapes)", "data/Cityscapes", "data.target_root",
+     "data/Cityscapes"),
+    ("TRAIN.SET_SOURCE all (gta5_list/all.txt, every frame)", "all", "data.source", "gta5"),
+    ("TRAIN.INPUT_SIZE_SOURCE (w, h)", (1280, 640), "data.source_resize", (640, 1280)),
+    ("TRAIN.INPUT_SIZE_SOURCE: no crop", (1280, 640), "data.crop", (640, 1280)),
+    ("TRAIN.INPUT_SIZE_TARGET (w, h)", (1280, 640), "data.target_resize", (640, 1280)),
+    ("TRAIN.INPUT_SIZE_TARGET: no crop", (1280, 640), "data.target_crop", (640, 1280)),
+    ("base_dataset.py resizes to the size exactly", False, "data.keep_ratio", False),
+    ("no flip in the datasets", False, "data.flip", False),
+    ("TRAIN.BATCH_SIZE_SOURCE / _TARGET", 1, "data.batch_size", 1),
+    ("NUM_WORKERS", 4, "data.loader_workers", 4),
+    ("TEST.INPUT_SIZE_TARGET (w, h)", (1024, 512), "data.val_resize", (512, 1024)),
+    ("NUM_CLASSES", 19, "data.protocol", 19),
+    ("optim.SGD", "SGD", "optim.name", "sgd"),
+    ("TRAIN.LEARNING_RATE", 2.5e-4, "optim.lr", 2.5e-4),
+    ("TRAIN.MOMENTUM", 0.9, "optim.momentum", 0.9),
+    ("TRAIN.WEIGHT_DECAY", 0.0005, "optim.weight_decay", 0.0005),
+    ("optim_parameters: classifiers at 10 × lr", 10, "optim.head_lr_mult", 10.0),
+    ("no warm-up", 0, "optim.warmup_iters", 0),
+    ("TRAIN.POWER", 0.9, "optim.poly_power", 0.9),
+    ("TRAIN.MAX_ITERS (the poly schedule's length)", 250000, "optim.poly_iters", 250000),
+    ("TRAIN.EARLY_STOP", 120000, "run.iterations", 120000),
+    ("TRAIN.SAVE_PRED_EVERY / TEST.SNAPSHOT_STEP", 2000, "run.eval_every", 2000),
+    ("TRAIN.SAVE_PRED_EVERY", 2000, "run.checkpoint_every", 2000),
+]
+
+# SDCA (BIT-DA/SDCA): configs/deeplabv2_r101_sdca.yaml on core/configs/defaults.py; train_sdca.py,
+# core/datasets/build.py, core/datasets/dataset_path_catalog.py, core/models/build.py, test.py
+SDCA = [
+    ("MODEL.NAME deeplab_resnet101 (torchvision ResNet-101, dilated: the caffe one is the nearest here)",
+     "deeplab_resnet101", "model.backbone", "deeplabv2_r101"),
+    ("build_classifier: ASPP_Classifier_V2(2048, [6, 12, 18, 24]), summed", "ASPP_Classifier_V2", "model.decoder",
+     "deeplabv2"),
+    ("one classifier (SOLVER.MULTI_LEVEL switches the logit-level contrast)", 0.0, "model.aux_weight", 0.0),
+    ("INPUT.PIXEL_MEAN / PIXEL_STD (ImageNet RGB; the DeepLab init below needs caffe input)", "imagenet",
+     "model.input_norm", "caffe"),
+    ("MODEL.WEIGHTS (torchvision; does not fit the caffe ResNet)",
+     "https://download.pytorch.org/models/resnet101-5d3b4d8f.pth", "model.pretrained_path",
+     "pretrained_models/DeepLab_resnet_pretrained_imagenet.pth"),
+    ("loss_sup (CE) weight 1", 1.0, "loss.source_weight", 1.0),
+    ("no mixing", 0.0, "loss.mix_weight", 0.0),
+    ("no entropy term", 0.0, "loss.entropy.weight", 0.0),
+    ("SOLVER.LAMBDA_FEAT", 1.0, "loss.sdca.weight_feat", 1.0),
+    ("SOLVER.LAMBDA_OUT", 1.0, "loss.sdca.weight_out", 1.0),
+    ("SOLVER.TAU (defaults.py)", 100.0, "loss.sdca.tau", 100.0),
+    ("SOLVER.DELTA", 0.9, "loss.sdca.delta", 0.9),
+    ("train_sdca.py: target mask from the network's own tgt_out, no EMA model", 0.0, "teacher.alpha", 0.0),
+    ("MODEL.FREEZE_BN: FrozenBatchNorm2d (stored statistics)", True, "teacher.bn_mode", "running"),
+    ("DatasetCatalog gtav_train: datasets/gtav", "datasets/gtav", "data.source_root", "data/GTA5"),
+    ("DatasetCatalog cityscapes_train: datasets/cityscapes", "datasets/cityscapes", "data.target_root",
+     "data/Cityscapes"),
+    ("DATASETS.SOURCE_TRAIN gtav_train (gtav_train_list.txt, every frame)", "gtav_train", "data.source", "gta5"),
+    ("INPUT.SOURCE_INPUT_SIZE_TRAIN (w, h)", (1280, 720), "data.source_resize", (720, 1280)),
+    ("INPUT_SCALES_TRAIN (1.0, 1.0): Resize, no crop", (1280, 720), "data.crop", (720, 1280)),
+    ("INPUT.TARGET_INPUT_SIZE_TRAIN (w, h), defaults.py", (1024, 512), "data.target_resize", (512, 1024)),
+    ("INPUT_SCALES_TRAIN (1.0, 1.0): Resize, no crop", (1024, 512), "data.target_crop", (512, 1024)),
+    ("transform.Resize to (h, w) exactly", False, "data.keep_ratio", False),
+    ("INPUT.HORIZONTAL_FLIP_PROB_TRAIN (defaults.py)", 0.0, "data.flip", False),
+    ("SOLVER.BATCH_SIZE 8 = 4 source + 4 target (1 + 1 on each of 4 GPUs)", 8, "data.batch_size", 4),
+    ("DataLoader num_workers", 4, "data.loader_workers", 4),
+    ("INPUT.INPUT_SIZE_TEST (w, h)", (1024, 512), "data.val_resize", (512, 1024)),
+    ("MODEL.NUM_CLASSES", 19, "data.protocol", 19),
+    ("torch.optim.SGD", "SGD", "optim.name", "sgd"),
+    ("SOLVER.BASE_LR", 2.5e-4, "optim.lr", 2.5e-4),
+    ("SOLVER.MOMENTUM", 0.9, "optim.momentum", 0.9),
+    ("SOLVER.WEIGHT_DECAY", 0.0005, "optim.weight_decay", 0.0005),
+    ("optimizer_cls: BASE_LR * 10", 10, "optim.head_lr_mult", 10.0),
+    ("no warm-up", 0, "optim.warmup_iters", 0),
+    ("SOLVER.LR_POWER", 0.9, "optim.poly_power", 0.9),
+    ("SOLVER.MAX_ITER (the poly schedule's length)", 62500, "optim.poly_iters", 62500),
+    ("SOLVER.STOP_ITER", 40000, "run.iterations", 40000),
+    ("SOLVER.CHECKPOINT_PERIOD (test.py reports the best checkpoint)", 1000, "run.eval_every", 1000),
+    ("SOLVER.CHECKPOINT_PERIOD", 1000, "run.checkpoint_every", 1000),
+    ("no clipping", 0.0, "optim.grad_clip", 0.0),
+]
+
+# The high-quality target information method, EHTDI (ljjcoder/EHTDI): configs/gta5.yaml with train.sh's
+# lam_aug=0.10; main.py, models/deeplab_multi.py, models/__init__.py, perturbations/augmentations.py,
+# datasets/cityscapes_Dataset.py
+TARGET_MIX = [
+    ("model.backbone deeplabv2_multi", "deeplabv2_multi", "model.backbone", "deeplabv2_r101"),
+    ("layer6 Classifier_Module (its loop returns after 2 of 4 branches; uda-ray sums 4)", "Classifier_Module",
+     "model.decoder", "deeplabv2"),
+    ("IMG_MEAN (BGR, no std), cityscapes_Dataset.py", (104.00698793, 116.66876762, 122.67891434),
+     "model.input_norm", "caffe"),
+    ("model.imagenet_pretrained (model.checkpoint GTA5_source.pth is not loaded here)",
+     "${pretrain_model_root}/DeepLab_resnet_pretrained_init-f81d91e8.pth", "model.pretrained_path",
+     "pretrained_models/DeepLab_resnet_pretrained_init-f81d91e8.pth"),
+    ("aux + lam_aux", 0.1, "model.aux_weight", 0.1),
+    ("loss_source_1 weight 1", 1.0, "loss.source_weight", 1.0),
+    ("train.sh lam_aug=0.10 (CE on the strong view with source classes pasted)", 0.1, "loss.mix_weight", 0.1),
+    ("num_class_select: half (rounded down) of the source classes above train id 4", 0.5, "mix.class_ratio", 0.5),
+    ("every image pair is mixed", 1.0, "mix.prob", 1.0),
+    ("get_augmentation: colour Compose p", 0.8, "mix.jitter_prob", 0.8),
+    ("RandomBrightnessContrast limits (albumentations default)", 0.2, "mix.jitter_strength", 0.2),
+    ("get_augmentation: GaussianBlur p", 0.5, "mix.blur_prob", 0.5),
+    ("use_NCE: target→source mix on", True, "mix.target_to_source.enabled", True),
+    ("Tmax", 0.95, "mix.target_to_source.t_max", 0.95),
+    ("mix_weight", 0.1, "mix.target_to_source.weight", 0.1),
+    ("NCE_weight (pixel level)", 0.01, "loss.cross_view.pixel_weight", 0.01),
+    ("NCE_weight (prototype level)", 0.01, "loss.cross_view.proto_weight", 0.01),
+    ("criterion(20 * NCE_2_all): τ = 1/20", 20, "loss.cross_view.pixel_temperature", 0.05),
+    ("criterion(7 * NCE_2): τ = 1/7", 7, "loss.cross_view.proto_temperature", 0.142857),
+    ("pred[2] of a 512 × 512 crop: 65 × 65 logits", 65, "loss.cross_view.grid_size", 65),
+    ("pseudo-labels from self.model under no_grad (ema_decay 0.999 only for the evaluated copy)", 0.0,
+     "teacher.alpha", 0.0),
+    ("self.model in train mode (BN on the batch)", "train", "teacher.bn_mode", "batch"),
+    ("T = 0.0 (pseudolabel_threshold 0.0): every pixel", 0.0, "teacher.pseudo_threshold", 0.0),
+    ("mask_1 = maxpred_1 > T: weight 1 per pixel", "pixel", "teacher.weighting", "pixel"),
+    ("data.source.kwargs.root", "${data_leinao}/GTA5", "data.source_root", "data/GTA5"),
+    ("data.target.kwargs.root", "${data_leinao}/Cityscapes", "data.target_root", "data/Cityscapes"),
+    ("data.source.dataset", "gta5", "data.source", "gta5"),
+    ("data.source.kwargs.crop_size (w, h), resize: True", (1280, 720), "data.source_resize", (720, 1280)),
+    ("data.target.kwargs.crop_size (w, h), resize: True", (1280, 640), "data.target_resize", (640, 1280)),
+    ("the whole target image (the mixes need one size: the source is cropped to it)", (1280, 640), "data.crop",
+     (640, 1280)),
+    ("PIL resize to the size exactly", False, "data.keep_ratio", False),
+    ("random_mirror", True, "data.flip", True),
+    ("source_loader / target_loader batch_size", 2, "data.batch_size", 2),
+    ("num_workers", 4, "data.loader_workers", 4),
+    ("target val: City_Dataset(split='val') resized to crop_size", (1280, 640), "data.val_resize", (640, 1280)),
+    ("data.num_classes", 19, "data.protocol", 19),
+    ("opt.kind", "SGD", "optim.name", "sgd"),
+    ("opt.lr", 2.5e-4, "optim.lr", 2.5e-4),
+    ("opt.momentum", 0.9, "optim.momentum", 0.9),
+    ("opt.weight_decay", 5e-4, "optim.weight_decay", 5e-4),
+    ("poly_lr_scheduler: param_groups[1] at 10 × lr", 10, "optim.head_lr_mult", 10.0),
+    ("no warm-up", 0, "optim.warmup_iters", 0),
+    ("opt.poly_power", 0.9, "optim.poly_power", 0.9),
+    ("opt.iterations (the poly schedule's length)", 250000, "optim.poly_iters", 250000),
+    ("opt.iterations", 250000, "run.iterations", 250000),
+    ("validate() after every epoch: min(len(source), len(target)) = 2975 // 2", 1487, "run.eval_every", 1487),
+    ("save_checkpoint('best.pth') at every validation", 1487, "run.checkpoint_every", 1487),
+    ("no entropy term", 0.0, "loss.entropy.weight", 0.0),
+]
+
+# EHTDI on SYNTHIA: configs/synthia.yaml (defaults: gta5, then its own keys)
+TARGET_MIX_SYNTHIA = [
+    ("data.source.dataset", "synthia", "data.source", "synthia"),
+    ("data.source.kwargs.root (README: SYNTHIA/RAND_CITYSCAPES)", "${data_leinao}/synthia", "data.source_root",
+     "data/SYNTHIA"),
+    ("data.num_classes, class_16", 16, "data.protocol", 16),
+    ("base_size/crop_size kept from gta5.yaml (w, h)", (1280, 720), "data.source_resize", (720, 1280)),
+    ("NCE_weight (pixel level)", 0.008, "loss.cross_view.pixel_weight", 0.008),
+    ("NCE_weight (prototype level)", 0.008, "loss.cross_view.proto_weight", 0.008),
+]
+
 SYNTHIA_CHANGES = {
     "data.source": "synthia",
     "data.source_root": "data/synthia",
@@ -150,6 +335,29 @@ def test_daformer_synthia2cs_equals_the_official_config() -> None:
 
 def test_deeplabv2_gta2cs_equals_advent_minent() -> None:
     _check("deeplabv2_gta2cs.yaml", ADVENT_MINENT, {})
+
+
+def test_deeplabv2_synthia2cs_is_advent_minent_with_dada_synthia_data() -> None:
+    _check("deeplabv2_synthia2cs.yaml", ADVENT_MINENT, {ours: value for _, _, ours, value in DADA_SYNTHIA})
+    _check("deeplabv2_synthia2cs.yaml", DADA_SYNTHIA, {})
+
+
+def test_cfcontra_deeplabv2_gta2cs_equals_the_official_config() -> None:
+    _check("cfcontra_deeplabv2_gta2cs.yaml", CFCONTRA, {})
+
+
+def test_sdca_deeplabv2_gta2cs_equals_the_official_config() -> None:
+    _check("sdca_deeplabv2_gta2cs.yaml", SDCA, {})
+
+
+def test_target_mix_deeplabv2_gta2cs_equals_the_official_config() -> None:
+    _check("target_mix_deeplabv2_gta2cs.yaml", TARGET_MIX, {})
+
+
+def test_target_mix_deeplabv2_synthia2cs_equals_the_official_config() -> None:
+    synthia = {ours: value for _, _, ours, value in TARGET_MIX_SYNTHIA}
+    _check("target_mix_deeplabv2_synthia2cs.yaml", TARGET_MIX, synthia)
+    _check("target_mix_deeplabv2_synthia2cs.yaml", TARGET_MIX_SYNTHIA, {})
 
 
 @pytest.mark.parametrize("key", ["model.backbone", "model.decoder", "data.rcs.enabled", "loss.fd.weight",
