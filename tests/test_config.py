@@ -84,6 +84,27 @@ def test_bad_overrides_name_the_key(override: str, expected: str):
     assert expected in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.hrda.enabled=true", "model.hrda.detail_crop=128"],
+     "'model.hrda.detail_crop' = 128 is larger than 'data.crop' = [64, 64]"),
+    (["model.hrda.enabled=true", "model.hrda.detail_crop=36"],
+     "'model.hrda.detail_crop' = 36: expected a multiple of 8"),
+    (["model.hrda.enabled=true", "model.hrda.detail_crop=32", "model.hrda.detail_window_stride=40"],
+     "'model.hrda.detail_window_stride' = 40"),
+    (["model.hrda.enabled=true", "model.hrda.detail_crop=32", "data.crop=[60, 60]"],
+     "'data.crop' = [60, 60]: HRDA needs sides divisible by 8"),
+    (["loss.cluda.multires=true"], "'loss.cluda.multires' = true needs HRDA"),
+    (["loss.mic.mask_ratio=1.0"], "'loss.mic.mask_ratio' = 1.0 is out of range: expected >= 0.0 and < 1.0"),
+    (["loss.mic.mask_ratio=-0.1"], "'loss.mic.mask_ratio' = -0.1 is out of range"),
+    (["eval.mode=slide", "eval.crop=[128, 128]"], "'eval.crop' = [128, 128] is larger than 'data.val_resize'"),
+    (["model.fuse_channels=64"], "'model.fuse_channels' = 64 applies to model.decoder = 'daformer' only"),
+])
+def test_bad_multiresolution_settings_name_the_key(overrides: list[str], expected: str):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), overrides)
+    assert expected in str(e.value)
+
+
 def test_yaml_errors_name_the_file(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  clud:\n    weight: 1.0\n")

@@ -94,6 +94,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class HRDAConfig:
+    """HRDA's multi-resolution training and inference (METHODS.md §10; ``uda_ray.models.hrda``)."""
+
+    enabled: bool = _f(False)
+    context_scale: float = _f(0.5, choices=(0.5,), doc="the context pass sees the crop resized by this factor")
+    detail_crop: int = _f(512, ge=8, doc="side of the full-resolution detail window (a multiple of 8, at most the "
+                          "training crop)")
+    detail_window_stride: int = _f(256, ge=8, doc="inference and pseudo-labels: detail windows every this many "
+                                   "pixels (a multiple of 8, at most detail_crop)")
+    attention_classwise: bool = _f(True, doc="one scale-attention map per class (HRDA) instead of one for all")
+    detail_loss_weight: float = _f(0.1, ge=0.0, lt=1.0, doc="loss = (1 - w) CE(fused) + w CE(detail crop)")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = _f("resnet18", doc="mit_b0 … mit_b5 (SegFormer's Mix Transformer), deeplabv2_r101 (DeepLabV2's "
                        "caffe-style ResNet-101) or any timm model that supports features_only")
@@ -110,10 +124,13 @@ class ModelConfig:
                               "DeepLab_resnet_pretrained_imagenet.pth / an ADVENT-family model")
     out_indices: tuple[int, ...] = _f((), ge=0, doc="backbone levels; empty = the last four")
     embed_dim: int = _f(256, ge=1, doc="channels each level is embedded to in the fusion decoder")
+    fuse_channels: int = _f(0, ge=0, doc="daformer: width of the fused map (and ASPP branches) when it differs from "
+                            "embed_dim (CLUDA: embed 512, fuse 256); 0 = embed_dim. Also HRDA's attention width")
     dropout: float = _f(0.1, ge=0.0, lt=1.0)
     decoder_norm: str = _f("batch", choices=("batch", "group"),
                            doc="norm of the decoder and projection head; group = per sample (batch-split invariant)")
     sync_bn: bool = _f(False, doc="SyncBatchNorm under DDP (CUDA only)")
+    hrda: HRDAConfig = _sub(HRDAConfig)
     aux_pass_bn_update: bool = _f(True, doc="student passes other than the source and the mixed batch (the plain "
                                   "target batch, the target-mix and strong-view batches) update BatchNorm running "
                                   "statistics, as the methods' code does; false: they leave them to the source and "
@@ -162,6 +179,9 @@ class CludaConfig:
     on_source: bool = _f(True)
     on_mix: bool = _f(True)
     chunk_size: int = _f(0, ge=0, doc="anchor block size; 0 = direct N x N form")
+    multires: bool = _f(False, doc="CLUDA on HRDA: the learned-weighted multi-resolution contrast of context and "
+                        "detail features (METHODS.md §11) instead of the single-resolution one; needs model.hrda")
+    weighter_lr_mult: float = _f(10.0, gt=0.0, doc="multires: learning rate of the weight head = optim.lr x this")
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,16 @@ class CrossViewConfig:
     grid_size: int = _f(32, ge=1, doc="views are compared on a grid_size x grid_size grid of pixels")
 
 
+@dataclass(frozen=True)
+class MICConfig:
+    """Masked Image Consistency (METHODS.md §12): CE of the student on a block-masked target image against the
+    teacher's pseudo-labels of the unmasked one."""
+
+    weight: float = _f(0.0, ge=0.0, doc="MIC's lambda (1.0); 0 removes the term")
+    mask_ratio: float = _f(0.7, ge=0.0, lt=1.0, doc="share of blocks masked")
+    block_size: int = _f(64, ge=1, doc="mask block side in pixels (64 at HRDA's resolution, 32 at DAFormer's)")
+
+
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # traffic light/sign, person … bicycle (METHODS.md §9)
 
 
@@ -220,6 +250,7 @@ class LossConfig:
     sdca: SDCAConfig = _sub(SDCAConfig)
     cross_view: CrossViewConfig = _sub(CrossViewConfig)
     fd: FeatureDistanceConfig = _sub(FeatureDistanceConfig)
+    mic: MICConfig = _sub(MICConfig)
 
 
 @dataclass(frozen=True)
@@ -431,6 +462,7 @@ def _check_cross(cfg: Config, source: str) -> None:
     if cfg.loss.entropy.aux_weight > 0 and cfg.model.aux_weight == 0:
         raise ConfigError(f"{source}: key 'loss.entropy.aux_weight' = {cfg.loss.entropy.aux_weight} needs the "
                           "auxiliary classifier: set model.aux_weight > 0 (model.decoder: deeplabv2)")
+    _check_hrda(cfg, source)
     e = cfg.eval
     if e.mode == "slide":
         if e.crop[0] > d.val_resize[0] or e.crop[1] > d.val_resize[1]:
@@ -449,6 +481,9 @@ def _check_cross(cfg: Config, source: str) -> None:
         check_model_names(m.backbone, m.decoder, m.input_norm, m.pretrained)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+    if m.fuse_channels and m.decoder != "daformer":
+        raise ConfigError(f"{source}: key 'model.fuse_channels' = {m.fuse_channels} applies to model.decoder = "
+                          f"'daformer' only, not {m.decoder!r}")
     if m.aux_weight > 0 and m.decoder != "deeplabv2":
         raise ConfigError(f"{source}: key 'model.aux_weight' = {m.aux_weight}: the auxiliary classifier exists only "
                           f"for model.decoder = 'deeplabv2', not {m.decoder!r}")
@@ -456,6 +491,33 @@ def _check_cross(cfg: Config, source: str) -> None:
         if getattr(d, side) != "synthetic" and not getattr(d, f"{side}_root"):
             raise ConfigError(f"{source}: key 'data.{side}_root' is empty but 'data.{side}' = "
                               f"{getattr(d, side)!r} needs the dataset folder")
+
+
+def _check_hrda(cfg: Config, source: str) -> None:
+    h, d = cfg.model.hrda, cfg.data
+    if cfg.loss.cluda.multires and not h.enabled:
+        raise ConfigError(f"{source}: key 'loss.cluda.multires' = true needs HRDA's context and detail passes: set "
+                          "model.hrda.enabled = true")
+    if not h.enabled:
+        return
+    if h.detail_crop % 8:
+        raise ConfigError(f"{source}: key 'model.hrda.detail_crop' = {h.detail_crop}: expected a multiple of 8")
+    crops = {"data.crop": d.crop, "data.target_crop": d.target_crop if d.target_crop[0] else d.crop}
+    for key, crop in crops.items():
+        if h.detail_crop > min(crop):
+            raise ConfigError(f"{source}: key 'model.hrda.detail_crop' = {h.detail_crop} is larger than '{key}' = "
+                              f"{list(crop)}: the detail window must fit inside the training crop")
+        if crop[0] % 8 or crop[1] % 8:
+            raise ConfigError(f"{source}: key '{key}' = {list(crop)}: HRDA needs sides divisible by 8")
+    if h.detail_window_stride % 8 or h.detail_window_stride > h.detail_crop:
+        raise ConfigError(f"{source}: key 'model.hrda.detail_window_stride' = {h.detail_window_stride}: expected a "
+                          f"multiple of 8 of at most model.hrda.detail_crop = {h.detail_crop}")
+    if cfg.model.decoder == "deeplabv2":
+        raise ConfigError(f"{source}: key 'model.hrda.enabled' = true needs a multi-level decode head: "
+                          "model.decoder = 'daformer' (HRDA) or 'mlp', not 'deeplabv2'")
+    size, key = (cfg.eval.crop, "eval.crop") if cfg.eval.mode == "slide" else (d.val_resize, "data.val_resize")
+    if size[0] % 8 or size[1] % 8:
+        raise ConfigError(f"{source}: key '{key}' = {list(size)}: HRDA's inference needs sides divisible by 8")
 
 
 # ------------------------------------------------------------------------------------------------- overrides

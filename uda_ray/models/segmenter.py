@@ -20,9 +20,16 @@ from typing import Any, NamedTuple
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet, caffe_normalize, load_deeplabv2_checkpoint
+from uda_ray.losses import cross_entropy
+from uda_ray.models.backbones.deeplabv2 import (
+    CAFFE_MEAN_BGR,
+    DeepLabV2ResNet,
+    caffe_normalize,
+    load_deeplabv2_checkpoint,
+)
 from uda_ray.models.backbones.mit import MIT_VARIANTS, build_mit, load_segformer_checkpoint
 from uda_ray.models.decoder import FusionDecoder, ProjectionHead
 from uda_ray.models.errors import CheckpointError, listing, read_state_dict
@@ -47,6 +54,10 @@ class SegOutput(NamedTuple):
     features: the used backbone levels, finest first, each (B, C_l, h_l, w_l).
     proj:     (B, P, h_L, w_L) projection of the deepest level (CFContra), or None when proj_dim = 0.
     aux:      (B, K, h, w) the multi-level auxiliary prediction (DeepLabV2 on layer3) in training mode, or None.
+    detail:   HRDA's detail pass and scale attention (``uda_ray.models.hrda.DetailOutput``), or None.
+
+    Under HRDA (``uda_ray.models.hrda``) ``logits`` are the fused multi-resolution logits and ``fused``, ``features``
+    and ``proj`` belong to the context pass (the whole input at the context scale).
     """
 
     logits: torch.Tensor
@@ -54,6 +65,7 @@ class SegOutput(NamedTuple):
     features: list[torch.Tensor]
     proj: torch.Tensor | None
     aux: torch.Tensor | None = None
+    detail: Any = None
 
 
 DECODERS = ("mlp", "daformer", "deeplabv2")
@@ -103,7 +115,7 @@ class Segmenter(nn.Module):
     def __init__(self, backbone: str, num_classes: int = 19, *, pretrained: bool = False, pretrained_path: str = "",
                  out_indices: tuple[int, ...] = (), embed_dim: int = 256, dropout: float = 0.1, proj_dim: int = 0,
                  decoder_norm: str = "batch", decoder: str = "mlp", input_norm: str = "imagenet",
-                 drop_path_rate: float = 0.1, aux: bool = False):
+                 drop_path_rate: float = 0.1, aux_weight: float = 0.0, fuse_channels: int = 0):
         super().__init__()
         if pretrained and pretrained_path:
             raise ValueError(f"Segmenter({backbone!r}): pretrained=True and pretrained_path={pretrained_path!r} are "
@@ -115,6 +127,12 @@ class Segmenter(nn.Module):
         if pretrained and family != "timm":
             raise ValueError(f"model.pretrained = true: {backbone!r} has no timm weights: set model.pretrained_path "
                              "to its checkpoint file")
+        if fuse_channels and decoder != "daformer":
+            raise ValueError(f"Segmenter({backbone!r}): fuse_channels = {fuse_channels} applies to model.decoder = "
+                             f"'daformer' only, not {decoder!r}")
+        if aux_weight < 0:
+            raise ValueError(f"Segmenter({backbone!r}): aux_weight = {aux_weight}: expected >= 0")
+        aux = aux_weight > 0
         if aux and decoder != "deeplabv2":
             raise ValueError(f"Segmenter({backbone!r}): an auxiliary classifier (model.aux_weight > 0) exists only "
                              f"for model.decoder = 'deeplabv2', not {decoder!r}")
@@ -142,6 +160,7 @@ class Segmenter(nn.Module):
                              f"{self.feature_reductions}: expected the levels finest first (non-decreasing stride)")
         if decoder == "daformer":
             self.decoder: nn.Module = DAFormerHead(self.feature_channels, num_classes, embed_dim=embed_dim,
+                                                   channels=fuse_channels or embed_dim,
                                                    dropout=dropout, fusion="aspp", norm=decoder_norm)
         elif decoder == "deeplabv2":
             self.decoder = DeepLabV2Head(self.feature_channels, num_classes, aux=aux)
@@ -158,6 +177,10 @@ class Segmenter(nn.Module):
                 load_backbone_checkpoint(self.backbone, backbone, pretrained_path)
         self.proj = ProjectionHead(self.feature_channels[-1], proj_dim, norm=decoder_norm) if proj_dim > 0 else None
         self.num_classes = num_classes
+        self.aux_weight = aux_weight
+        # draws of a training forward pass (HRDA's detail box); the loop hands over the run's generator, so a seed
+        # and a checkpoint fix them. A plain Segmenter draws nothing.
+        self.generator: torch.Generator | None = None
         # Constants, not state: kept out of the state dict so checkpoints hold only learned weights and BN statistics.
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -168,6 +191,28 @@ class Segmenter(nn.Module):
         if self.input_norm == "caffe":
             return caffe_normalize(x)
         return (x - self.pixel_mean) / self.pixel_std
+
+    def context_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input whose backbone features are ``SegOutput.features``: x itself (HRDA: x at the context scale)."""
+        return x
+
+    def mean_colour(self) -> torch.Tensor:
+        """(1, 3, 1, 1) the RGB colour in [0, 1] that ``normalize`` maps to 0: a pixel masked to it is a 0 of the
+        normalised image (MIC's masking)."""
+        if self.input_norm == "caffe":
+            return (torch.tensor(CAFFE_MEAN_BGR, device=self.pixel_mean.device).flip(0) / 255.0).view(1, 3, 1, 1)
+        return self.pixel_mean
+
+    def seg_loss(self, out: SegOutput, labels: torch.Tensor, weights: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """The supervised loss of a training pass against (B, H, W) labels with optional (B, H, W) pixel weights,
+        as named parts: ``""`` = CE of the logits upsampled to the labels, ``"_aux"`` = ``aux_weight`` × CE of the
+        auxiliary prediction (DeepLabV2's multi-level loss) when there is one. HRDA overrides this."""
+        size = labels.shape[-2:]
+        parts = {"": cross_entropy(upsample(out.logits.float(), size), labels, weights)}
+        if self.aux_weight > 0 and out.aux is not None:
+            parts["_aux"] = self.aux_weight * cross_entropy(upsample(out.aux.float(), size), labels, weights)
+        return parts
 
     def forward(self, x: torch.Tensor) -> SegOutput:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -210,6 +255,13 @@ class Segmenter(nn.Module):
                     groups.append({"name": name + suffix, "params": ps, "lr": lr * mult, "lr_mult": mult,
                                    "weight_decay": wd})
         return groups
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear (align_corners False) resize of a (B, C, h, w) map to ``size``; the map itself when it matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _no_decay_parameter_ids(model: nn.Module) -> set[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from uda_ray.adaptation import pseudo_labels
 from uda_ray.models import SegOutput
+from uda_ray.models.segmenter import upsample
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class StepContext:
     teacher_bn_batch: bool = False  # teacher.bn_mode = batch: the teacher's BatchNorm uses the target batch's stats
     _pseudo: PseudoLabels | None = None
     _out_tgt: SegOutput | None = None
-    extra: dict[str, Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # what the step leaves for terms (mix_out, mix_labels, …)
 
     @property
     def pseudo(self) -> PseudoLabels:
@@ -107,13 +109,6 @@ def teacher_bn_mode(teacher: nn.Module, batch: bool) -> Iterator[None]:
     finally:
         for m in norms:
             m.eval()
-
-
-def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Bilinear resize of a (B, C, h, w) map to ``size`` (no-op when it already matches)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def resize_labels(labels: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

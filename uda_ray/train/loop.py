@@ -29,6 +29,7 @@ from uda_ray.data.readers import SegmentationDataset, build_dataset
 from uda_ray.data.synthetic import ensure_synthetic
 from uda_ray.data.transforms import EvalTransform, TrainTransform
 from uda_ray.models import build_segmenter, make_teacher
+from uda_ray.models.hrda import HRDASegmenter
 from uda_ray.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from uda_ray.train.evaluate import evaluate, inference_fn
 from uda_ray.train.images import pick_indices, prediction_grid
@@ -190,11 +191,17 @@ def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
     (for a network whose weights come from a training checkpoint next)."""
     m, cf = cfg.model, cfg.loss.cfcontra
     pretrained, path = (m.pretrained, m.pretrained_path) if load_pretrained else (False, "")
-    return build_segmenter(m.backbone, NUM_CLASSES, pretrained=pretrained, pretrained_path=path,
-                           out_indices=m.out_indices, embed_dim=m.embed_dim, dropout=m.dropout,
-                           proj_dim=cf.proj_dim if cf.weight > 0 else 0, decoder_norm=m.decoder_norm,
-                           decoder=m.decoder, input_norm=m.input_norm, drop_path_rate=m.drop_path_rate,
-                           aux=m.aux_weight > 0)
+    common = dict(pretrained=pretrained, pretrained_path=path, out_indices=m.out_indices, embed_dim=m.embed_dim,
+                  dropout=m.dropout, proj_dim=cf.proj_dim if cf.weight > 0 else 0, decoder_norm=m.decoder_norm,
+                  decoder=m.decoder, input_norm=m.input_norm, drop_path_rate=m.drop_path_rate,
+                  aux_weight=m.aux_weight, fuse_channels=m.fuse_channels)
+    h, cl = m.hrda, cfg.loss.cluda
+    if h.enabled:
+        return HRDASegmenter(m.backbone, NUM_CLASSES, context_scale=h.context_scale, detail_crop=h.detail_crop,
+                             detail_stride=h.detail_window_stride, attention_classwise=h.attention_classwise,
+                             detail_loss_weight=h.detail_loss_weight, feature_weighter=cl.multires and cl.weight > 0,
+                             weighter_lr_mult=cl.weighter_lr_mult, **common)
+    return build_segmenter(m.backbone, NUM_CLASSES, **common)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -229,8 +236,7 @@ def step_settings(cfg: Config, device: torch.device) -> StepSettings:
                         blur_sigma=(m.blur_sigma_min, m.blur_sigma_max), ema_alpha=t.alpha,
                         grad_clip=cfg.optim.grad_clip,
                         autocast_dtype=torch.bfloat16 if cfg.run.precision == "bf16" else None,
-                        aux_bn_update=cfg.model.aux_pass_bn_update, teacher_bn_batch=t.bn_mode == "batch",
-                        aux_weight=cfg.model.aux_weight)
+                        aux_bn_update=cfg.model.aux_pass_bn_update, teacher_bn_batch=t.bn_mode == "batch")
 
 
 def seed_everything(seed: int, rank: int) -> torch.Generator:
@@ -292,6 +298,7 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
     terms = nn.ModuleList(build_terms(cfg, student)).to(device)  # before training: FD copies the initial backbone
     student = student.to(device)
     teacher = make_teacher(student)
+    student.generator = generator  # draws of the training passes (HRDA's detail box); saved with the checkpoints
     optimizer = build_optimizer(cfg, student)
     scheduler = build_scheduler(cfg, optimizer)
     start = 0

@@ -19,9 +19,8 @@ from torch import Tensor, nn
 
 from uda_ray.adaptation import classmix_masks, mix
 from uda_ray.data.photometric import color_jitter, gaussian_blur
-from uda_ray.losses import cross_entropy
 from uda_ray.models import ema_update
-from uda_ray.train.context import StepContext, make_pseudo_fn, upsample
+from uda_ray.train.context import StepContext, make_pseudo_fn
 from uda_ray.train.terms import Term
 
 
@@ -47,7 +46,6 @@ class StepSettings:
     autocast_dtype: torch.dtype | None = None  # None = full precision
     aux_bn_update: bool = True  # auxiliary student passes update BatchNorm running statistics
     teacher_bn_batch: bool = False  # the teacher's BatchNorm normalises with the target batch's statistics
-    aux_weight: float = 0.0  # weight of the auxiliary prediction's CE (DeepLabV2's layer3 classifier)
 
 
 class DivergedError(RuntimeError):
@@ -97,11 +95,10 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
 
     with autocast():
         out_src = student(x_src)
-    losses: dict[str, Tensor] = {"src": s.source_weight * cross_entropy(upsample(out_src.logits.float(),
-                                                                                y_src.shape[-2:]), y_src)}
-    if s.aux_weight > 0 and out_src.aux is not None:
-        losses["src_aux"] = s.aux_weight * s.source_weight * cross_entropy(
-            upsample(out_src.aux.float(), y_src.shape[-2:]), y_src)
+    model = _unwrap(student)
+    # the model's own supervised loss: CE (+ DeepLabV2's auxiliary CE, or HRDA's fused and detail CE)
+    losses: dict[str, Tensor] = {f"src{part}": s.source_weight * loss
+                                 for part, loss in model.seg_loss(out_src, y_src).items()}
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
                       pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
                                                ignore_top=s.ignore_top, ignore_bottom=s.ignore_bottom),
@@ -109,7 +106,7 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
                       aux_bn_update=s.aux_bn_update, teacher_bn_batch=s.teacher_bn_batch)
 
     if s.mix_weight > 0:
-        losses["mix"] = s.mix_weight * _classmix_loss(ctx, s)
+        losses.update({f"mix{part}": s.mix_weight * loss for part, loss in _classmix_loss(ctx, s).items()})
     for term in terms:
         losses.update(term(ctx))
 
@@ -134,8 +131,9 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     return metrics
 
 
-def _classmix_loss(ctx: StepContext, s: StepSettings) -> Tensor:
-    """ClassMix source→target: paste half the source classes onto the target; CE weighted by confidence."""
+def _classmix_loss(ctx: StepContext, s: StepSettings) -> dict[str, Tensor]:
+    """ClassMix source→target: paste half the source classes onto the target; the model's supervised loss weighted
+    by the teacher's confidence, as named parts (``Segmenter.seg_loss``)."""
     p = ctx.pseudo
     # random draws come from the CPU generator and the pixels stay on the device: same seed, same images anywhere
     mask = classmix_masks(ctx.y_src, ratio=s.class_ratio, prob=s.mix_prob, generator=ctx.generator)  # (B, H, W)
@@ -147,8 +145,5 @@ def _classmix_loss(ctx: StepContext, s: StepSettings) -> Tensor:
                       generator=ctx.generator)
     with ctx.autocast():
         out = ctx.student(x)
-    ctx.extra.update(mix_fused=out.fused, mix_labels=y, mix_weights=w)
-    loss = cross_entropy(upsample(out.logits.float(), y.shape[-2:]), y, w)
-    if s.aux_weight > 0 and out.aux is not None:
-        loss = loss + s.aux_weight * cross_entropy(upsample(out.aux.float(), y.shape[-2:]), y, w)
-    return loss
+    ctx.extra.update(mix_out=out, mix_labels=y, mix_weights=w)
+    return _unwrap(ctx.student).seg_loss(out, y, w)

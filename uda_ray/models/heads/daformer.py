@@ -8,6 +8,9 @@ channels are fused into E channels, followed by Dropout2d and a 1×1 classifier:
     z   = Fuse([e_1; …; e_L])                                 (B, E, h, w)   ← "fused", CLUDA's feature map
     y   = W_c Dropout(z) + b_c                                (B, K, h, w)
 
+``channels`` (default E) is the width of the fused map and of the ASPP branches when it differs from the embedding
+width (mmseg's ``channels`` beside ``embed_dims``; CLUDA's head embeds to 512 and fuses to 256).
+
 ``fusion="aspp"`` (DAFormer, ``daformer_sepaspp_mitb5``): a depthwise-separable ASPP without image pooling, one
 branch per dilation d, each E channels,
 
@@ -72,12 +75,15 @@ class DAFormerHead(MultiLevelHead):
     """Embed, upsample, concatenate and fuse L backbone levels; same contract as ``FusionDecoder``."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, *, embed_dim: int = 256, dropout: float = 0.1,
-                 fusion: str = "aspp", dilations: tuple[int, ...] = (1, 6, 12, 18), norm: str = "batch"):
+                 fusion: str = "aspp", dilations: tuple[int, ...] = (1, 6, 12, 18), norm: str = "batch",
+                 channels: int | None = None):
         super().__init__()
         if len(in_channels) == 0:
             raise ValueError("DAFormerHead: in_channels is empty: expected the channel count of at least one level")
-        if num_classes < 1 or embed_dim < 1:
-            raise ValueError(f"DAFormerHead: num_classes = {num_classes}, embed_dim = {embed_dim}: expected >= 1")
+        channels = embed_dim if channels is None else channels
+        if num_classes < 1 or embed_dim < 1 or channels < 1:
+            raise ValueError(f"DAFormerHead: num_classes = {num_classes}, embed_dim = {embed_dim}, channels = "
+                             f"{channels}: expected >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"DAFormerHead: dropout = {dropout}: expected 0 <= dropout < 1")
         if fusion not in FUSIONS:
@@ -89,10 +95,11 @@ class DAFormerHead(MultiLevelHead):
         self.embed = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in self.in_channels)
         concat = len(self.in_channels) * embed_dim
         if fusion == "aspp":
-            self.fuse: nn.Module = SeparableASPP(concat, embed_dim, dilations, norm=norm)
+            self.fuse: nn.Module = SeparableASPP(concat, channels, dilations, norm=norm)
         else:
-            self.fuse = conv_norm_relu(concat, embed_dim, 1, norm=norm)
+            self.fuse = conv_norm_relu(concat, channels, 1, norm=norm)
+        self.channels = channels
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)

@@ -3,7 +3,8 @@ thing classes on the source image close to those of the backbone as it was initi
 
     L_FD = λ · mean over thing-class cells of ‖F_S − F_I‖₂      (``uda_ray.losses.feature_distance``)
 
-F_S: the student's last backbone stage on the source batch (the source pass of the step, with gradients); F_I: the
+F_S: the student's last backbone stage on the source batch (the source pass of the step, with gradients; under HRDA
+the context pass's, as HRDA and MIC compute FD on the 0.5-scale features); F_I: the
 same stage of a frozen copy of the backbone taken when the term is built, i.e. right after the pretrained weights
 were loaded (eval mode, no gradients, not in the optimiser, not EMA-updated, and not in any checkpoint: a resumed run
 rebuilds it from ``model.pretrained_path``). The cells' labels are the source labels downscaled to the feature grid
@@ -38,7 +39,7 @@ class FeatureDistanceTerm(nn.Module):
         self.num_classes = num_classes
 
     def imagenet_features(self, model: Segmenter, x: Tensor) -> Tensor:
-        """The frozen backbone's last stage on the source batch, (B, C, h, w)."""
+        """The frozen backbone's last stage on ``x`` (the source as the student saw it): (B, C, h, w)."""
         frozen = self._frozen[0]
         first = next(frozen.parameters())
         if first.device != x.device:
@@ -50,7 +51,7 @@ class FeatureDistanceTerm(nn.Module):
         model = getattr(ctx.student, "module", ctx.student)
         student = ctx.out_src.features[-1]  # (B, C, h, w), with gradients
         with ctx.autocast():
-            imagenet = self.imagenet_features(model, ctx.x_src)
+            imagenet = self.imagenet_features(model, model.context_input(ctx.x_src))
         loss = feature_distance(student.float(), imagenet.float(), ctx.y_src, classes=self.classes,
                                 scale_min_ratio=self.scale_min_ratio, num_classes=self.num_classes)
         return {self.name: self.weight * loss}

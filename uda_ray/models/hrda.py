@@ -1,0 +1,209 @@
+"""HRDA: multi-resolution training with a learned scale attention (Hoyer et al., ECCV 2022; METHODS.md §10).
+
+One backbone and one decode head see the input twice: the *context* pass on the whole input resized by
+``context_scale`` (0.5) and the *detail* pass at full resolution on a ``detail_crop`` × ``detail_crop`` window.
+A second DAFormer-style head with a 1×1 fusion (``scale_attention``) reads the context features and gives, after a
+sigmoid, the attention ``a`` (one map per class, or one map). With ``y_LR`` the context logits, ``y_HR`` the detail
+logits pasted into a zero canvas at their place and ``up`` the bilinear ×(1 / context_scale) upsampling:
+
+    y = up((1 − a) ⊙ y_LR) + up(a) ⊙ y_HR                         (B, K, H/4, W/4)
+
+Training (``self.training``): the detail window is drawn at random inside the input (``draw_box``: one box for the
+batch, corners on multiples of 8, from the generator the loop hands over, so a seed fixes it) and ``a`` is zeroed
+outside it. The supervised loss is ``(1 − w)·CE(y) + w·CE(y_HR, labels inside the box)`` with w = ``detail_loss_weight``
+(``seg_loss``; pixel weights are cut like the labels).
+
+Inference (eval mode; the teacher's pseudo-labels and every evaluation): the detail logits come from windows of
+``detail_crop`` every ``detail_stride`` over the whole input, passed as one batch, averaged over overlaps at the
+logits' resolution (H/4), and ``a`` is not masked.
+
+``SegOutput.fused``, ``features`` and ``proj`` are the context pass's (what FD, CLUDA's single-resolution contrast,
+CFContra and SDCA read); ``logits`` are the fused logits; ``detail`` holds the detail pass, its box, the attention
+and, with ``feature_weighter``, CLUDA's learned pixel weights (METHODS.md §11) from a third head of the same kind
+(one channel, sigmoid), which only CLUDA's multi-resolution contrast trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from uda_ray.losses import cross_entropy
+from uda_ray.models.heads.daformer import DAFormerHead
+from uda_ray.models.segmenter import Segmenter, SegOutput, _no_decay_parameter_ids, upsample
+from uda_ray.train.infer import window_boxes
+
+BOX_DIVISIBLE = 8  # HRDA's crop_coord_divisible: detail boxes start on multiples of 8 pixels
+OUTPUT_STRIDE = 4  # the decode head's logits are at 1/4 of its input
+CONTEXT_SCALES = (0.5,)
+
+
+class DetailOutput(NamedTuple):
+    """HRDA's parts of a pass (``SegOutput.detail``).
+
+    logits:   (n, K, h/4, w/4) detail logits: of the training box (n = B), or in inference the windows' logits
+              averaged on the whole input's (B, K, H/4, W/4) canvas.
+    fused:    (B, E, hd/4, wd/4) the head's fused map of the detail pass (training), or None (inference).
+    box:      (y1, y2, x1, x2) of the detail window in input pixels (training), or None (inference).
+    context_logits: (B, K, Hc/4, Wc/4) logits of the context pass.
+    attention: (B, K or 1, Hc/4, Wc/4) scale attention a (masked to the box in training).
+    weight:   (B, 1, Hc/4, Wc/4) CLUDA's learned pixel weights, or None without a feature weighter.
+    """
+
+    logits: Tensor
+    fused: Tensor | None
+    box: tuple[int, int, int, int] | None
+    context_logits: Tensor
+    attention: Tensor
+    weight: Tensor | None = None
+
+
+def draw_box(height: int, width: int, crop: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """A random ``crop`` × ``crop`` window inside (height, width), as HRDA's ``get_crop_bbox``: each offset is
+    ``randint(0, (margin + 1) // 8) · 8`` (uniform over 0, 8, …; for a 512 window in a 1024 crop 0 … 504, so the
+    last 8 rows and columns are never the window's far edge), the offset 0 when the margin is under 7.
+    One box for the whole batch, drawn afresh at every training pass."""
+    if crop > height or crop > width:
+        raise ValueError(f"HRDA: detail crop {crop} is larger than the input {height}×{width}")
+    offsets = []
+    for size in (height, width):
+        steps = max((size - crop + 1) // BOX_DIVISIBLE, 1)
+        offsets.append(int(torch.randint(0, steps, (1,), generator=generator)) * BOX_DIVISIBLE)
+    y1, x1 = offsets
+    return y1, y1 + crop, x1, x1 + crop
+
+
+class HRDASegmenter(Segmenter):
+    """A ``Segmenter`` (backbone, decode head, projection head) run as HRDA's context and detail passes."""
+
+    def __init__(self, backbone: str, num_classes: int = 19, *, context_scale: float = 0.5, detail_crop: int = 512,
+                 detail_stride: int = 256, attention_classwise: bool = True, detail_loss_weight: float = 0.1,
+                 feature_weighter: bool = False, weighter_lr_mult: float = 10.0, **kwargs: Any):
+        super().__init__(backbone, num_classes, **kwargs)
+        if self.decoder_name == "deeplabv2":
+            raise ValueError("HRDA (model.hrda.enabled) needs a multi-level decode head (model.decoder: daformer or "
+                             "mlp); its scale attention reads every backbone level, DeepLabV2's head only layer4")
+        if context_scale not in CONTEXT_SCALES:
+            raise ValueError(f"HRDA: context_scale = {context_scale}: expected one of {CONTEXT_SCALES}")
+        if detail_crop % BOX_DIVISIBLE or detail_crop < BOX_DIVISIBLE:
+            raise ValueError(f"HRDA: detail_crop = {detail_crop}: expected a positive multiple of {BOX_DIVISIBLE}")
+        if not 0 < detail_stride <= detail_crop or detail_stride % BOX_DIVISIBLE:
+            raise ValueError(f"HRDA: detail_stride = {detail_stride}: expected a multiple of {BOX_DIVISIBLE} in "
+                             f"(0, detail_crop = {detail_crop}]")
+        if not 0.0 <= detail_loss_weight < 1.0:
+            raise ValueError(f"HRDA: detail_loss_weight = {detail_loss_weight}: expected 0 <= w < 1")
+        self.context_scale, self.detail_crop, self.detail_stride = context_scale, detail_crop, detail_stride
+        self.detail_loss_weight = detail_loss_weight
+        # HRDA's attention_embed_dim (256) = the decode head's fused width (model.fuse_channels or embed_dim)
+        embed_dim = kwargs.get("fuse_channels") or kwargs.get("embed_dim", 256)
+        dropout, norm = kwargs.get("dropout", 0.1), kwargs.get("decoder_norm", "batch")
+        self.scale_attention = DAFormerHead(self.feature_channels, num_classes if attention_classwise else 1,
+                                            embed_dim=embed_dim, dropout=dropout, fusion="conv1", norm=norm)
+        self.feature_weighter = DAFormerHead(self.feature_channels, 1, embed_dim=embed_dim, dropout=dropout,
+                                             fusion="conv1", norm=norm) if feature_weighter else None
+        self.weighter_lr_mult = weighter_lr_mult
+
+    # ------------------------------------------------------------------------------------------------ passes
+    def _pass(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        features = list(self.backbone(self.normalize(x)))  # L × (n, C_l, h_l, w_l)
+        logits, fused = self.decoder(features)  # (n, K, h/4, w/4), (n, E, h/4, w/4)
+        return features, logits, fused
+
+    def context_input(self, x: Tensor) -> Tensor:
+        """The context pass's input, whose features are ``SegOutput.features``: x (B, 3, H, W) resized by
+        ``context_scale`` (bilinear, align_corners False)."""
+        size = (round(x.shape[-2] * self.context_scale), round(x.shape[-1] * self.context_scale))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x: Tensor) -> SegOutput:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"HRDASegmenter.forward: input of shape {tuple(x.shape)}: expected (B, 3, H, W) in [0, 1]")
+        height, width = x.shape[-2:]
+        if height % BOX_DIVISIBLE or width % BOX_DIVISIBLE:
+            raise ValueError(f"HRDASegmenter.forward: input {height}×{width}: HRDA needs sides divisible by "
+                             f"{BOX_DIVISIBLE} (crop and resize sizes)")
+        features, lr_logits, lr_fused = self._pass(self.context_input(x))
+        att = torch.sigmoid(self.scale_attention(features)[0])  # (B, K|1, h_c, w_c)
+        weight = torch.sigmoid(self.feature_weighter(features)[0]) \
+            if self.feature_weighter is not None and self.training else None  # (B, 1, h_c, w_c)
+        out_size = (height // OUTPUT_STRIDE, width // OUTPUT_STRIDE)
+        if self.training:
+            box = draw_box(height, width, self.detail_crop, self.generator)
+            y1, y2, x1, x2 = box
+            _, hr_logits, hr_fused = self._pass(x[:, :, y1:y2, x1:x2])  # (B, K, crop/4, crop/4)
+            # the box at the context logits' resolution: input pixels × scale / 4 (integers: corners on 8s)
+            f = self.context_scale / OUTPUT_STRIDE
+            mask = torch.zeros_like(att[:, :1])  # (B, 1, h_c, w_c)
+            mask[:, :, round(y1 * f):round(y2 * f), round(x1 * f):round(x2 * f)] = 1
+            att = att * mask
+            s = OUTPUT_STRIDE
+            hr = hr_logits.new_zeros(hr_logits.shape[:2] + out_size)  # (B, K, H/4, W/4)
+            hr[:, :, y1 // s:y2 // s, x1 // s:x2 // s] = hr_logits
+            detail = DetailOutput(hr_logits, hr_fused, box, lr_logits, att, weight)
+        else:
+            hr = self._detail_slide(x)  # (B, K, H/4, W/4)
+            detail = DetailOutput(hr, None, None, lr_logits, att, weight)
+        logits = upsample((1 - att) * lr_logits, out_size) + upsample(att, out_size) * hr  # (B, K, H/4, W/4)
+        proj = self.proj(features[-1]) if self.proj is not None else None
+        return SegOutput(logits=logits, fused=lr_fused, features=features, proj=proj, detail=detail)
+
+    def _detail_slide(self, x: Tensor) -> Tensor:
+        """Detail logits of windows of ``detail_crop`` every ``detail_stride`` (shrunk to the input when it is
+        smaller), one batch of all windows, averaged over overlaps at 1/4 resolution: (B, K, H/4, W/4)."""
+        b, _, height, width = x.shape
+        crop = (min(self.detail_crop, height), min(self.detail_crop, width))
+        stride = (min(self.detail_stride, crop[0]), min(self.detail_stride, crop[1]))
+        boxes = window_boxes(height, width, crop, stride)
+        windows = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n·B, 3, h, w), window-major
+        _, logits, _ = self._pass(windows)  # (n·B, K, h/4, w/4)
+        s = OUTPUT_STRIDE
+        canvas = logits.new_zeros((b, logits.shape[1], height // s, width // s))
+        count = logits.new_zeros((1, 1, height // s, width // s))
+        for k, (y1, y2, x1, x2) in enumerate(boxes):
+            canvas[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += logits[k * b:(k + 1) * b]
+            count[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += 1
+        return canvas / count
+
+    # -------------------------------------------------------------------------------------------------- loss
+    def seg_loss(self, out: SegOutput, labels: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:
+        """``""`` = (1 − w)·CE(fused logits), ``"_detail"`` = w·CE(detail logits, labels and weights cut to the
+        detail box), with w = ``detail_loss_weight``; a pass without a box (inference) gives the fused CE alone."""
+        size = labels.shape[-2:]
+        w = self.detail_loss_weight
+        detail = out.detail
+        if detail is None or detail.box is None or w == 0:
+            return {"": cross_entropy(upsample(out.logits.float(), size), labels, weights)}
+        if tuple(size) != (out.logits.shape[-2] * OUTPUT_STRIDE, out.logits.shape[-1] * OUTPUT_STRIDE):
+            raise ValueError(f"HRDA seg_loss: labels {tuple(size)} are not the training input's size "
+                             f"{tuple(s * OUTPUT_STRIDE for s in out.logits.shape[-2:])}")
+        y1, y2, x1, x2 = detail.box
+        cut_labels = labels[:, y1:y2, x1:x2]
+        cut_weights = None if weights is None else weights[:, y1:y2, x1:x2]
+        return {"": (1 - w) * cross_entropy(upsample(out.logits.float(), size), labels, weights),
+                "_detail": w * cross_entropy(upsample(detail.logits.float(), cut_labels.shape[-2:]), cut_labels,
+                                             cut_weights)}
+
+    # -------------------------------------------------------------------------------------------- parameters
+    def head_modules(self) -> list[torch.nn.Module]:
+        """The decode head, the scale-attention head (DAFormer: a ``decode_head`` part, lr × 10) and the projection
+        head; CLUDA's feature weighter has its own group (``param_groups``)."""
+        return super().head_modules() + [self.scale_attention]
+
+    def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
+        """``Segmenter.param_groups`` plus ``weighter`` / ``weighter_no_decay`` for CLUDA's feature weighter at
+        lr × ``weighter_lr_mult``."""
+        groups = super().param_groups(lr, head_lr_mult, weight_decay)
+        if self.feature_weighter is None:
+            return groups
+        mult = self.weighter_lr_mult
+        no_decay = _no_decay_parameter_ids(self.feature_weighter)
+        params = [p for p in self.feature_weighter.parameters() if p.requires_grad]
+        for suffix, ps, wd in (("", [p for p in params if id(p) not in no_decay], weight_decay),
+                               ("_no_decay", [p for p in params if id(p) in no_decay], 0.0)):
+            if ps:
+                groups.append({"name": "weighter" + suffix, "params": ps, "lr": lr * mult, "lr_mult": mult,
+                               "weight_decay": wd})
+        return groups
