@@ -1,6 +1,7 @@
 """The published recipes at toy scale on the synthetic pair: DAFormer (MiT, DAFormer head, RCS, FD, the teacher's
-batch statistics and batch weighting) and DeepLabV2 (caffe ResNet-101, ASPP classifier with the layer3 auxiliary,
-SGD) train a few iterations end to end and resume exactly."""
+batch statistics and batch weighting), DeepLabV2 (caffe ResNet-101, ASPP classifier with the layer3 auxiliary,
+SGD), MinEnt, and HRDA alone, with CLUDA's multi-resolution contrast and with MIC (slide evaluation) train a few
+iterations end to end and resume exactly."""
 
 from __future__ import annotations
 
@@ -36,7 +37,19 @@ MINENT_TOY = {  # ADVENT's MinEnt: whole images of a different size per domain, 
     "data.crop": [32, 64], "data.target_resize": [24, 48], "data.target_crop": [24, 48], "data.flip": False,
     "optim.poly_iters": 10,
 }
-RECIPES = {"daformer": DAFORMER_TOY, "deeplabv2": DEEPLABV2_TOY, "minent": MINENT_TOY}
+HRDA_TOY = {  # HRDA on MiT-B0 (whose first stage needs 32 × 32 inputs): 64² crops, 32² detail windows, slide eval
+    **DAFORMER_TOY, "model.hrda.enabled": True, "model.hrda.detail_crop": 32, "model.hrda.detail_window_stride": 16,
+    "data.synthetic.height": 64, "data.synthetic.width": 128, "data.source_resize": [64, 128],
+    "data.target_resize": [64, 128], "data.val_resize": [64, 128], "data.crop": [64, 64],
+    "data.rcs.min_crop_ratio": 2.0, "eval.mode": "slide", "eval.crop": [64, 64], "eval.stride": [32, 32],
+    "run.iterations": 4, "run.eval_every": 2, "run.checkpoint_every": 2,
+}
+CLUDA_HRDA_TOY = {**HRDA_TOY, "loss.cluda.weight": 1.0, "loss.cluda.multires": True, "loss.cluda.fm_size": 9,
+                  "loss.cluda.chunk_size": 64}
+# a low threshold so that the (batch-weighted) pseudo-labels of the untrained teacher count and MIC's loss is not 0
+MIC_HRDA_TOY = {**HRDA_TOY, "loss.mic.weight": 1.0, "loss.mic.block_size": 8, "teacher.pseudo_threshold": 0.05}
+RECIPES = {"daformer": DAFORMER_TOY, "deeplabv2": DEEPLABV2_TOY, "minent": MINENT_TOY, "hrda": HRDA_TOY,
+           "cluda_hrda": CLUDA_HRDA_TOY, "mic_hrda": MIC_HRDA_TOY}
 pytestmark = pytest.mark.filterwarnings("ignore:RCS. no source image:UserWarning")
 
 
@@ -57,7 +70,7 @@ def test_recipe_trains_and_resumes_exactly(name: str, tmp_path: Path, synthetic_
     assert result.status == "completed", result
     losses = [m["train/loss"] for m in full]
     assert all(math.isfinite(v) for v in losses)
-    if name == "daformer":
+    if name == "daformer" or name.endswith("hrda"):
         assert all(m["train/loss_fd"] >= 0 for m in full) and any(m["train/loss_fd"] > 0 for m in full)
         assert "train/loss_mix" in full[0]
     else:
@@ -67,6 +80,12 @@ def test_recipe_trains_and_resumes_exactly(name: str, tmp_path: Path, synthetic_
         assert "train/loss_mix" not in full[0]
         # poly over 10 iterations while training stops at 4: lr = 2.5e-4 · (1 − t/10)^0.9
         assert full[-1]["train/lr"] == pytest.approx(2.5e-4 * (1 - 3 / 10) ** 0.9)
+    if name.endswith("hrda"):  # (1 − 0.1)·CE(fused) and 0.1·CE(detail) for the source and the mixed image
+        assert all(m["train/loss_src_detail"] > 0 and m["train/loss_mix_detail"] > 0 for m in full)
+    if name == "cluda_hrda":
+        assert all(m["train/loss_cluda"] > 0 for m in full)
+    if name == "mic_hrda":
+        assert all(m["train/loss_mic"] > 0 and m["train/loss_mic_detail"] > 0 for m in full)
     assert any("val/miou" in m for m in full)
     half = cfg.run.iterations // 2
     ckpt = tmp_path / "ckpt"

@@ -50,15 +50,19 @@ def test_two_workers_match_one_process_with_double_batch(ray_local, tmp_path: Pa
     assert result.checkpoint is not None  # reported by rank 0
 
 
-@pytest.mark.parametrize("recipe", ["daformer", "deeplabv2"])
+@pytest.mark.parametrize("recipe", ["daformer", "deeplabv2", "hrda_all"])
 @pytest.mark.filterwarnings("ignore:RCS. no source image:UserWarning")
 def test_recipes_train_under_two_worker_ddp(ray_local, tmp_path: Path, synthetic_cache: Path, recipe: str):
-    """DAFormer's recipe (RCS statistics computed by rank 0 while rank 1 waits, FD, the teacher's batch statistics)
-    and DeepLabV2's (frozen BatchNorm, auxiliary classifier, SGD) run on 2 gloo workers and report one finite
-    loss per iteration, evaluation included."""
+    """DAFormer's recipe (RCS statistics computed by rank 0 while rank 1 waits, FD, the teacher's batch statistics),
+    DeepLabV2's (frozen BatchNorm, auxiliary classifier, SGD) and HRDA with CLUDA's multi-resolution contrast and MIC
+    together (the feature weighter and the scale attention get gradients on every rank; slide evaluation) run on 2
+    gloo workers and report one finite loss per iteration, evaluation included."""
     from tests.train.test_train_recipes import recipe_config
 
-    cfg = apply_overrides(recipe_config(synthetic_cache, recipe), {"data.rcs.stats_dir": str(tmp_path / "rcs")})
+    cfg = recipe_config(synthetic_cache, "cluda_hrda" if recipe == "hrda_all" else recipe)
+    if recipe == "hrda_all":
+        cfg = apply_overrides(cfg, {"loss.mic.weight": 1.0, "loss.mic.block_size": 8})
+    cfg = apply_overrides(cfg, {"data.rcs.stats_dir": str(tmp_path / "rcs")})
     result = run_trainer(cfg, Scaling(num_workers=2, cpus_per_worker=1), name=f"ddp-{recipe}",
                          storage_path=str(tmp_path / "storage"))
     assert result.error is None, result.error

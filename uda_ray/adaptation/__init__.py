@@ -2,6 +2,7 @@
 
 from uda_ray.adaptation.class_stats import ClassStatistics
 from uda_ray.adaptation.classmix import classmix_masks, mix, num_mixed_classes
+from uda_ray.adaptation.masking import apply_mask, block_mask
 from uda_ray.adaptation.memory_bank import MemoryBank, ambiguous_mask
 from uda_ray.adaptation.pseudo_label import keep_fraction, pseudo_labels
 from uda_ray.adaptation.target_to_source import target_to_source_mix
@@ -11,6 +12,8 @@ __all__ = [
     "ClassStatistics",
     "MemoryBank",
     "ambiguous_mask",
+    "apply_mask",
+    "block_mask",
     "classmix_masks",
     "keep_fraction",
     "mix",

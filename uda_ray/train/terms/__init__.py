@@ -22,6 +22,7 @@ from uda_ray.train.terms.cluda import build_cluda
 from uda_ray.train.terms.cross_view import build_cross_view
 from uda_ray.train.terms.entropy import build_entropy
 from uda_ray.train.terms.feature_distance import build_feature_distance
+from uda_ray.train.terms.mic import build_mic
 from uda_ray.train.terms.sdca import build_sdca
 from uda_ray.train.terms.target_mix import build_target_mix
 
@@ -44,6 +45,7 @@ TERMS: dict[str, TermBuilder] = {
     "sdca": build_sdca,
     "cross_view": build_cross_view,
     "target_mix": build_target_mix,
+    "mic": build_mic,
 }
 
 

@@ -1,30 +1,69 @@
-"""CLUDA: supervised pixel contrast on the decoder's fused multi-level map (METHODS.md §2)."""
+"""CLUDA: supervised pixel contrast on the decoder's fused multi-level map (METHODS.md §2), and under HRDA its
+learned-weighted multi-resolution form (``multires``, METHODS.md §11).
+
+Multi-resolution maps, per image type (source with its labels, mixed image with its labels and pseudo weights):
+the context pass's fused map upsampled to the detail logits' grid (input / 4), the detail pass's fused map pasted
+into a zero canvas of that grid at its box, the learned weights (the feature weighter's sigmoid) upsampled likewise
+and the inside-the-box mask; all resized to fm_size × fm_size (bilinear; labels, pseudo weights and the mask
+nearest) and flattened batch-major into ``uda_ray.losses.multires_pixel_contrast``. Differences from CLUDA's code,
+chosen here: upsampling with align_corners False (CLUDA's ×2 and 65 × 65 resizes use True), pseudo weights resized
+nearest like the labels (CLUDA: bilinear), and the loss's own documented choices (one flattening order, 255 ignored,
+the explicit box mask instead of ``label != 0``).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from uda_ray.config import Config
-from uda_ray.losses import pixel_contrast
-from uda_ray.models import Segmenter
+from uda_ray.losses import multires_pixel_contrast, pixel_contrast
+from uda_ray.models import Segmenter, SegOutput
+from uda_ray.models.hrda import OUTPUT_STRIDE
 from uda_ray.train.context import StepContext, resize_labels, upsample
 
 
 class CludaTerm(nn.Module):
     """Pixel contrast on the source image (GT labels) and on the ClassMix image (mixed labels and weights).
 
-    The mixed image's fused map, labels and weights are left in ``ctx.extra`` by the step under ``mix_fused``,
+    The mixed image's pass, labels and weights are left in ``ctx.extra`` by the step under ``mix_out``,
     ``mix_labels`` and ``mix_weights``.
     """
 
     name = "cluda"
 
     def __init__(self, *, weight: float, temperature: float, fm_size: int, on_source: bool, on_mix: bool,
-                 chunk_size: int) -> None:
+                 chunk_size: int, multires: bool = False) -> None:
         super().__init__()
         self.weight, self.temperature, self.fm_size = weight, temperature, fm_size
         self.on_source, self.on_mix = on_source, on_mix
         self.chunk_size = chunk_size or None
+        self.multires = multires
+
+    def _multires(self, out: SegOutput, labels: Tensor, weights: Tensor | None) -> Tensor:
+        d = out.detail
+        if d is None or d.box is None or d.fused is None or d.weight is None:
+            raise RuntimeError("loss.cluda.multires needs an HRDA training pass with the feature weighter "
+                               "(model.hrda.enabled and loss.cluda.multires when the model is built)")
+        fine = out.logits.shape[-2:]  # the detail logits' grid: input / 4
+        y1, y2, x1, x2 = (c // OUTPUT_STRIDE for c in d.box)
+        hr = d.fused.new_zeros(d.fused.shape[:2] + tuple(fine))  # (B, E, H/4, W/4)
+        hr[:, :, y1:y2, x1:x2] = d.fused
+        inside = torch.zeros(labels.shape[0], *fine, dtype=torch.bool, device=labels.device)  # (B, H/4, W/4)
+        inside[:, y1:y2, x1:x2] = True
+        size = (self.fm_size, self.fm_size)
+
+        def flat(x: Tensor) -> Tensor:  # (B, C, s, s) → (B·s·s, C), batch-major like the labels
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+        lr = flat(upsample(upsample(out.fused.float(), fine), size))  # (N, E)
+        hr = flat(upsample(hr.float(), size))  # (N, E)
+        att = flat(upsample(upsample(d.weight.float(), fine), size))[:, 0]  # (N,)
+        y = resize_labels(labels, size).reshape(-1)  # (N,)
+        inside = resize_labels(inside, size).reshape(-1)  # (N,)
+        w = None if weights is None else resize_labels(weights, size).reshape(-1)  # (N,)
+        return multires_pixel_contrast(lr, hr, y, att=att, inside=inside, weights=w, temperature=self.temperature,
+                                       chunk_size=self.chunk_size)
 
     def _contrast(self, fused: Tensor, labels: Tensor, weights: Tensor | None) -> Tensor:
         size = (self.fm_size, self.fm_size)
@@ -36,10 +75,17 @@ class CludaTerm(nn.Module):
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         loss = ctx.x_src.new_zeros(())
+        if self.multires:
+            if self.on_source:
+                loss = loss + self._multires(ctx.out_src, ctx.y_src, None)
+            if self.on_mix and "mix_out" in ctx.extra:
+                loss = loss + self._multires(ctx.extra["mix_out"], ctx.extra["mix_labels"], ctx.extra["mix_weights"])
+            return {self.name: self.weight * loss}
         if self.on_source:
             loss = loss + self._contrast(ctx.out_src.fused, ctx.y_src, None)
-        if self.on_mix and "mix_fused" in ctx.extra:
-            loss = loss + self._contrast(ctx.extra["mix_fused"], ctx.extra["mix_labels"], ctx.extra["mix_weights"])
+        if self.on_mix and "mix_out" in ctx.extra:
+            loss = loss + self._contrast(ctx.extra["mix_out"].fused, ctx.extra["mix_labels"],
+                                         ctx.extra["mix_weights"])
         return {self.name: self.weight * loss}
 
 
@@ -48,4 +94,4 @@ def build_cluda(cfg: Config, model: Segmenter) -> CludaTerm | None:
     if c.weight == 0 or not (c.on_source or c.on_mix):
         return None
     return CludaTerm(weight=c.weight, temperature=c.temperature, fm_size=c.fm_size, on_source=c.on_source,
-                     on_mix=c.on_mix, chunk_size=c.chunk_size)
+                     on_mix=c.on_mix, chunk_size=c.chunk_size, multires=c.multires)
