@@ -18,6 +18,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "search_spaces").glob("**/*.yaml"))
 PAPER_SPACES = ("cluda", "cfcontra", "sdca", "target_mix", "all_methods")
+HRDA_SPACES = {"cluda_hrda": "cluda_hrda_gta2cs.yaml", "mic": "mic_hrda_gta2cs.yaml"}  # space → its base config
+HRDA_BASES = ("hrda_gta2cs", "hrda_synthia2cs", "cluda_hrda_gta2cs", "mic_hrda_gta2cs", "mic_hrda_synthia2cs")
 
 
 def _command(path: Path) -> str:
@@ -32,7 +34,8 @@ def _command(path: Path) -> str:
 def test_the_shipped_files_are_there() -> None:
     names = {p.relative_to(ROOT / "search_spaces").as_posix() for p in SHIPPED}
     expected = {"base/daformer_gta2cs.yaml", "base/daformer_synthia2cs.yaml", "ablations/components.yaml",
-                *(f"{n}.yaml" for n in PAPER_SPACES)}
+                *(f"{n}.yaml" for n in PAPER_SPACES), *(f"{n}.yaml" for n in HRDA_SPACES),
+                *(f"base/{n}.yaml" for n in HRDA_BASES)}
     assert expected <= names
 
 
@@ -64,6 +67,16 @@ def test_paper_scale_spaces(name: str) -> None:
     assert (spec.resources.workers, spec.resources.gpus_per_worker, spec.resources.cpus_per_worker) == (1, 1.0, 8.0)
     assert 32 <= spec.num_samples <= 64
     assert spec.scheduler.type == "asha" and spec.scheduler.max_t == base_config(spec).run.iterations
+
+
+@pytest.mark.parametrize("name", HRDA_SPACES)
+def test_hrda_paper_scale_spaces(name: str) -> None:
+    spec = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+    assert spec.base_config == (ROOT / "search_spaces" / "base" / HRDA_SPACES[name]).resolve()
+    assert (spec.resources.workers, spec.resources.gpus_per_worker, spec.resources.cpus_per_worker) == (1, 1.0, 8.0)
+    s = spec.scheduler
+    assert (s.type, s.grace_period, s.max_t, s.reduction_factor) == ("asha", 4000, 40000, 2)
+    assert s.max_t == base_config(spec).run.iterations and base_config(spec).model.hrda.enabled
 
 
 def test_all_methods_is_a_method_choice_with_conditional_params() -> None:
