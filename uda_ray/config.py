@@ -182,6 +182,9 @@ class CludaConfig:
     multires: bool = _f(False, doc="CLUDA on HRDA: the learned-weighted multi-resolution contrast of context and "
                         "detail features (METHODS.md §11) instead of the single-resolution one; needs model.hrda")
     weighter_lr_mult: float = _f(10.0, gt=0.0, doc="multires: learning rate of the weight head = optim.lr x this")
+    entropy_crop_after: int = _f(0, ge=0, doc="HRDA: after this iteration the mixed image's detail window is, per "
+                                 "image, the inference-grid window of highest mean context entropy (CLUDA: 12000); "
+                                 "0 = off (HRDA's random window)")
 
 
 @dataclass(frozen=True)
@@ -498,6 +501,9 @@ def _check_hrda(cfg: Config, source: str) -> None:
     if cfg.loss.cluda.multires and not h.enabled:
         raise ConfigError(f"{source}: key 'loss.cluda.multires' = true needs HRDA's context and detail passes: set "
                           "model.hrda.enabled = true")
+    if cfg.loss.cluda.entropy_crop_after and not h.enabled:
+        raise ConfigError(f"{source}: key 'loss.cluda.entropy_crop_after' = {cfg.loss.cluda.entropy_crop_after} "
+                          "chooses HRDA's detail window: set model.hrda.enabled = true (or 0 = off)")
     if not h.enabled:
         return
     if h.detail_crop % 8:

@@ -52,7 +52,7 @@ def test_training_pass_fuses_attention_masked_to_the_box() -> None:
     m.generator = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 64, 96)
     out = m(x)
-    y1, y2, x1, x2 = out.detail.box
+    y1, y2, x1, x2 = out.detail.boxes[0]
     assert (y2 - y1, x2 - x1) == (32, 32) and y1 % 8 == 0 and x1 % 8 == 0
     with torch.no_grad():
         ctx = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False)
@@ -96,7 +96,7 @@ def test_inference_averages_detail_windows_and_leaves_attention_unmasked() -> No
                 count[y // 4:y // 4 + 8, xx // 4:xx // 4 + 8] += 1
         hr = canvas / count
         expected = _up((1 - att) * lr, (16, 16)) + _up(att, (16, 16)) * hr
-    assert out.detail.box is None and (att > 0).all()
+    assert out.detail.boxes is None and (att > 0).all()
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
     assert count.min() == 1 and count.max() == 4  # exact overlap counts: corners 1, centre 4
 
@@ -110,7 +110,7 @@ def test_seg_loss_weights_fused_and_detail_ce() -> None:
     weights = torch.rand(2, 64, 64)
     out = m(x)
     parts = m.seg_loss(out, labels, weights)
-    y1, y2, x1, x2 = out.detail.box
+    y1, y2, x1, x2 = out.detail.boxes[0]
     fused = cross_entropy(_up(out.logits, (64, 64)), labels, weights)
     detail = cross_entropy(_up(out.detail.logits, (32, 32)), labels[:, y1:y2, x1:x2], weights[:, y1:y2, x1:x2])
     torch.testing.assert_close(parts[""], 0.9 * fused)
@@ -159,3 +159,45 @@ def test_bad_hrda_settings_are_errors(kw: dict, match: str) -> None:
 def test_input_not_divisible_by_8_is_an_error() -> None:
     with pytest.raises(ValueError, match="divisible by 8"):
         _model().eval()(torch.rand(1, 3, 60, 64))
+
+
+def test_entropy_crop_picks_each_images_most_uncertain_window() -> None:
+    """CLUDA's crop: per image, the inference-grid window (detail_crop every detail_stride) whose mean entropy of the
+    context prediction is highest; recomputed here on the full-resolution entropy map (nearest upsampling)."""
+    m = _model()
+    torch.manual_seed(5)
+    logits = torch.randn(3, K, 8, 12) * 3  # context logits of a 64 × 96 input
+    logits[1, :, 4:8, 8:12] = 0  # uniform there: maximal entropy at the bottom-right window of image 1
+    boxes = m.entropy_boxes(logits, 64, 96)
+    p = torch.softmax(logits, 1)
+    ent = F.interpolate(-(p * p.log()).sum(1, keepdim=True), size=(64, 96), mode="nearest")[:, 0]
+    windows = [(y, y + 32, x, x + 32) for y in (0, 16, 32) for x in (0, 16, 32, 48, 64)]
+    for i in range(3):
+        scores = [ent[i, y1:y2, x1:x2].mean().item() for y1, y2, x1, x2 in windows]
+        assert boxes[i] == windows[max(range(len(windows)), key=lambda k: (scores[k], -k))]
+    assert boxes[1] == (32, 64, 64, 96)
+
+
+def test_per_image_boxes_cut_labels_and_paste_per_image() -> None:
+    m = _model().train()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = m.backbone(m.normalize(F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)))
+        lr, _ = m.decoder(feats)
+    lr = lr.clone()
+    lr[0, :, :4, :4], lr[1, :, 4:, 4:] = 0, 0  # image 0 most uncertain top-left, image 1 bottom-right
+    expected = m.entropy_boxes(lr, 64, 64)
+    m.entropy_boxes = lambda *_: expected  # the boxes as drawn from these logits
+    out = m(x, detail="entropy")
+    assert out.detail.boxes == expected and expected[0] != expected[1]
+    labels = torch.randint(0, K, (2, 64, 64))
+    parts = m.seg_loss(out, labels)
+    cut = torch.stack([labels[i, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(expected)])
+    torch.testing.assert_close(parts["_detail"], 0.1 * cross_entropy(_up(out.detail.logits, (32, 32)), cut))
+    for i, (y1, y2, x1, x2) in enumerate(expected):
+        att = out.detail.attention[i, 0]
+        inside = torch.zeros_like(att, dtype=torch.bool)
+        inside[y1 // 8:y2 // 8, x1 // 8:x2 // 8] = True
+        assert (att[~inside] == 0).all() and (att[inside] > 0).all()
+    with pytest.raises(ValueError, match="detail = 'middle'"):
+        m(x, detail="middle")

@@ -44,8 +44,9 @@ HRDA_TOY = {  # HRDA on MiT-B0 (whose first stage needs 32 × 32 inputs): 64² c
     "data.rcs.min_crop_ratio": 2.0, "eval.mode": "slide", "eval.crop": [64, 64], "eval.stride": [32, 32],
     "run.iterations": 4, "run.eval_every": 2, "run.checkpoint_every": 2,
 }
+# the mixed image's detail window follows the entropy from iteration 2 on (CLUDA: after 12000)
 CLUDA_HRDA_TOY = {**HRDA_TOY, "loss.cluda.weight": 1.0, "loss.cluda.multires": True, "loss.cluda.fm_size": 9,
-                  "loss.cluda.chunk_size": 64}
+                  "loss.cluda.chunk_size": 64, "loss.cluda.entropy_crop_after": 1}
 # a low threshold so that the (batch-weighted) pseudo-labels of the untrained teacher count and MIC's loss is not 0
 MIC_HRDA_TOY = {**HRDA_TOY, "loss.mic.weight": 1.0, "loss.mic.block_size": 8, "teacher.pseudo_threshold": 0.05}
 RECIPES = {"daformer": DAFORMER_TOY, "deeplabv2": DEEPLABV2_TOY, "minent": MINENT_TOY, "hrda": HRDA_TOY,

@@ -88,7 +88,7 @@ def test_cluda_multires_term_builds_the_maps_batch_major() -> None:
                      multires=True)
     got = term._multires(out, labels, None)
 
-    y1, y2, x1, x2 = (c // 4 for c in out.detail.box)
+    y1, y2, x1, x2 = (c // 4 for c in out.detail.boxes[0])
     up = lambda t, s: F.interpolate(t, size=s, mode="bilinear", align_corners=False)  # noqa: E731
     lr_rows, hr_rows, att_rows, inside_rows, label_rows = [], [], [], [], []
     for b in range(2):

@@ -91,6 +91,7 @@ HRDA = [
     ("mmseg/models/uda/dacs.py: mixed CE weight", 1.0, "loss.mix_weight", 1.0),
     ("no contrastive term", 0.0, "loss.cluda.weight", 0.0),
     ("no multi-resolution contrast", False, "loss.cluda.multires", False),
+    ("random detail crop for every pass", 0, "loss.cluda.entropy_crop_after", 0),
     ("no masked image consistency (uda/dacs.py has no mask_* keys)", 0.0, "loss.mic.weight", 0.0),
     # optimiser and schedule: schedules/adamw.py, schedules/poly10warm.py and hrda/gtaHR2csHR_hrda.py
     ("schedules/adamw.py optimizer.type", "AdamW", "optim.name", "adamw"),
@@ -137,6 +138,8 @@ CLUDA_HRDA = [
     ("CLUDA decode_head.feat_weighter.* under custom_keys head lr_mult", 10.0, "loss.cluda.weighter_lr_mult", 10.0),
     ("uda-ray's choice: anchor blocks (CLUDA builds the full matrices; same value)", None, "loss.cluda.chunk_size",
      1024),
+    ("CLUDA mmseg/models/uda/dacs.py: entropy-guided mixed crop when local_iter > 12000", 12000,
+     "loss.cluda.entropy_crop_after", 12000),
     ("CLUDA configs/hrda/gtaHR2csHR_hrda.py seed", 1, "run.seed", 1),
 ]
 

@@ -9,9 +9,11 @@ logits pasted into a zero canvas at their place and ``up`` the bilinear ×(1 / c
     y = up((1 − a) ⊙ y_LR) + up(a) ⊙ y_HR                         (B, K, H/4, W/4)
 
 Training (``self.training``): the detail window is drawn at random inside the input (``draw_box``: one box for the
-batch, corners on multiples of 8, from the generator the loop hands over, so a seed fixes it) and ``a`` is zeroed
-outside it. The supervised loss is ``(1 − w)·CE(y) + w·CE(y_HR, labels inside the box)`` with w = ``detail_loss_weight``
-(``seg_loss``; pixel weights are cut like the labels).
+batch, corners on multiples of 8, from the generator the loop hands over, so a seed fixes it), or with
+``forward(x, detail="entropy")`` chosen per image by the context prediction's entropy (CLUDA's crop of the mixed
+image, ``entropy_boxes``), and ``a`` is zeroed outside it. The supervised loss is
+``(1 − w)·CE(y) + w·CE(y_HR, labels inside the box)`` with w = ``detail_loss_weight`` (``seg_loss``; pixel weights
+are cut like the labels).
 
 Inference (eval mode; the teacher's pseudo-labels and every evaluation): the detail logits come from windows of
 ``detail_crop`` every ``detail_stride`` over the whole input, passed as one batch, averaged over overlaps at the
@@ -39,6 +41,7 @@ from uda_ray.train.infer import window_boxes
 BOX_DIVISIBLE = 8  # HRDA's crop_coord_divisible: detail boxes start on multiples of 8 pixels
 OUTPUT_STRIDE = 4  # the decode head's logits are at 1/4 of its input
 CONTEXT_SCALES = (0.5,)
+DETAIL_CHOICES = ("random", "entropy")
 
 
 class DetailOutput(NamedTuple):
@@ -47,7 +50,8 @@ class DetailOutput(NamedTuple):
     logits:   (n, K, h/4, w/4) detail logits: of the training box (n = B), or in inference the windows' logits
               averaged on the whole input's (B, K, H/4, W/4) canvas.
     fused:    (B, E, hd/4, wd/4) the head's fused map of the detail pass (training), or None (inference).
-    box:      (y1, y2, x1, x2) of the detail window in input pixels (training), or None (inference).
+    boxes:    per image, (y1, y2, x1, x2) of its detail window in input pixels (training; HRDA's random draw gives
+              every image the same box, the entropy-guided crop one each), or None (inference).
     context_logits: (B, K, Hc/4, Wc/4) logits of the context pass.
     attention: (B, K or 1, Hc/4, Wc/4) scale attention a (masked to the box in training).
     weight:   (B, 1, Hc/4, Wc/4) CLUDA's learned pixel weights, or None without a feature weighter.
@@ -55,7 +59,7 @@ class DetailOutput(NamedTuple):
 
     logits: Tensor
     fused: Tensor | None
-    box: tuple[int, int, int, int] | None
+    boxes: list[tuple[int, int, int, int]] | None
     context_logits: Tensor
     attention: Tensor
     weight: Tensor | None = None
@@ -74,6 +78,14 @@ def draw_box(height: int, width: int, crop: int, generator: torch.Generator | No
         offsets.append(int(torch.randint(0, steps, (1,), generator=generator)) * BOX_DIVISIBLE)
     y1, x1 = offsets
     return y1, y1 + crop, x1, x1 + crop
+
+
+def cut_boxes(maps: Tensor, boxes: list[tuple[int, int, int, int]]) -> Tensor:
+    """(B, …, H, W) → (B, …, h, w): image i cut to ``boxes[i]`` (boxes of one size)."""
+    if len(set(boxes)) == 1:
+        y1, y2, x1, x2 = boxes[0]
+        return maps[..., y1:y2, x1:x2]
+    return torch.stack([maps[i, ..., y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(boxes)])
 
 
 class HRDASegmenter(Segmenter):
@@ -118,10 +130,15 @@ class HRDASegmenter(Segmenter):
         size = (round(x.shape[-2] * self.context_scale), round(x.shape[-1] * self.context_scale))
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-    def forward(self, x: Tensor) -> SegOutput:
+    def forward(self, x: Tensor, detail: str = "random") -> SegOutput:
+        """One pass; ``detail`` (training only) picks the detail window: ``random`` (HRDA's ``draw_box``) or
+        ``entropy`` (CLUDA: per image, the window of the inference grid with the highest mean entropy of the
+        context prediction, ``entropy_boxes``)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"HRDASegmenter.forward: input of shape {tuple(x.shape)}: expected (B, 3, H, W) in [0, 1]")
-        height, width = x.shape[-2:]
+        if detail not in DETAIL_CHOICES:
+            raise ValueError(f"HRDASegmenter.forward: detail = {detail!r}: expected one of {DETAIL_CHOICES}")
+        b, _, height, width = x.shape
         if height % BOX_DIVISIBLE or width % BOX_DIVISIBLE:
             raise ValueError(f"HRDASegmenter.forward: input {height}×{width}: HRDA needs sides divisible by "
                              f"{BOX_DIVISIBLE} (crop and resize sizes)")
@@ -131,24 +148,47 @@ class HRDASegmenter(Segmenter):
             if self.feature_weighter is not None and self.training else None  # (B, 1, h_c, w_c)
         out_size = (height // OUTPUT_STRIDE, width // OUTPUT_STRIDE)
         if self.training:
-            box = draw_box(height, width, self.detail_crop, self.generator)
-            y1, y2, x1, x2 = box
-            _, hr_logits, hr_fused = self._pass(x[:, :, y1:y2, x1:x2])  # (B, K, crop/4, crop/4)
-            # the box at the context logits' resolution: input pixels × scale / 4 (integers: corners on 8s)
-            f = self.context_scale / OUTPUT_STRIDE
+            if detail == "entropy":
+                boxes = self.entropy_boxes(lr_logits.detach(), height, width)
+            else:
+                boxes = [draw_box(height, width, self.detail_crop, self.generator)] * b
+            if len(set(boxes)) == 1:
+                y1, y2, x1, x2 = boxes[0]
+                crops = x[:, :, y1:y2, x1:x2]
+            else:
+                crops = torch.stack([x[i, :, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(boxes)])
+            _, hr_logits, hr_fused = self._pass(crops)  # (B, K, crop/4, crop/4)
+            # the boxes at the context logits' resolution: input pixels × scale / 4 (integers: corners on 8s)
+            f, s = self.context_scale / OUTPUT_STRIDE, OUTPUT_STRIDE
             mask = torch.zeros_like(att[:, :1])  # (B, 1, h_c, w_c)
-            mask[:, :, round(y1 * f):round(y2 * f), round(x1 * f):round(x2 * f)] = 1
-            att = att * mask
-            s = OUTPUT_STRIDE
             hr = hr_logits.new_zeros(hr_logits.shape[:2] + out_size)  # (B, K, H/4, W/4)
-            hr[:, :, y1 // s:y2 // s, x1 // s:x2 // s] = hr_logits
-            detail = DetailOutput(hr_logits, hr_fused, box, lr_logits, att, weight)
+            for i, (y1, y2, x1, x2) in enumerate(boxes):
+                mask[i, :, round(y1 * f):round(y2 * f), round(x1 * f):round(x2 * f)] = 1
+                hr[i, :, y1 // s:y2 // s, x1 // s:x2 // s] = hr_logits[i]
+            att = att * mask
+            detail_out = DetailOutput(hr_logits, hr_fused, boxes, lr_logits, att, weight)
         else:
             hr = self._detail_slide(x)  # (B, K, H/4, W/4)
-            detail = DetailOutput(hr, None, None, lr_logits, att, weight)
+            detail_out = DetailOutput(hr, None, None, lr_logits, att, weight)
         logits = upsample((1 - att) * lr_logits, out_size) + upsample(att, out_size) * hr  # (B, K, H/4, W/4)
         proj = self.proj(features[-1]) if self.proj is not None else None
-        return SegOutput(logits=logits, fused=lr_fused, features=features, proj=proj, detail=detail)
+        return SegOutput(logits=logits, fused=lr_fused, features=features, proj=proj, detail=detail_out)
+
+    def entropy_boxes(self, context_logits: Tensor, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """Per image, the window of ``detail_crop`` every ``detail_stride`` (the inference grid) whose mean
+        softmax entropy of the context prediction is highest, the first on ties (CLUDA's crop of the mixed image).
+
+        CLUDA upsamples the entropy map (nearest) to the input and averages it over each window; the windows start
+        on multiples of 8 input pixels, which is one cell of the context logits, so the mean over the window's cells
+        is the same number. (CLUDA's code also writes into its entropy map while scanning, which alters the scores
+        of windows that overlap the first one; that is not reproduced.)"""
+        p = torch.softmax(context_logits.float(), dim=1)  # (B, K, h_c, w_c)
+        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=1)  # (B, h_c, w_c)
+        f = self.context_scale / OUTPUT_STRIDE
+        windows = window_boxes(height, width, (self.detail_crop,) * 2, (self.detail_stride,) * 2)
+        scores = torch.stack([entropy[:, round(y1 * f):round(y2 * f), round(x1 * f):round(x2 * f)].mean(dim=(1, 2))
+                              for y1, y2, x1, x2 in windows], dim=1)  # (B, n_windows)
+        return [windows[int(k)] for k in scores.argmax(dim=1)]
 
     def _detail_slide(self, x: Tensor) -> Tensor:
         """Detail logits of windows of ``detail_crop`` every ``detail_stride`` (shrunk to the input when it is
@@ -169,19 +209,19 @@ class HRDASegmenter(Segmenter):
 
     # -------------------------------------------------------------------------------------------------- loss
     def seg_loss(self, out: SegOutput, labels: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:
-        """``""`` = (1 − w)·CE(fused logits), ``"_detail"`` = w·CE(detail logits, labels and weights cut to the
-        detail box), with w = ``detail_loss_weight``; a pass without a box (inference) gives the fused CE alone."""
+        """``""`` = (1 − w)·CE(fused logits), ``"_detail"`` = w·CE(detail logits, labels and weights cut to each
+        image's detail box), with w = ``detail_loss_weight``; a pass without boxes (inference) gives the fused CE
+        alone."""
         size = labels.shape[-2:]
         w = self.detail_loss_weight
         detail = out.detail
-        if detail is None or detail.box is None or w == 0:
+        if detail is None or detail.boxes is None or w == 0:
             return {"": cross_entropy(upsample(out.logits.float(), size), labels, weights)}
         if tuple(size) != (out.logits.shape[-2] * OUTPUT_STRIDE, out.logits.shape[-1] * OUTPUT_STRIDE):
             raise ValueError(f"HRDA seg_loss: labels {tuple(size)} are not the training input's size "
                              f"{tuple(s * OUTPUT_STRIDE for s in out.logits.shape[-2:])}")
-        y1, y2, x1, x2 = detail.box
-        cut_labels = labels[:, y1:y2, x1:x2]
-        cut_weights = None if weights is None else weights[:, y1:y2, x1:x2]
+        cut_labels = cut_boxes(labels, detail.boxes)
+        cut_weights = None if weights is None else cut_boxes(weights, detail.boxes)
         return {"": (1 - w) * cross_entropy(upsample(out.logits.float(), size), labels, weights),
                 "_detail": w * cross_entropy(upsample(detail.logits.float(), cut_labels.shape[-2:]), cut_labels,
                                              cut_weights)}

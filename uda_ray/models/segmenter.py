@@ -214,7 +214,9 @@ class Segmenter(nn.Module):
             parts["_aux"] = self.aux_weight * cross_entropy(upsample(out.aux.float(), size), labels, weights)
         return parts
 
-    def forward(self, x: torch.Tensor) -> SegOutput:
+    def forward(self, x: torch.Tensor, detail: str = "random") -> SegOutput:
+        """x (B, 3, H, W) RGB in [0, 1] → ``SegOutput``. ``detail`` is HRDA's choice of detail window for a
+        training pass (``uda_ray.models.hrda``); a plain Segmenter has no detail pass and ignores it."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"Segmenter.forward: input of shape {tuple(x.shape)}: expected (B, 3, H, W) in [0, 1]")
         features = list(self.backbone(self.normalize(x)))  # L × (B, C_l, h_l, w_l)

@@ -236,7 +236,8 @@ def step_settings(cfg: Config, device: torch.device) -> StepSettings:
                         blur_sigma=(m.blur_sigma_min, m.blur_sigma_max), ema_alpha=t.alpha,
                         grad_clip=cfg.optim.grad_clip,
                         autocast_dtype=torch.bfloat16 if cfg.run.precision == "bf16" else None,
-                        aux_bn_update=cfg.model.aux_pass_bn_update, teacher_bn_batch=t.bn_mode == "batch")
+                        aux_bn_update=cfg.model.aux_pass_bn_update, teacher_bn_batch=t.bn_mode == "batch",
+                        mix_entropy_crop_after=lo.cluda.entropy_crop_after)
 
 
 def seed_everything(seed: int, rank: int) -> torch.Generator:

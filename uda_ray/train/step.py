@@ -46,6 +46,7 @@ class StepSettings:
     autocast_dtype: torch.dtype | None = None  # None = full precision
     aux_bn_update: bool = True  # auxiliary student passes update BatchNorm running statistics
     teacher_bn_batch: bool = False  # the teacher's BatchNorm normalises with the target batch's statistics
+    mix_entropy_crop_after: int = 0  # HRDA: after this iteration the mixed pass's detail window follows the entropy
 
 
 class DivergedError(RuntimeError):
@@ -106,7 +107,8 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
                       aux_bn_update=s.aux_bn_update, teacher_bn_batch=s.teacher_bn_batch)
 
     if s.mix_weight > 0:
-        losses.update({f"mix{part}": s.mix_weight * loss for part, loss in _classmix_loss(ctx, s).items()})
+        losses.update({f"mix{part}": s.mix_weight * loss
+                       for part, loss in _classmix_loss(ctx, s, iteration).items()})
     for term in terms:
         losses.update(term(ctx))
 
@@ -131,7 +133,7 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     return metrics
 
 
-def _classmix_loss(ctx: StepContext, s: StepSettings) -> dict[str, Tensor]:
+def _classmix_loss(ctx: StepContext, s: StepSettings, iteration: int) -> dict[str, Tensor]:
     """ClassMix source→target: paste half the source classes onto the target; the model's supervised loss weighted
     by the teacher's confidence, as named parts (``Segmenter.seg_loss``)."""
     p = ctx.pseudo
@@ -143,7 +145,9 @@ def _classmix_loss(ctx: StepContext, s: StepSettings) -> dict[str, Tensor]:
     x = color_jitter(x, strength=s.jitter_strength, prob=s.jitter_prob, generator=ctx.generator)
     x = gaussian_blur(x, sigma_min=s.blur_sigma[0], sigma_max=s.blur_sigma[1], prob=s.blur_prob,
                       generator=ctx.generator)
+    # the mixed pass's detail window (HRDA; other models ignore it): CLUDA's entropy-guided one after its iteration
+    entropy = s.mix_entropy_crop_after > 0 and iteration > s.mix_entropy_crop_after
     with ctx.autocast():
-        out = ctx.student(x)
+        out = ctx.student(x, detail="entropy" if entropy else "random")
     ctx.extra.update(mix_out=out, mix_labels=y, mix_weights=w)
     return _unwrap(ctx.student).seg_loss(out, y, w)

@@ -42,15 +42,16 @@ class CludaTerm(nn.Module):
 
     def _multires(self, out: SegOutput, labels: Tensor, weights: Tensor | None) -> Tensor:
         d = out.detail
-        if d is None or d.box is None or d.fused is None or d.weight is None:
+        if d is None or d.boxes is None or d.fused is None or d.weight is None:
             raise RuntimeError("loss.cluda.multires needs an HRDA training pass with the feature weighter "
                                "(model.hrda.enabled and loss.cluda.multires when the model is built)")
         fine = out.logits.shape[-2:]  # the detail logits' grid: input / 4
-        y1, y2, x1, x2 = (c // OUTPUT_STRIDE for c in d.box)
         hr = d.fused.new_zeros(d.fused.shape[:2] + tuple(fine))  # (B, E, H/4, W/4)
-        hr[:, :, y1:y2, x1:x2] = d.fused
         inside = torch.zeros(labels.shape[0], *fine, dtype=torch.bool, device=labels.device)  # (B, H/4, W/4)
-        inside[:, y1:y2, x1:x2] = True
+        for i, box in enumerate(d.boxes):
+            y1, y2, x1, x2 = (c // OUTPUT_STRIDE for c in box)
+            hr[i, :, y1:y2, x1:x2] = d.fused[i]
+            inside[i, y1:y2, x1:x2] = True
         size = (self.fm_size, self.fm_size)
 
         def flat(x: Tensor) -> Tensor:  # (B, C, s, s) → (B·s·s, C), batch-major like the labels
