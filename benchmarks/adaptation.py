@@ -1,7 +1,8 @@
 """Does adaptation work on the built-in synthetic pair? Source-only vs the student–teacher base (and each method).
 
     python benchmarks/adaptation.py                      # source-only vs base, 3 seeds each
-    python benchmarks/adaptation.py --methods            # + one row per contrastive method on top of the base
+    python benchmarks/adaptation.py --methods            # + one row per method (contrastive, MIC) on the base
+    python benchmarks/adaptation.py --only base+mic --seeds 0 --iterations 20   # one row, named (any setting)
     python benchmarks/adaptation.py --seeds 0 --iterations 200   # a quick look
     python benchmarks/adaptation.py --controls --only base base+cfcontra/pass base+sdca/pass
     python benchmarks/adaptation.py --recipe --only base base+rcs base+bn_batch   # DAFormer's recipe parts
@@ -9,6 +10,7 @@
 Every setting trains the same config (search_spaces/base/synthetic.yaml) for the same iterations with the same
 seeds; only the adaptation terms differ. Source mIoU is measured on the first 60 source training images (in-domain
 accuracy), target mIoU on the target val split. Runs go two at a time (one thread each) on a process pool.
+``--only`` names the rows to run, from every table below whether or not its flag is given.
 Prints mean ± std per setting, the domain shift (source-only: source − target mIoU) and each setting's gain over
 source-only on the target, with the bars of the foundation issue: shift ≥ 10 points, base gain ≥ 5 points.
 
@@ -40,6 +42,11 @@ METHODS: dict[str, dict] = {  # METHODS.md §6 default weights, on top of the ba
     "base+sdca": {"loss.sdca.weight_feat": 1.0, "loss.sdca.weight_out": 1.0},
     "base+target_mix": {"mix.target_to_source.enabled": True, "mix.target_to_source.weight": 0.1,
                         "loss.cross_view.pixel_weight": 0.01, "loss.cross_view.proto_weight": 0.01},
+    # MIC (METHODS.md §12) at λ = 1 and mask ratio 0.7. Its blocks are 32 px at DAFormer's 512×1024 inputs, 1/16 of
+    # the image height (64 px at HRDA's full resolution: the same share); the synthetic images are 96×192, so the
+    # same share is 6 px, taken as 8: an 8×16 grid of blocks on the 64×128 crop. 16 px would leave 4×8 blocks, of
+    # which ~10 are kept, so most images would lose whole objects and the masked view would carry little context.
+    "base+mic": {"loss.mic.weight": 1.0, "loss.mic.mask_ratio": 0.7, "loss.mic.block_size": 8},
 }
 
 RECIPE: dict[str, dict] = {  # parts of DAFormer's recipe (METHODS.md §9) on top of the base
@@ -98,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iterations", type=int, help="override run.iterations of the base config")
-    p.add_argument("--methods", action="store_true", help="add one row per contrastive method")
+    p.add_argument("--methods", action="store_true", help="add one row per method (contrastive terms, MIC)")
     p.add_argument("--controls", action="store_true", help="add the pass-only control rows (see above)")
     p.add_argument("--recipe", action="store_true", help="add the rows base+rcs and base+bn_batch, and the "
                    "per-class IoU of the rare classes")
-    p.add_argument("--only", nargs="+", help="run only these settings")
+    p.add_argument("--only", nargs="+", help="run only these settings (from every table, flag or not)")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every setting")
     args = p.parse_args(argv)
@@ -110,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(SETTINGS, **(METHODS if args.methods else {}), **(RECIPE if args.recipe else {}),
                     **(CONTROLS if args.controls else {}))
     if args.only:
-        settings = {k: v for k, v in settings.items() if k in args.only}
+        known = dict(SETTINGS, **METHODS, **RECIPE, **CONTROLS)
+        unknown = [k for k in args.only if k not in known]
+        if unknown:
+            p.error(f"--only: unknown setting(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
+        settings = {k: known[k] for k in known if k in args.only}
     jobs = [(name, o, s, args.iterations, args.set) for s in args.seeds for name, o in settings.items()]
     from uda_ray.config import load_config
     from uda_ray.train.loop import data_roots
