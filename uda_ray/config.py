@@ -89,6 +89,11 @@ class DataConfig:
                           "DAFormer) instead of to them exactly")
     cat_max_ratio: float = _f(1.0, gt=0.0, le=1.0, doc="source crops are re-drawn (10 times) while one class covers "
                               "more than this share (DAFormer: 0.75); 1.0 = off")
+    target_pseudo_margins: tuple[int, int, int, int] = _f((0, 0, 0, 0), ge=0, doc="(top, bottom, left, right) "
+                                                          "pixels of each target image as loaded, before resize and "
+                                                          "crop, whose pseudo-labels get weight 0 (HRDA/MIC's "
+                                                          "crop_pseudo_margins [30, 240, 30, 30]); teacher.ignore_top "
+                                                          "and ignore_bottom count on the crop instead (DAFormer)")
     rcs: RareClassConfig = _sub(RareClassConfig)
     synthetic: SyntheticConfig = _sub(SyntheticConfig)
 

@@ -265,3 +265,43 @@ def test_all_options_are_deterministic_per_seed():
     assert runs[0][0].shape == (3, 16, 16)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert any(not torch.equal(runs[0][1], r[1]) for r in runs[2:])
+
+
+def test_pseudo_margins_follow_the_crop_and_flip():
+    """HRDA's valid_pseudo_mask: margins of the image as loaded, carried through resize, crop and flip. A label that
+    encodes each pixel's column and row tells where the crop came from."""
+    h, w = 10, 20
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    image = np.zeros((h, w, 3), np.uint8)
+    position = (rows * w + cols).astype(np.int64)  # (H, W): where each pixel was
+    margins = (2, 3, 3, 4)
+    expected_full = (rows >= 2) & (rows < h - 3) & (cols >= 3) & (cols < w - 4)
+    tf = TrainTransform((h, w), (6, 12), flip=True, pseudo_margins=margins)
+    seen_flip = set()
+    for seed in range(20):
+        img, lab, valid = tf(image, (position % 251).astype(np.uint8), np.random.default_rng(seed))
+        assert valid.shape == (6, 12) and valid.dtype == torch.bool
+        # find the crop from the same draws without margins (the mask does not change the draws)
+        _, lab_plain = TrainTransform((h, w), (6, 12), flip=True)(image, (position % 251).astype(np.uint8),
+                                                                  np.random.default_rng(seed))
+        assert torch.equal(lab, lab_plain)
+        flat = lab.numpy().astype(np.int64)
+        # positions are unique modulo 251 over this 10 × 20 image
+        where = {int(v): (r, c) for (r, c), v in np.ndenumerate(position % 251)}
+        want = np.array([[expected_full[where[int(v)]] for v in row] for row in flat])
+        assert np.array_equal(valid.numpy(), want)
+        seen_flip.add(bool(flat[0, 0] > flat[0, -1]))
+    assert seen_flip == {True, False}
+    assert len(TrainTransform((h, w), (6, 12), flip=True)(image, position.astype(np.uint8) % 251,
+                                                            np.random.default_rng(0))) == 2  # no margins: no mask
+    with pytest.raises(ValueError, match="leave nothing"):
+        TrainTransform((h, w), (6, 12), flip=False, pseudo_margins=(5, 5, 0, 0))(image, image[..., 0], None)
+
+
+def test_pseudo_margins_are_made_before_the_resize():
+    image = np.zeros((10, 20, 3), np.uint8)
+    label = np.zeros((10, 20), np.uint8)
+    _, _, valid = TrainTransform((20, 40), (20, 40), flip=False, pseudo_margins=(1, 2, 3, 0))(image, label, None)
+    expected = torch.zeros(20, 40, dtype=torch.bool)
+    expected[2:16, 6:] = True  # every margin doubled by the ×2 nearest resize
+    assert torch.equal(valid, expected)

@@ -42,6 +42,8 @@ HRDA_TOY = {  # HRDA on MiT-B0 (whose first stage needs 32 × 32 inputs): 64² c
     "data.synthetic.height": 64, "data.synthetic.width": 128, "data.source_resize": [64, 128],
     "data.target_resize": [64, 128], "data.val_resize": [64, 128], "data.crop": [64, 64],
     "data.rcs.min_crop_ratio": 2.0, "eval.mode": "slide", "eval.crop": [64, 64], "eval.stride": [32, 32],
+    # HRDA's pseudo-label margins are on the whole target image, before the crop
+    "teacher.ignore_top": 0, "teacher.ignore_bottom": 0, "data.target_pseudo_margins": [4, 8, 4, 4],
     "run.iterations": 4, "run.eval_every": 2, "run.checkpoint_every": 2,
 }
 # the mixed image's detail window follows the entropy from iteration 2 on (CLUDA: after 12000)

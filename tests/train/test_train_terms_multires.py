@@ -44,9 +44,9 @@ def test_masked_pixels_are_zero_after_the_input_normalisation(backbone: str, nor
     torch.testing.assert_close(normalised * mask, m.normalize(x) * mask)
 
 
-def _context(student, x_src, y_src, x_tgt, generator) -> StepContext:
+def _context(student, x_src, y_src, x_tgt, generator, valid=None) -> StepContext:
     teacher = make_teacher(student)
-    return StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt,
+    return StepContext(tgt_valid=valid, student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt,
                        out_src=student(x_src), generator=generator, autocast=contextlib.nullcontext,
                        pseudo_fn=make_pseudo_fn(threshold=0.0, weighting="pixel", ignore_top=0, ignore_bottom=0),
                        num_classes=K)
@@ -72,6 +72,21 @@ def test_mic_without_mask_or_augmentation_is_the_pseudo_labelled_loss() -> None:
     at_mean = (images == student.mean_colour()).all(dim=1)  # (B, H, W)
     assert 0.4 < at_mean.float().mean() < 0.95
     assert masked(ctx)["mic"].item() != pytest.approx(expected.item())
+
+
+def test_target_valid_mask_zeroes_the_pseudo_weights() -> None:
+    """HRDA's valid_pseudo_mask (``data.target_pseudo_margins``) multiplies the confidence weights: what ClassMix and
+    MIC read."""
+    torch.manual_seed(0)
+    student = Segmenter("test_resnet", K, embed_dim=8, dropout=0.0).eval()  # the same teacher for both contexts
+    x = torch.rand(2, 3, 32, 32)
+    valid = torch.ones(2, 32, 32, dtype=torch.bool)
+    valid[:, :3], valid[:, :, -5:] = False, False
+    plain = _context(student, x, torch.zeros(2, 32, 32, dtype=torch.long), x, torch.Generator()).pseudo
+    masked = _context(student, x, torch.zeros(2, 32, 32, dtype=torch.long), x, torch.Generator(), valid).pseudo
+    assert torch.equal(masked.labels, plain.labels)
+    torch.testing.assert_close(masked.weights, plain.weights * valid)
+    assert (plain.weights[~valid] > 0).all() and (masked.weights[~valid] == 0).all()
 
 
 def test_cluda_multires_term_builds_the_maps_batch_major() -> None:

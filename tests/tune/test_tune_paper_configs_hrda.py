@@ -70,10 +70,10 @@ HRDA = [
     # uda: uda/dacs_a999_fdthings.py on uda/dacs.py; margins: hrda/gtaHR2csHR_hrda.py data.train.target
     ("uda/dacs_a999_fdthings.py uda.alpha", 0.999, "teacher.alpha", 0.999),
     ("uda/dacs.py uda.pseudo_threshold", 0.968, "teacher.pseudo_threshold", 0.968),
-    ("hrda/gtaHR2csHR_hrda.py crop_pseudo_margins[0] (top; 1024-tall target = crop height)", 30,
-     "teacher.ignore_top", 30),
-    ("hrda/gtaHR2csHR_hrda.py crop_pseudo_margins[1] (bottom; 1024-tall target = crop height)", 240,
-     "teacher.ignore_bottom", 240),
+    ("hrda/gtaHR2csHR_hrda.py data.train.target.crop_pseudo_margins (top, bottom, left, right; full image)",
+     (30, 240, 30, 30), "data.target_pseudo_margins", (30, 240, 30, 30)),
+    ("uda/dacs.py uda.pseudo_weight_ignore_top", 0, "teacher.ignore_top", 0),
+    ("uda/dacs.py uda.pseudo_weight_ignore_bottom", 0, "teacher.ignore_bottom", 0),
     ("mmseg/models/uda/dacs.py: one pseudo_weight over the batch", "batch", "teacher.weighting", "batch"),
     ("mmseg/models/uda/dacs.py: ema model in train mode, dropout/drop-path off", "batch", "teacher.bn_mode",
      "batch"),
@@ -208,7 +208,8 @@ def test_the_tables_cover_every_key_the_hrda_files_set() -> None:
 
 
 @pytest.mark.parametrize(("key", "changed"), [("model.hrda.enabled", False), ("model.hrda.detail_crop", 256),
-                                              ("teacher.ignore_bottom", 120), ("data.rcs.min_crop_ratio", 0.5),
+                                              ("data.target_pseudo_margins", [30, 240, 0, 0]),
+                                              ("data.rcs.min_crop_ratio", 0.5),
                                               ("eval.stride", [341, 341])])
 def test_a_changed_hrda_key_is_caught(key: str, changed: object, tmp_path: Path) -> None:
     """The comparison can fail: a copy of the HRDA config with one key changed does not pass."""

@@ -321,10 +321,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         index %= len(self)
         image, label = self.load(index)
         if rcs_class is None:
-            img_t, lab_t = self.transform(image, label, rng)
+            out = self.transform(image, label, rng)
         else:
-            img_t, lab_t = self.transform(image, label, rng, rcs_class=rcs_class)
-        return {"image": img_t, "label": lab_t, "index": index}
+            out = self.transform(image, label, rng, rcs_class=rcs_class)
+        item = {"image": out[0], "label": out[1], "index": index}
+        if len(out) > 2:  # TrainTransform with pseudo_margins: the crop's valid-pseudo-label mask
+            item["valid"] = out[2]
+        return item
 
 
 # ------------------------------------------------------------------------------------------------------ registry

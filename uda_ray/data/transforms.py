@@ -93,11 +93,16 @@ class TrainTransform:
     (DAFormer: 0.75 on the source). ``rcs_min_crop_pixels``: with an ``rcs_class`` in the call, the crop must hold more
     than this many pixels of it (DAFormer: min_pixels · min_crop_ratio); None turns the RCS re-draws off.
 
+    ``pseudo_margins`` = (top, bottom, left, right) > 0 adds a third element to the result: an (h, w) bool mask of the
+    crop, False where the pixel lay within the margins of the image as loaded (HRDA's ``crop_pseudo_margins``, its
+    ``valid_pseudo_mask``: made before the resize and carried through resize, crop, flip and padding with the label).
+
     Draw order from the generator, per attempt: crop top, crop left (repeated for each cat_max_ratio re-draw), flip.
     """
 
     def __init__(self, resize: tuple[int, int], crop: tuple[int, int], flip: bool, *, keep_ratio: bool = False,
-                 cat_max_ratio: float = 1.0, rcs_min_crop_pixels: float | None = None) -> None:
+                 cat_max_ratio: float = 1.0, rcs_min_crop_pixels: float | None = None,
+                 pseudo_margins: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
         if min(resize) < 1 or min(crop) < 1:
             raise ValueError(f"resize {tuple(resize)} / crop {tuple(crop)}: expected positive (height, width)")
         if not 0.0 < cat_max_ratio <= 1.0:
@@ -110,6 +115,9 @@ class TrainTransform:
         self.keep_ratio = keep_ratio
         self.cat_max_ratio = float(cat_max_ratio)
         self.rcs_min_crop_pixels = rcs_min_crop_pixels
+        if len(pseudo_margins) != 4 or min(pseudo_margins) < 0:
+            raise ValueError(f"pseudo_margins {tuple(pseudo_margins)}: expected (top, bottom, left, right) >= 0")
+        self.pseudo_margins = tuple(int(m) for m in pseudo_margins)
 
     def _draw_box(self, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
         top = int(rng.integers(0, max(shape[0] - self.crop[0], 0) + 1))
@@ -128,10 +136,23 @@ class TrainTransform:
                 box = self._draw_box(label.shape, rng)
         return box
 
+    def _valid(self, shape: tuple[int, ...]) -> np.ndarray:
+        top, bottom, left, right = self.pseudo_margins
+        h, w = shape[:2]
+        if top + bottom >= h or left + right >= w:
+            raise ValueError(f"data.target_pseudo_margins {list(self.pseudo_margins)} leave nothing of an image of "
+                             f"{h}x{w} (HxW)")
+        valid = np.zeros((h, w), dtype=np.uint8)
+        valid[top:h - bottom, left:w - right] = 1
+        return valid
+
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None,
-                 rcs_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 rcs_class: int | None = None) -> tuple[torch.Tensor, ...]:
+        valid = self._valid(image.shape) if any(self.pseudo_margins) else None
         size = _target_size(image.shape, self.resize, self.keep_ratio)
         image, label = resize_image(image, size), resize_label(label, size)
+        if valid is not None:
+            valid = resize_label(valid, size)
         (h, w), (ch, cw) = size, self.crop
         if rng is None:
             box, flip = (max(h - ch, 0) // 2, max(w - cw, 0) // 2), False
@@ -148,7 +169,15 @@ class TrainTransform:
         image, label = self._cut(image, box), self._cut(label, box)
         if flip:
             image, label = image[:, ::-1], label[:, ::-1]
-        return _pad(*_to_tensors(image, label), self.crop)
+        img_t, lab_t = _pad(*_to_tensors(image, label), self.crop)
+        if valid is None:
+            return img_t, lab_t
+        valid = self._cut(valid, box)
+        if flip:
+            valid = valid[:, ::-1]
+        valid_t = torch.zeros(self.crop, dtype=torch.bool)  # padding is not valid
+        valid_t[:valid.shape[0], :valid.shape[1]] = torch.from_numpy(np.ascontiguousarray(valid)).bool()
+        return img_t, lab_t, valid_t
 
 
 class EvalTransform:

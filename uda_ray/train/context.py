@@ -43,6 +43,7 @@ class StepContext:
     num_classes: int
     aux_bn_update: bool = True  # whether auxiliary passes update BatchNorm running statistics
     teacher_bn_batch: bool = False  # teacher.bn_mode = batch: the teacher's BatchNorm uses the target batch's stats
+    tgt_valid: Tensor | None = None  # (B, H, W) bool: target pixels whose pseudo-labels may count (HRDA's margins)
     _pseudo: PseudoLabels | None = None
     _out_tgt: SegOutput | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # what the step leaves for terms (mix_out, mix_labels, …)
@@ -54,7 +55,11 @@ class StepContext:
             with torch.no_grad(), self.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn_batch):
                 logits = self.teacher(self.x_tgt).logits
             logits = upsample(logits.float(), self.x_tgt.shape[-2:])  # (B, C, H, W)
-            self._pseudo = self.pseudo_fn(logits)
+            pseudo = self.pseudo_fn(logits)
+            if self.tgt_valid is not None:  # HRDA: the confidence weight times its valid_pseudo_mask
+                pseudo = PseudoLabels(pseudo.labels, pseudo.weights * self.tgt_valid.to(pseudo.weights.dtype),
+                                      pseudo.confidence)
+            self._pseudo = pseudo
         return self._pseudo
 
     @property

@@ -145,7 +145,7 @@ def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
         src_ds.transform = _source_transform(cfg, rcs.min_crop_pixels)
     tgt_ds = build_dataset(_reader(d.target, "target"), tgt_root, "train",
                            TrainTransform(d.target_resize, d.target_crop if d.target_crop[0] else d.crop, d.flip,
-                                          keep_ratio=d.keep_ratio),
+                                          keep_ratio=d.keep_ratio, pseudo_margins=d.target_pseudo_margins),
                            cache_in_memory=d.target == "synthetic", label_format=d.label_format,
                            resize_labels=d.resize_labels)
     start = start_iteration * d.batch_size

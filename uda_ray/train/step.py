@@ -85,7 +85,9 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     """Run one iteration in place (student, teacher, optimiser, schedule, term state) and return its metrics.
 
     ``src`` and ``tgt`` hold ``image`` (B, 3, H, W) in [0, 1] on the student's device; ``src`` also ``label``
-    (B, H, W). ``generator`` (CPU) drives ClassMix and the photometric augmentation, so a seed fixes them.
+    (B, H, W); ``tgt`` may hold ``valid`` (B, H, W) bool, the pixels whose pseudo-labels may count
+    (``data.target_pseudo_margins``). ``generator`` (CPU) drives ClassMix and the photometric augmentation, so a
+    seed fixes them.
     Raises ``DivergedError`` before any weight changes if a loss is not finite.
     """
     s = settings
@@ -101,6 +103,7 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     losses: dict[str, Tensor] = {f"src{part}": s.source_weight * loss
                                  for part, loss in model.seg_loss(out_src, y_src).items()}
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
+                      tgt_valid=tgt.get("valid"),
                       pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
                                                ignore_top=s.ignore_top, ignore_bottom=s.ignore_bottom),
                       generator=generator, autocast=autocast, num_classes=s.num_classes,
