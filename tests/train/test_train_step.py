@@ -60,6 +60,7 @@ def _setup(cfg: Config, seed: int = 0):
 def _run(cfg: Config, iters: int = 2, seed: int = 0) -> tuple[list[dict], torch.nn.Module, torch.nn.Module]:
     student, teacher, terms, opt, sched = _setup(cfg, seed)
     gen = torch.Generator().manual_seed(seed)
+    student.generator = gen  # HRDA's detail boxes, as the loop does
     out = []
     for it in range(iters):
         src, tgt = _batches(it)
@@ -121,6 +122,25 @@ def test_all_terms_together_and_deterministic():
     for pa, pb in zip(sa.parameters(), sb.parameters()):
         assert torch.equal(pa, pb)
     assert all(k in a[-1] for _, keys in TERM_ON.values() for k in keys)
+
+
+def test_all_terms_together_under_hrda():
+    """Every registered term reads HRDA's passes (fused logits, context features and fused map), here with the
+    multi-level MLP head, CLUDA's multi-resolution contrast and its entropy-guided crop from the second iteration."""
+    overrides = {k: v for o, _ in TERM_ON.values() for k, v in o.items()}
+    overrides.update({"model.hrda.enabled": True, "model.hrda.detail_crop": 16, "model.hrda.detail_window_stride": 8,
+                      "loss.cluda.multires": True, "loss.cluda.entropy_crop_after": 0})
+    a, student, _ = _run(_cfg(overrides), iters=2, seed=3)
+    b, _, _ = _run(_cfg(overrides), iters=2, seed=3)
+    assert a == b
+    for m in a:
+        assert all(k in m and math.isfinite(m[k]) for _, keys in TERM_ON.values() for k in keys)
+        assert m["train/loss_src_detail"] > 0 and m["train/loss_mix_detail"] > 0
+        parts = sum(v for k, v in m.items() if k.startswith("train/loss_"))
+        assert m["train/loss"] == pytest.approx(parts, rel=1e-4, abs=1e-6)
+    assert type(student).__name__ == "HRDASegmenter"
+    entropy, _, _ = _run(_cfg({**overrides, "loss.cluda.entropy_crop_after": 1}), iters=3, seed=3)
+    assert entropy[:2] == a[:2] and entropy[2] != _run(_cfg(overrides), iters=3, seed=3)[0][2]
 
 
 def test_non_finite_loss_raises_before_any_update():

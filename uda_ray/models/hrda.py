@@ -98,6 +98,10 @@ class HRDASegmenter(Segmenter):
         if self.decoder_name == "deeplabv2":
             raise ValueError("HRDA (model.hrda.enabled) needs a multi-level decode head (model.decoder: daformer or "
                              "mlp); its scale attention reads every backbone level, DeepLabV2's head only layer4")
+        if self.feature_reductions[0] != OUTPUT_STRIDE:
+            raise ValueError(f"HRDA needs the decode head's logits at 1/{OUTPUT_STRIDE} of the input: the finest "
+                             f"backbone level of {backbone!r} has stride {self.feature_reductions[0]} "
+                             "(model.out_indices)")
         if context_scale not in CONTEXT_SCALES:
             raise ValueError(f"HRDA: context_scale = {context_scale}: expected one of {CONTEXT_SCALES}")
         if detail_crop % BOX_DIVISIBLE or detail_crop < BOX_DIVISIBLE:
