@@ -78,11 +78,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:RCS. no source image:UserWarning
 
 
 def recipe_config(cache: Path, name: str) -> Config:
+    """The toy config of a recipe; no prediction grids (a quarter of a toy run's time, tested elsewhere)."""
     if name in PAPER_TOYS:
         file, sizes = PAPER_TOYS[name]
         synthetic = {k: v for k, v in tiny_overrides(cache).items() if k.startswith("data.synthetic.")}
-        return load_config(SHIPPED / file, {**synthetic, **TOY_RUN, **sizes})
-    return apply_overrides(Config(), tiny_overrides(cache, **RECIPES[name]))
+        return load_config(SHIPPED / file, {**synthetic, **TOY_RUN, **sizes, "run.save_images": False})
+    return apply_overrides(Config(), tiny_overrides(cache, **RECIPES[name], **{"run.save_images": False}))
 
 
 def _plain(rows: list[dict]) -> list[dict]:

@@ -50,16 +50,28 @@ def test_two_workers_match_one_process_with_double_batch(ray_local, tmp_path: Pa
     assert result.checkpoint is not None  # reported by rank 0
 
 
-@pytest.mark.parametrize("recipe", ["daformer", "deeplabv2", "hrda_all"])
+# every term of the DeepLabV2 methods at once (CFContra's banks, SDCA's statistics, the target-information views and
+# target→source mix, multi-level MinEnt): their cross-rank state under DDP on the network they published on
+DEEPLABV2_METHODS = {"loss.entropy.weight": 0.001, "loss.entropy.aux_weight": 0.0002, "loss.cfcontra.weight": 0.001,
+                     "loss.cfcontra.proj_dim": 64, "loss.sdca.weight_feat": 1.0, "loss.sdca.weight_out": 1.0,
+                     "loss.cross_view.pixel_weight": 0.01, "loss.cross_view.proto_weight": 0.01,
+                     "loss.cross_view.grid_size": 16, "mix.target_to_source.enabled": True}
+
+
+@pytest.mark.parametrize("recipe", ["daformer", "deeplabv2_methods", "hrda_all"])
 @pytest.mark.filterwarnings("ignore:RCS. no source image:UserWarning")
 def test_recipes_train_under_two_worker_ddp(ray_local, tmp_path: Path, synthetic_cache: Path, recipe: str):
     """DAFormer's recipe (RCS statistics computed by rank 0 while rank 1 waits, FD, the teacher's batch statistics),
-    DeepLabV2's (frozen BatchNorm, auxiliary classifier, SGD) and HRDA with CLUDA's multi-resolution contrast and MIC
-    together (the feature weighter and the scale attention get gradients on every rank; slide evaluation) run on 2
-    gloo workers and report one finite loss per iteration, evaluation included."""
+    DeepLabV2's (frozen BatchNorm, auxiliary classifier, SGD) with every DeepLabV2 method's term, and HRDA with
+    CLUDA's multi-resolution contrast and MIC together (the feature weighter and the scale attention get gradients
+    on every rank; slide evaluation) run on 2 gloo workers and report one finite loss per iteration, evaluation
+    included."""
     from tests.train.test_train_recipes import recipe_config
 
-    cfg = recipe_config(synthetic_cache, "cluda_hrda" if recipe == "hrda_all" else recipe)
+    base = {"hrda_all": "cluda_hrda", "deeplabv2_methods": "deeplabv2"}.get(recipe, recipe)
+    cfg = recipe_config(synthetic_cache, base)
+    if recipe == "deeplabv2_methods":
+        cfg = apply_overrides(cfg, DEEPLABV2_METHODS)
     if recipe == "hrda_all":
         cfg = apply_overrides(cfg, {"loss.mic.weight": 1.0, "loss.mic.block_size": 8})
     cfg = apply_overrides(cfg, {"data.rcs.stats_dir": str(tmp_path / "rcs")})

@@ -189,11 +189,18 @@ def _cli(*args: str, cwd: Path, records: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _read_status(path: Path) -> str:
+    with open(path, "rb") as f:
+        return pd.read_parquet(f)["status"].iloc[0]
+
+
 def _wait_for(trials_dir: Path, status: str, count: int, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
+        # one open handle per file: a path-based read opens the file twice (footer, then pages) and can meet the
+        # writer's atomic replacement in between
         done = [] if not trials_dir.exists() else [p for p in trials_dir.glob("*.parquet")
-                                                   if pd.read_parquet(p)["status"].iloc[0] == status]
+                                                   if _read_status(p) == status]
         if len(done) >= count:
             return
         time.sleep(0.3)
