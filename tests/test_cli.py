@@ -51,6 +51,24 @@ def test_train_then_evaluate(tmp_path: Path, synthetic_cache: Path, capsys: pyte
     assert image.shape[:2] == (32, 64) and {tuple(c) for c in image.reshape(-1, 3)} <= palette
 
 
+def test_hrda_train_then_evaluate_gives_the_same_score(tmp_path: Path, synthetic_cache: Path,
+                                                      capsys: pytest.CaptureFixture):
+    """An HRDA run (slide evaluation, each window through the context and detail passes) evaluated again from its
+    checkpoint by `uda-ray evaluate` reports the run's mIoU; its prediction grids are drawn by the HRDA model."""
+    from tests.train.test_train_recipes import HRDA_TOY
+
+    args = _args(tiny_overrides(synthetic_cache, **HRDA_TOY))
+    code = main(["train", str(SYNTHETIC), *args, "--name", "hrda", "--output-dir", str(tmp_path), "--no-progress"])
+    assert code == 0
+    run = tmp_path / "hrda"
+    final = pd.read_parquet(run / "metrics.parquet")["val/miou"].dropna().iloc[-1]
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "checkpoints" / "iter_0000004")]) == 0
+    lines = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
+    assert float(lines["val/miou"]) == pytest.approx(100 * final, abs=0.006)
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["iter_0000002.png", "iter_0000004.png"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", str(SYNTHETIC), "loss.cluda.temprature=1"], "closest valid key: 'loss.cluda.temperature'"),
     (["train", "nope.yaml"], "nope.yaml: config file not found"),
