@@ -110,6 +110,8 @@ class HRDAConfig:
                                    "pixels (a multiple of 8, at most detail_crop)")
     attention_classwise: bool = _f(True, doc="one scale-attention map per class (HRDA) instead of one for all")
     detail_loss_weight: float = _f(0.1, ge=0.0, lt=1.0, doc="loss = (1 - w) CE(fused) + w CE(detail crop)")
+    fuse_upsampled: bool = _f(False, doc="fuse as (1 - up(a)) up(y_LR) + up(a) y_HR (CLUDA's HRDA head) instead of "
+                              "HRDA's up((1 - a) y_LR) + up(a) y_HR")
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,9 @@ class CludaConfig:
     multires: bool = _f(False, doc="CLUDA on HRDA: the learned-weighted multi-resolution contrast of context and "
                         "detail features (METHODS.md §11) instead of the single-resolution one; needs model.hrda")
     weighter_lr_mult: float = _f(10.0, gt=0.0, doc="multires: learning rate of the weight head = optim.lr x this")
+    official_resizing: bool = _f(False, doc="multires: CLUDA's resizes (align_corners True for the context map's x2 "
+                                 "and the fm_size resizes, pseudo weights bilinear) instead of align_corners False "
+                                 "and nearest pseudo weights")
     entropy_crop_after: int = _f(0, ge=0, doc="HRDA: after this iteration the mixed image's detail window is, per "
                                  "image, the inference-grid window of highest mean context entropy (CLUDA: 12000); "
                                  "0 = off (HRDA's random window)")

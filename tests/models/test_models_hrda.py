@@ -45,10 +45,11 @@ def test_draw_box_follows_hrdas_formula_exactly() -> None:
         draw_box(64, 64, 128, g)
 
 
-def test_training_pass_fuses_attention_masked_to_the_box() -> None:
-    """y = up((1 − a)·y_LR) + up(a)·y_HR with a zeroed outside the box and y_HR pasted at its place: recomputed
-    here from the shared backbone and heads."""
-    m = _model().train()
+@pytest.mark.parametrize("fuse_upsampled", [False, True])
+def test_training_pass_fuses_attention_masked_to_the_box(fuse_upsampled: bool) -> None:
+    """y = up((1 − a)·y_LR) + up(a)·y_HR (HRDA; CLUDA's head: (1 − up(a))·up(y_LR) + up(a)·y_HR) with a zeroed
+    outside the box and y_HR pasted at its place: recomputed here from the shared backbone and heads."""
+    m = _model(fuse_upsampled=fuse_upsampled).train()
     m.generator = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 64, 96)
     out = m(x)
@@ -65,7 +66,10 @@ def test_training_pass_fuses_attention_masked_to_the_box() -> None:
         att = att * mask
         canvas = torch.zeros(2, K, 16, 24)
         canvas[:, :, y1 // 4:y2 // 4, x1 // 4:x2 // 4] = hr
-        expected = _up((1 - att) * lr, (16, 24)) + _up(att, (16, 24)) * canvas
+        if fuse_upsampled:
+            expected = (1 - _up(att, (16, 24))) * _up(lr, (16, 24)) + _up(att, (16, 24)) * canvas
+        else:
+            expected = _up((1 - att) * lr, (16, 24)) + _up(att, (16, 24)) * canvas
     # BatchNorm in train mode normalises with the batch either way: the same batches give the same numbers
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.fused, lr_fused, rtol=1e-4, atol=1e-5)

@@ -89,29 +89,36 @@ def test_target_valid_mask_zeroes_the_pseudo_weights() -> None:
     assert (plain.weights[~valid] > 0).all() and (masked.weights[~valid] == 0).all()
 
 
-def test_cluda_multires_term_builds_the_maps_batch_major() -> None:
+@pytest.mark.parametrize("official", [False, True])
+def test_cluda_multires_term_builds_the_maps_batch_major(official: bool) -> None:
     """The term's inputs to ``multires_pixel_contrast`` built here pixel by pixel for a batch of 2: context fused
-    map up to the detail grid, detail fused map pasted at its box, learned weights, inside mask, labels."""
+    map up to the detail grid, detail fused map pasted at its box, learned weights, inside mask, labels, pseudo
+    weights; with CLUDA's resizes (align_corners True, pseudo weights bilinear) when ``official``."""
     torch.manual_seed(0)
     m = HRDASegmenter("mit_b0", K, decoder="daformer", embed_dim=16, detail_crop=32, detail_stride=16,
                       feature_weighter=True, drop_path_rate=0.0, dropout=0.0).train()
     m.generator = torch.Generator().manual_seed(4)
     x = torch.rand(2, 3, 64, 64)
     labels = torch.randint(0, K, (2, 64, 64))
+    weights = torch.rand(2, 64, 64)
     out = m(x)
     term = CludaTerm(weight=1.0, temperature=0.5, fm_size=9, on_source=True, on_mix=False, chunk_size=0,
-                     multires=True)
-    got = term._multires(out, labels, None)
+                     multires=True, official_resizing=official)
+    got = term._multires(out, labels, weights)
 
     y1, y2, x1, x2 = (c // 4 for c in out.detail.boxes[0])
-    up = lambda t, s: F.interpolate(t, size=s, mode="bilinear", align_corners=False)  # noqa: E731
-    lr_rows, hr_rows, att_rows, inside_rows, label_rows = [], [], [], [], []
+    up = lambda t, s, a=official: F.interpolate(t, size=s, mode="bilinear", align_corners=a)  # noqa: E731
+    lr_rows, hr_rows, att_rows, inside_rows, label_rows, pw_rows = [], [], [], [], [], []
     for b in range(2):
         lr = up(up(out.fused[b:b + 1], (16, 16)), (9, 9))[0]  # (E, 9, 9)
         canvas = torch.zeros(1, out.fused.shape[1], 16, 16)
         canvas[:, :, y1:y2, x1:x2] = out.detail.fused[b:b + 1]
         hr = up(canvas, (9, 9))[0]
-        w = up(up(out.detail.weight[b:b + 1], (16, 16)), (9, 9))[0, 0]
+        w = up(up(out.detail.weight[b:b + 1], (16, 16), False), (9, 9))[0, 0]  # the head's ×2: align_corners False
+        if official:
+            pw = up(weights[b:b + 1, None], (9, 9))[0, 0]
+        else:
+            pw = F.interpolate(weights[b:b + 1, None], size=(9, 9), mode="nearest")[0, 0]
         box = torch.zeros(1, 1, 16, 16)
         box[..., y1:y2, x1:x2] = 1
         inside = F.interpolate(box, size=(9, 9), mode="nearest")[0, 0] > 0
@@ -123,8 +130,10 @@ def test_cluda_multires_term_builds_the_maps_batch_major() -> None:
                 att_rows.append(w[i, j])
                 inside_rows.append(inside[i, j])
                 label_rows.append(lab[i, j])
+                pw_rows.append(pw[i, j])
     expected = multires_pixel_contrast(torch.stack(lr_rows), torch.stack(hr_rows), torch.stack(label_rows),
-                                       att=torch.stack(att_rows), inside=torch.stack(inside_rows), temperature=0.5)
+                                       att=torch.stack(att_rows), inside=torch.stack(inside_rows),
+                                       weights=torch.stack(pw_rows), temperature=0.5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     got.backward()
     assert all(p.grad is not None for p in m.feature_weighter.parameters() if p.requires_grad)

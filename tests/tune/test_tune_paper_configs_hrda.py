@@ -92,6 +92,8 @@ HRDA = [
     ("no contrastive term", 0.0, "loss.cluda.weight", 0.0),
     ("no multi-resolution contrast", False, "loss.cluda.multires", False),
     ("random detail crop for every pass", 0, "loss.cluda.entropy_crop_after", 0),
+    ("HRDA hrda_head.py forward: lr_seg = (1 − att)·lr_seg before the ×2 resize", False, "model.hrda.fuse_upsampled",
+     False),
     ("no masked image consistency (uda/dacs.py has no mask_* keys)", 0.0, "loss.mic.weight", 0.0),
     # optimiser and schedule: schedules/adamw.py, schedules/poly10warm.py and hrda/gtaHR2csHR_hrda.py
     ("schedules/adamw.py optimizer.type", "AdamW", "optim.name", "adamw"),
@@ -140,6 +142,10 @@ CLUDA_HRDA = [
      1024),
     ("CLUDA mmseg/models/uda/dacs.py: entropy-guided mixed crop when local_iter > 12000", 12000,
      "loss.cluda.entropy_crop_after", 12000),
+    ("CLUDA mmseg/models/decode_heads/hrda_head.py forward: fused = att·hr + (1 − att)·up(lr)", True,
+     "model.hrda.fuse_upsampled", True),
+    ("CLUDA dacs.py forward_train: F.interpolate(..., align_corners=True) to fm_size, pseudo weights bilinear",
+     True, "loss.cluda.official_resizing", True),
     ("CLUDA configs/hrda/gtaHR2csHR_hrda.py seed", 1, "run.seed", 1),
 ]
 

@@ -8,6 +8,8 @@ logits pasted into a zero canvas at their place and ``up`` the bilinear ×(1 / c
 
     y = up((1 − a) ⊙ y_LR) + up(a) ⊙ y_HR                         (B, K, H/4, W/4)
 
+(``fuse_upsampled``: ``(1 − up(a)) ⊙ up(y_LR) + up(a) ⊙ y_HR``, the order of CLUDA's copy of the head.)
+
 Training (``self.training``): the detail window is drawn at random inside the input (``draw_box``: one box for the
 batch, corners on multiples of 8, from the generator the loop hands over, so a seed fixes it), or with
 ``forward(x, detail="entropy")`` chosen per image by the context prediction's entropy (CLUDA's crop of the mixed
@@ -93,7 +95,8 @@ class HRDASegmenter(Segmenter):
 
     def __init__(self, backbone: str, num_classes: int = 19, *, context_scale: float = 0.5, detail_crop: int = 512,
                  detail_stride: int = 256, attention_classwise: bool = True, detail_loss_weight: float = 0.1,
-                 feature_weighter: bool = False, weighter_lr_mult: float = 10.0, **kwargs: Any):
+                 feature_weighter: bool = False, weighter_lr_mult: float = 10.0, fuse_upsampled: bool = False,
+                 **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         if self.decoder_name == "deeplabv2":
             raise ValueError("HRDA (model.hrda.enabled) needs a multi-level decode head (model.decoder: daformer or "
@@ -120,7 +123,7 @@ class HRDASegmenter(Segmenter):
                                             embed_dim=embed_dim, dropout=dropout, fusion="conv1", norm=norm)
         self.feature_weighter = DAFormerHead(self.feature_channels, 1, embed_dim=embed_dim, dropout=dropout,
                                              fusion="conv1", norm=norm) if feature_weighter else None
-        self.weighter_lr_mult = weighter_lr_mult
+        self.weighter_lr_mult, self.fuse_upsampled = weighter_lr_mult, fuse_upsampled
 
     # ------------------------------------------------------------------------------------------------ passes
     def _pass(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -174,7 +177,11 @@ class HRDASegmenter(Segmenter):
         else:
             hr = self._detail_slide(x)  # (B, K, H/4, W/4)
             detail_out = DetailOutput(hr, None, None, lr_logits, att, weight)
-        logits = upsample((1 - att) * lr_logits, out_size) + upsample(att, out_size) * hr  # (B, K, H/4, W/4)
+        up_att = upsample(att, out_size)  # (B, K|1, H/4, W/4)
+        if self.fuse_upsampled:  # CLUDA's head: (1 − a) after upsampling
+            logits = (1 - up_att) * upsample(lr_logits, out_size) + up_att * hr  # (B, K, H/4, W/4)
+        else:  # HRDA: (1 − a) at the context resolution, then upsampled
+            logits = upsample((1 - att) * lr_logits, out_size) + up_att * hr  # (B, K, H/4, W/4)
         proj = self.proj(features[-1]) if self.proj is not None else None
         return SegOutput(logits=logits, fused=lr_fused, features=features, proj=proj, detail=detail_out)
 

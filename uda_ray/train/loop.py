@@ -200,7 +200,7 @@ def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
         return HRDASegmenter(m.backbone, NUM_CLASSES, context_scale=h.context_scale, detail_crop=h.detail_crop,
                              detail_stride=h.detail_window_stride, attention_classwise=h.attention_classwise,
                              detail_loss_weight=h.detail_loss_weight, feature_weighter=cl.multires and cl.weight > 0,
-                             weighter_lr_mult=cl.weighter_lr_mult, **common)
+                             weighter_lr_mult=cl.weighter_lr_mult, fuse_upsampled=h.fuse_upsampled, **common)
     return build_segmenter(m.backbone, NUM_CLASSES, **common)
 
 

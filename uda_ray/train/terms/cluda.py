@@ -5,15 +5,16 @@ Multi-resolution maps, per image type (source with its labels, mixed image with 
 the context pass's fused map upsampled to the detail logits' grid (input / 4), the detail pass's fused map pasted
 into a zero canvas of that grid at its box, the learned weights (the feature weighter's sigmoid) upsampled likewise
 and the inside-the-box mask; all resized to fm_size × fm_size (bilinear; labels, pseudo weights and the mask
-nearest) and flattened batch-major into ``uda_ray.losses.multires_pixel_contrast``. Differences from CLUDA's code,
-chosen here: upsampling with align_corners False (CLUDA's ×2 and 65 × 65 resizes use True), pseudo weights resized
-nearest like the labels (CLUDA: bilinear), and the loss's own documented choices (one flattening order, 255 ignored,
-the explicit box mask instead of ``label != 0``).
+nearest) and flattened batch-major into ``uda_ray.losses.multires_pixel_contrast``. ``official_resizing`` uses
+CLUDA's resizes instead: align_corners True for the context map's ×2 and every fm_size resize, and the pseudo weights
+bilinear. Differences from CLUDA's code that stay: the loss's own documented choices (one flattening order, 255
+ignored, the explicit box mask instead of ``label != 0``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uda_ray.config import Config
@@ -21,6 +22,12 @@ from uda_ray.losses import multires_pixel_contrast, pixel_contrast
 from uda_ray.models import Segmenter, SegOutput
 from uda_ray.models.hrda import OUTPUT_STRIDE
 from uda_ray.train.context import StepContext, resize_labels, upsample
+
+
+def _bilinear(x: Tensor, size: tuple[int, int] | torch.Size, align_corners: bool) -> Tensor:
+    if not align_corners:
+        return upsample(x, size)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class CludaTerm(nn.Module):
@@ -33,12 +40,12 @@ class CludaTerm(nn.Module):
     name = "cluda"
 
     def __init__(self, *, weight: float, temperature: float, fm_size: int, on_source: bool, on_mix: bool,
-                 chunk_size: int, multires: bool = False) -> None:
+                 chunk_size: int, multires: bool = False, official_resizing: bool = False) -> None:
         super().__init__()
         self.weight, self.temperature, self.fm_size = weight, temperature, fm_size
         self.on_source, self.on_mix = on_source, on_mix
         self.chunk_size = chunk_size or None
-        self.multires = multires
+        self.multires, self.official_resizing = multires, official_resizing
 
     def _multires(self, out: SegOutput, labels: Tensor, weights: Tensor | None) -> Tensor:
         d = out.detail
@@ -57,12 +64,18 @@ class CludaTerm(nn.Module):
         def flat(x: Tensor) -> Tensor:  # (B, C, s, s) → (B·s·s, C), batch-major like the labels
             return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
-        lr = flat(upsample(upsample(out.fused.float(), fine), size))  # (N, E)
-        hr = flat(upsample(hr.float(), size))  # (N, E)
-        att = flat(upsample(upsample(d.weight.float(), fine), size))[:, 0]  # (N,)
+        corners = self.official_resizing  # CLUDA: align_corners=True for the ×2 of the context map and the fm resizes
+        lr = flat(_bilinear(_bilinear(out.fused.float(), fine, corners), size, corners))  # (N, E)
+        hr = flat(_bilinear(hr.float(), size, corners))  # (N, E)
+        att = flat(_bilinear(upsample(d.weight.float(), fine), size, corners))[:, 0]  # (N,)
         y = resize_labels(labels, size).reshape(-1)  # (N,)
         inside = resize_labels(inside, size).reshape(-1)  # (N,)
-        w = None if weights is None else resize_labels(weights, size).reshape(-1)  # (N,)
+        if weights is None:
+            w = None
+        elif corners:  # CLUDA resizes the pseudo weights bilinearly
+            w = _bilinear(weights[:, None].float(), size, True).reshape(-1)  # (N,)
+        else:
+            w = resize_labels(weights, size).reshape(-1)  # (N,)
         return multires_pixel_contrast(lr, hr, y, att=att, inside=inside, weights=w, temperature=self.temperature,
                                        chunk_size=self.chunk_size)
 
@@ -95,4 +108,5 @@ def build_cluda(cfg: Config, model: Segmenter) -> CludaTerm | None:
     if c.weight == 0 or not (c.on_source or c.on_mix):
         return None
     return CludaTerm(weight=c.weight, temperature=c.temperature, fm_size=c.fm_size, on_source=c.on_source,
-                     on_mix=c.on_mix, chunk_size=c.chunk_size, multires=c.multires)
+                     on_mix=c.on_mix, chunk_size=c.chunk_size, multires=c.multires,
+                     official_resizing=c.official_resizing)
