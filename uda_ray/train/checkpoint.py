@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from uda_ray.models import unwrap
+
 FILENAME = "checkpoint.pt"
 
 
@@ -40,7 +42,7 @@ def save_checkpoint(directory: str | Path, *, iteration: int, student: nn.Module
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "iteration": iteration,
-        "student": getattr(student, "module", student).state_dict(),
+        "student": unwrap(student).state_dict(),
         "teacher": teacher.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

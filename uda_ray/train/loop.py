@@ -28,7 +28,7 @@ from uda_ray.data.rcs import RareClassSpec, build_rcs
 from uda_ray.data.readers import SegmentationDataset, build_dataset
 from uda_ray.data.synthetic import ensure_synthetic
 from uda_ray.data.transforms import EvalTransform, TrainTransform
-from uda_ray.models import build_segmenter, make_teacher
+from uda_ray.models import build_segmenter, make_teacher, unwrap
 from uda_ray.models.hrda import HRDASegmenter
 from uda_ray.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from uda_ray.train.evaluate import evaluate, inference_fn
@@ -331,7 +331,7 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
         set_rng_state(state["rng"], generator)
     class_ids = eval_class_ids(cfg.data.protocol)
     infer = eval_infer(cfg)
-    model_for_eval = getattr(student, "module", student)
+    model_for_eval = unwrap(student)
     resolved = to_dict(cfg)
     window, last = _Window(), {}
     bar = _progress_bar(start, cfg.run.iterations) if progress and di.rank == 0 else None

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from uda_ray.adaptation import classmix_masks, mix
 from uda_ray.data.photometric import color_jitter, gaussian_blur
-from uda_ray.models import ema_update
+from uda_ray.models import ema_update, unwrap
 from uda_ray.train.context import StepContext, make_pseudo_fn
 from uda_ray.train.terms import Term
 
@@ -74,10 +74,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler, src: dict[str, Tensor], tgt: dict[str, Tensor],
          iteration: int, *, settings: StepSettings, terms: Sequence[Term], generator: torch.Generator,
@@ -98,7 +94,7 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
 
     with autocast():
         out_src = student(x_src)
-    model = _unwrap(student)
+    model = unwrap(student)
     # the model's own supervised loss: CE (+ DeepLabV2's auxiliary CE, or HRDA's fused and detail CE)
     losses: dict[str, Tensor] = {f"src{part}": s.source_weight * loss
                                  for part, loss in model.seg_loss(out_src, y_src).items()}
@@ -132,7 +128,7 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     metrics["train/lr"] = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    ema_update(teacher, _unwrap(student), iteration, s.ema_alpha)
+    ema_update(teacher, unwrap(student), iteration, s.ema_alpha)
     return metrics
 
 
@@ -153,4 +149,4 @@ def _classmix_loss(ctx: StepContext, s: StepSettings, iteration: int) -> dict[st
     with ctx.autocast():
         out = ctx.student(x, detail="entropy" if entropy else "random")
     ctx.extra.update(mix_out=out, mix_labels=y, mix_weights=w)
-    return _unwrap(ctx.student).seg_loss(out, y, w)
+    return unwrap(ctx.student).seg_loss(out, y, w)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from uda_ray.config import Config
 from uda_ray.data.labels import NUM_CLASSES
 from uda_ray.losses import feature_distance
-from uda_ray.models import Segmenter
+from uda_ray.models import Segmenter, unwrap
 from uda_ray.train.context import StepContext
 
 
@@ -48,7 +48,7 @@ class FeatureDistanceTerm(nn.Module):
             return frozen(model.normalize(x))[-1]
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
-        model = getattr(ctx.student, "module", ctx.student)
+        model = unwrap(ctx.student)
         student = ctx.out_src.features[-1]  # (B, C, h, w), with gradients
         with ctx.autocast():
             imagenet = self.imagenet_features(model, model.context_input(ctx.x_src))
