@@ -132,6 +132,14 @@ def gaussian_blur(images: torch.Tensor, *, sigma_min: float, sigma_max: float, p
     return torch.where(chosen[:, None, None, None], x, images)
 
 
+def jitter_then_blur(images: torch.Tensor, *, strength: float, jitter_prob: float, blur_prob: float,
+                     blur_sigma: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """DACS's colour augmentation (the ClassMix image, MIC's masked image): ``color_jitter`` then ``gaussian_blur``,
+    drawn in that order from ``generator``."""
+    x = color_jitter(images, strength=strength, prob=jitter_prob, generator=generator)
+    return gaussian_blur(x, sigma_min=blur_sigma[0], sigma_max=blur_sigma[1], prob=blur_prob, generator=generator)
+
+
 def grayscale(images: torch.Tensor, *, prob: float, generator: torch.Generator) -> torch.Tensor:
     """BT.601 luma copied to the three channels, each image with probability ``prob``."""
     _check(images, "grayscale")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from uda_ray.adaptation import classmix_masks, mix
-from uda_ray.data.photometric import color_jitter, gaussian_blur
+from uda_ray.data.photometric import jitter_then_blur
 from uda_ray.models import ema_update, unwrap
 from uda_ray.train.context import StepContext, make_pseudo_fn
 from uda_ray.train.terms import Term
@@ -141,9 +141,8 @@ def _classmix_loss(ctx: StepContext, s: StepSettings, iteration: int) -> dict[st
     x = mix(mask, ctx.x_src, ctx.x_tgt)  # (B, 3, H, W)
     y = mix(mask, ctx.y_src, p.labels)  # (B, H, W)
     w = mix(mask, torch.ones_like(p.weights), p.weights)  # (B, H, W)
-    x = color_jitter(x, strength=s.jitter_strength, prob=s.jitter_prob, generator=ctx.generator)
-    x = gaussian_blur(x, sigma_min=s.blur_sigma[0], sigma_max=s.blur_sigma[1], prob=s.blur_prob,
-                      generator=ctx.generator)
+    x = jitter_then_blur(x, strength=s.jitter_strength, jitter_prob=s.jitter_prob, blur_prob=s.blur_prob,
+                         blur_sigma=s.blur_sigma, generator=ctx.generator)
     # the mixed pass's detail window (HRDA; other models ignore it): CLUDA's entropy-guided one after its iteration
     entropy = s.mix_entropy_crop_after > 0 and iteration > s.mix_entropy_crop_after
     with ctx.autocast():

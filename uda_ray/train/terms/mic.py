@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from uda_ray.adaptation import apply_mask, block_mask
 from uda_ray.config import Config
-from uda_ray.data.photometric import color_jitter, gaussian_blur
+from uda_ray.data.photometric import jitter_then_blur
 from uda_ray.models import Segmenter, unwrap
 from uda_ray.train.context import StepContext
 
@@ -36,9 +36,8 @@ class MICTerm(nn.Module):
 
     def masked_images(self, ctx: StepContext) -> Tensor:
         """The augmented, block-masked target batch (B, 3, H, W), from the run's generator."""
-        x = color_jitter(ctx.x_tgt, strength=self.jitter_strength, prob=self.jitter_prob, generator=ctx.generator)
-        x = gaussian_blur(x, sigma_min=self.blur_sigma[0], sigma_max=self.blur_sigma[1], prob=self.blur_prob,
-                          generator=ctx.generator)
+        x = jitter_then_blur(ctx.x_tgt, strength=self.jitter_strength, jitter_prob=self.jitter_prob,
+                             blur_prob=self.blur_prob, blur_sigma=self.blur_sigma, generator=ctx.generator)
         b, _, h, w = x.shape
         mask = block_mask(b, h, w, block_size=self.block_size, mask_ratio=self.mask_ratio, generator=ctx.generator,
                           device=x.device)  # (B, 1, H, W)
