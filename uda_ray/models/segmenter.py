@@ -259,11 +259,12 @@ class Segmenter(nn.Module):
         return groups
 
 
-def upsample(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear (align_corners False) resize of a (B, C, h, w) map to ``size``; the map itself when it matches."""
+def upsample(x: torch.Tensor, size: tuple[int, int] | torch.Size, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of a (B, C, h, w) map to ``size`` (align_corners False unless asked); the map itself when it
+    matches."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def _no_decay_parameter_ids(model: nn.Module) -> set[int]:

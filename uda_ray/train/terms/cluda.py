@@ -14,7 +14,6 @@ ignored, the explicit box mask instead of ``label != 0``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uda_ray.config import Config
@@ -22,12 +21,6 @@ from uda_ray.losses import multires_pixel_contrast, pixel_contrast
 from uda_ray.models import Segmenter, SegOutput
 from uda_ray.models.hrda import OUTPUT_STRIDE
 from uda_ray.train.context import StepContext, resize_labels, upsample
-
-
-def _bilinear(x: Tensor, size: tuple[int, int] | torch.Size, align_corners: bool) -> Tensor:
-    if not align_corners:
-        return upsample(x, size)
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class CludaTerm(nn.Module):
@@ -65,15 +58,15 @@ class CludaTerm(nn.Module):
             return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
         corners = self.official_resizing  # CLUDA: align_corners=True for the ×2 of the context map and the fm resizes
-        lr = flat(_bilinear(_bilinear(out.fused.float(), fine, corners), size, corners))  # (N, E)
-        hr = flat(_bilinear(hr.float(), size, corners))  # (N, E)
-        att = flat(_bilinear(upsample(d.weight.float(), fine), size, corners))[:, 0]  # (N,)
+        lr = flat(upsample(upsample(out.fused.float(), fine, corners), size, corners))  # (N, E)
+        hr = flat(upsample(hr.float(), size, corners))  # (N, E)
+        att = flat(upsample(upsample(d.weight.float(), fine), size, corners))[:, 0]  # (N,)
         y = resize_labels(labels, size).reshape(-1)  # (N,)
         inside = resize_labels(inside, size).reshape(-1)  # (N,)
         if weights is None:
             w = None
         elif corners:  # CLUDA resizes the pseudo weights bilinearly
-            w = _bilinear(weights[:, None].float(), size, True).reshape(-1)  # (N,)
+            w = upsample(weights[:, None].float(), size, True).reshape(-1)  # (N,)
         else:
             w = resize_labels(weights, size).reshape(-1)  # (N,)
         return multires_pixel_contrast(lr, hr, y, att=att, inside=inside, weights=w, temperature=self.temperature,
