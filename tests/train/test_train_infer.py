@@ -131,3 +131,5 @@ def test_errors_name_the_sizes():
         window_boxes(10, 14, (6, 6), (8, 8))
     with pytest.raises(ValueError, match=r"expected \(12, 7, h, w\)"):
         slide_logits(_net(), x, num_classes=7, crop=(6, 6), stride=(4, 4))
+    with pytest.raises(ValueError, match="must be divisible by output_stride 4"):
+        slide_logits(_net(), x, num_classes=K, crop=(6, 6), stride=(4, 4), output_stride=4)

@@ -38,7 +38,7 @@ from torch import Tensor
 from uda_ray.losses import cross_entropy
 from uda_ray.models.heads.daformer import DAFormerHead
 from uda_ray.models.segmenter import Segmenter, SegOutput, _no_decay_parameter_ids, upsample
-from uda_ray.train.infer import window_boxes
+from uda_ray.train.infer import slide_logits, window_boxes
 
 BOX_DIVISIBLE = 8  # HRDA's crop_coord_divisible: detail boxes start on multiples of 8 pixels
 OUTPUT_STRIDE = 4  # the decode head's logits are at 1/4 of its input
@@ -204,19 +204,11 @@ class HRDASegmenter(Segmenter):
     def _detail_slide(self, x: Tensor) -> Tensor:
         """Detail logits of windows of ``detail_crop`` every ``detail_stride`` (shrunk to the input when it is
         smaller), one batch of all windows, averaged over overlaps at 1/4 resolution: (B, K, H/4, W/4)."""
-        b, _, height, width = x.shape
+        height, width = x.shape[-2:]
         crop = (min(self.detail_crop, height), min(self.detail_crop, width))
         stride = (min(self.detail_stride, crop[0]), min(self.detail_stride, crop[1]))
-        boxes = window_boxes(height, width, crop, stride)
-        windows = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n·B, 3, h, w), window-major
-        _, logits, _ = self._pass(windows)  # (n·B, K, h/4, w/4)
-        s = OUTPUT_STRIDE
-        canvas = logits.new_zeros((b, logits.shape[1], height // s, width // s))
-        count = logits.new_zeros((1, 1, height // s, width // s))
-        for k, (y1, y2, x1, x2) in enumerate(boxes):
-            canvas[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += logits[k * b:(k + 1) * b]
-            count[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += 1
-        return canvas / count
+        return slide_logits(lambda windows: self._pass(windows)[1], x, num_classes=self.num_classes, crop=crop,
+                            stride=stride, output_stride=OUTPUT_STRIDE)
 
     # -------------------------------------------------------------------------------------------------- loss
     def seg_loss(self, out: SegOutput, labels: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:

@@ -66,28 +66,33 @@ def _cut(image: Tensor, box: tuple[int, int, int, int]) -> Tensor:
     return image[:, y1:y2, x1:x2]  # (C, h_crop, w_crop)
 
 
-def _window_logits(predict: Predict, windows: Tensor, num_classes: int) -> Tensor:
+def _window_logits(predict: Predict, windows: Tensor, num_classes: int, size: tuple[int, int]) -> Tensor:
     logits = predict(windows)  # (n, K, h', w')
     if logits.dim() != 4 or logits.shape[:2] != (windows.shape[0], num_classes):
         raise ValueError(f"predict returned logits of shape {tuple(logits.shape)} for {windows.shape[0]} windows, "
                          f"expected ({windows.shape[0]}, {num_classes}, h, w)")
-    return _resize(logits, windows.shape[-2:])  # (n, K, h_crop, w_crop)
+    return _resize(logits, size)  # (n, K, h_crop / s, w_crop / s)
 
 
 def slide_logits(predict: Predict, x: Tensor, *, num_classes: int, crop: tuple[int, int], stride: tuple[int, int],
-                 batch_windows: int = 0) -> Tensor:
-    """Logits of (B, 3, H, W) images averaged over overlapping windows: (B, K, H, W).
+                 batch_windows: int = 0, output_stride: int = 1) -> Tensor:
+    """Logits of (B, 3, H, W) images averaged over overlapping windows: (B, K, H / s, W / s), s = ``output_stride``.
 
     Every window of every image (``window_boxes``) goes through ``predict``, ``batch_windows`` of them per call
     (0: all at once; ordered window-major, images within a window, as HRDA's batched slide), its logits are
-    upsampled to the window, added to a canvas at the window's place and divided by ``overlap_counts``. The canvas
-    is in at least float32.
+    resized to the window's size / s, added to a canvas at the window's place and divided by the overlap counts.
+    s = 1 (evaluation) averages at the image's resolution; HRDA's detail windows average at the logits' (s = 4),
+    which needs the image, the crop and the stride divisible by s. The canvas is in at least float32.
     """
     if x.dim() != 4:
         raise ValueError(f"slide_logits: expected images (B, C, H, W), got {tuple(x.shape)}")
     if batch_windows < 0:
         raise ValueError(f"slide_logits: batch_windows={batch_windows}, expected 0 (all at once) or a positive size")
     b, _, height, width = x.shape
+    s = output_stride
+    if s < 1 or any(v % s for v in (height, width, *crop, *stride)):
+        raise ValueError(f"slide_logits: image {height}×{width}, crop {crop} and stride {stride} must be divisible by "
+                         f"output_stride {s}")
     boxes = window_boxes(height, width, crop, stride)
     jobs = [(k, i) for k in range(len(boxes)) for i in range(b)]  # (window, image) pairs
     step = batch_windows or len(jobs)
@@ -95,14 +100,15 @@ def slide_logits(predict: Predict, x: Tensor, *, num_classes: int, crop: tuple[i
     for start in range(0, len(jobs), step):
         part = jobs[start:start + step]
         windows = torch.stack([_cut(x[i], boxes[k]) for k, i in part])  # (n, C, h_crop, w_crop)
-        logits = _window_logits(predict, windows, num_classes)  # (n, K, h_crop, w_crop)
+        logits = _window_logits(predict, windows, num_classes, (crop[0] // s, crop[1] // s))  # (n, K, h_c/s, w_c/s)
         if canvas is None:
             dtype = torch.promote_types(logits.dtype, torch.float32)
-            canvas = torch.zeros(b, num_classes, height, width, dtype=dtype, device=logits.device)  # (B, K, H, W)
+            canvas = torch.zeros(b, num_classes, height // s, width // s, dtype=dtype, device=logits.device)
         for (k, i), window in zip(part, logits):
             y1, y2, x1, x2 = boxes[k]
-            canvas[i, :, y1:y2, x1:x2] += window
-    counts = overlap_counts(height, width, crop, stride).to(canvas.device, canvas.dtype)  # (H, W)
+            canvas[i, :, y1 // s:y2 // s, x1 // s:x2 // s] += window
+    # every box corner is a multiple of s: the counts at 1/s are the full-resolution counts sampled every s pixels
+    counts = overlap_counts(height, width, crop, stride)[::s, ::s].to(canvas.device, canvas.dtype)  # (H/s, W/s)
     return canvas / counts
 
 
