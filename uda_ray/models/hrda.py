@@ -82,6 +82,22 @@ def draw_box(height: int, width: int, crop: int, generator: torch.Generator | No
     return y1, y1 + crop, x1, x1 + crop
 
 
+def scale_box(box: tuple[int, int, int, int], factor: float) -> tuple[int, int, int, int]:
+    """A box in input pixels at another resolution (``factor`` 1/4: the detail logits' grid; ``context_scale`` / 4:
+    the context logits'); exact for HRDA's boxes, whose corners are multiples of 8."""
+    y1, y2, x1, x2 = (round(c * factor) for c in box)
+    return y1, y2, x1, x2
+
+
+def paste_boxes(values: Tensor, boxes: list[tuple[int, int, int, int]], size: tuple[int, int] | torch.Size
+                ) -> Tensor:
+    """(B, C, h, w) → (B, C, *size): image i's values at ``boxes[i]`` (in the canvas's coordinates), 0 elsewhere."""
+    canvas = values.new_zeros(values.shape[:2] + tuple(size))
+    for i, (y1, y2, x1, x2) in enumerate(boxes):
+        canvas[i, :, y1:y2, x1:x2] = values[i]
+    return canvas
+
+
 def cut_boxes(maps: Tensor, boxes: list[tuple[int, int, int, int]]) -> Tensor:
     """(B, …, H, W) → (B, …, h, w): image i cut to ``boxes[i]`` (boxes of one size)."""
     if len(set(boxes)) == 1:
@@ -165,14 +181,12 @@ class HRDASegmenter(Segmenter):
             else:
                 crops = torch.stack([x[i, :, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(boxes)])
             _, hr_logits, hr_fused = self._pass(crops)  # (B, K, crop/4, crop/4)
-            # the boxes at the context logits' resolution: input pixels × scale / 4 (integers: corners on 8s)
-            f, s = self.context_scale / OUTPUT_STRIDE, OUTPUT_STRIDE
-            mask = torch.zeros_like(att[:, :1])  # (B, 1, h_c, w_c)
-            hr = hr_logits.new_zeros(hr_logits.shape[:2] + out_size)  # (B, K, H/4, W/4)
-            for i, (y1, y2, x1, x2) in enumerate(boxes):
-                mask[i, :, round(y1 * f):round(y2 * f), round(x1 * f):round(x2 * f)] = 1
-                hr[i, :, y1 // s:y2 // s, x1 // s:x2 // s] = hr_logits[i]
-            att = att * mask
+            # the attention is kept inside the boxes at the context logits' resolution (input pixels × scale / 4)
+            f = self.context_scale / OUTPUT_STRIDE
+            side = round(self.detail_crop * f)
+            mask = paste_boxes(att.new_ones(b, 1, side, side), [scale_box(bx, f) for bx in boxes], att.shape[-2:])
+            hr = paste_boxes(hr_logits, [scale_box(bx, 1 / OUTPUT_STRIDE) for bx in boxes], out_size)  # (B, K, H/4, …)
+            att = att * mask  # (B, K|1, h_c, w_c)
             detail_out = DetailOutput(hr_logits, hr_fused, boxes, lr_logits, att, weight)
         else:
             hr = self._detail_slide(x)  # (B, K, H/4, W/4)
@@ -197,8 +211,9 @@ class HRDASegmenter(Segmenter):
         entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=1)  # (B, h_c, w_c)
         f = self.context_scale / OUTPUT_STRIDE
         windows = window_boxes(height, width, (self.detail_crop,) * 2, (self.detail_stride,) * 2)
-        scores = torch.stack([entropy[:, round(y1 * f):round(y2 * f), round(x1 * f):round(x2 * f)].mean(dim=(1, 2))
-                              for y1, y2, x1, x2 in windows], dim=1)  # (B, n_windows)
+        cells = [scale_box(w, f) for w in windows]
+        scores = torch.stack([entropy[:, y1:y2, x1:x2].mean(dim=(1, 2)) for y1, y2, x1, x2 in cells],
+                             dim=1)  # (B, n_windows)
         return [windows[int(k)] for k in scores.argmax(dim=1)]
 
     def _detail_slide(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from uda_ray.config import Config
 from uda_ray.losses import multires_pixel_contrast, pixel_contrast
 from uda_ray.models import Segmenter, SegOutput
-from uda_ray.models.hrda import OUTPUT_STRIDE
+from uda_ray.models.hrda import OUTPUT_STRIDE, paste_boxes, scale_box
 from uda_ray.train.context import StepContext, resize_labels, upsample
 
 
@@ -46,12 +46,9 @@ class CludaTerm(nn.Module):
             raise RuntimeError("loss.cluda.multires needs an HRDA training pass with the feature weighter "
                                "(model.hrda.enabled and loss.cluda.multires when the model is built)")
         fine = out.logits.shape[-2:]  # the detail logits' grid: input / 4
-        hr = d.fused.new_zeros(d.fused.shape[:2] + tuple(fine))  # (B, E, H/4, W/4)
-        inside = torch.zeros(labels.shape[0], *fine, dtype=torch.bool, device=labels.device)  # (B, H/4, W/4)
-        for i, box in enumerate(d.boxes):
-            y1, y2, x1, x2 = (c // OUTPUT_STRIDE for c in box)
-            hr[i, :, y1:y2, x1:x2] = d.fused[i]
-            inside[i, y1:y2, x1:x2] = True
+        boxes = [scale_box(box, 1 / OUTPUT_STRIDE) for box in d.boxes]
+        hr = paste_boxes(d.fused, boxes, fine)  # (B, E, H/4, W/4)
+        inside = paste_boxes(torch.ones_like(d.fused[:, :1]), boxes, fine)[:, 0] > 0  # (B, H/4, W/4)
         size = (self.fm_size, self.fm_size)
 
         def flat(x: Tensor) -> Tensor:  # (B, C, s, s) → (B·s·s, C), batch-major like the labels
