@@ -37,7 +37,7 @@ from torch import Tensor
 
 from uda_ray.losses import cross_entropy
 from uda_ray.models.heads.daformer import DAFormerHead
-from uda_ray.models.segmenter import Segmenter, SegOutput, _no_decay_parameter_ids, upsample
+from uda_ray.models.segmenter import Segmenter, SegOutput, upsample
 from uda_ray.train.infer import slide_logits, window_boxes
 
 BOX_DIVISIBLE = 8  # HRDA's crop_coord_divisible: detail boxes start on multiples of 8 pixels
@@ -247,21 +247,12 @@ class HRDASegmenter(Segmenter):
     # -------------------------------------------------------------------------------------------- parameters
     def head_modules(self) -> list[torch.nn.Module]:
         """The decode head, the scale-attention head (DAFormer: a ``decode_head`` part, lr × 10) and the projection
-        head; CLUDA's feature weighter has its own group (``param_groups``)."""
+        head; CLUDA's feature weighter has its own group (``param_parts``)."""
         return super().head_modules() + [self.scale_attention]
 
-    def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
-        """``Segmenter.param_groups`` plus ``weighter`` / ``weighter_no_decay`` for CLUDA's feature weighter at
-        lr × ``weighter_lr_mult``."""
-        groups = super().param_groups(lr, head_lr_mult, weight_decay)
-        if self.feature_weighter is None:
-            return groups
-        mult = self.weighter_lr_mult
-        no_decay = _no_decay_parameter_ids(self.feature_weighter)
-        params = [p for p in self.feature_weighter.parameters() if p.requires_grad]
-        for suffix, ps, wd in (("", [p for p in params if id(p) not in no_decay], weight_decay),
-                               ("_no_decay", [p for p in params if id(p) in no_decay], 0.0)):
-            if ps:
-                groups.append({"name": "weighter" + suffix, "params": ps, "lr": lr * mult, "lr_mult": mult,
-                               "weight_decay": wd})
-        return groups
+    def param_parts(self, head_lr_mult: float) -> list[tuple[str, list[torch.nn.Module], float]]:
+        """``Segmenter.param_parts`` plus ``weighter``: CLUDA's feature weighter at lr × ``weighter_lr_mult``."""
+        parts = super().param_parts(head_lr_mult)
+        if self.feature_weighter is not None:
+            parts.append(("weighter", [self.feature_weighter], self.weighter_lr_mult))
+        return parts

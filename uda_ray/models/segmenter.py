@@ -238,6 +238,10 @@ class Segmenter(nn.Module):
         for module in self.head_modules():
             yield from module.parameters()
 
+    def param_parts(self, head_lr_mult: float) -> list[tuple[str, list[nn.Module], float]]:
+        """(group name, modules, lr multiplier) of every part with its own learning rate."""
+        return [("backbone", [self.backbone], 1.0), ("head", self.head_modules(), head_lr_mult)]
+
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW/SGD parameter groups over every trainable parameter, each exactly once.
 
@@ -247,8 +251,7 @@ class Segmenter(nn.Module):
         """
         no_decay = _no_decay_parameter_ids(self)
         groups: list[dict[str, Any]] = []
-        parts = [("backbone", [self.backbone], 1.0), ("head", self.head_modules(), head_lr_mult)]
-        for name, modules, mult in parts:
+        for name, modules, mult in self.param_parts(head_lr_mult):
             params = [p for m in modules for p in m.parameters() if p.requires_grad]
             decay = [p for p in params if id(p) not in no_decay]
             plain = [p for p in params if id(p) in no_decay]
