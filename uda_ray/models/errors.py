@@ -22,6 +22,13 @@ def listing(items: Sequence[str], limit: int = 10, *, counted: bool = False) -> 
     return f"{len(items)}: {shown}" if counted else shown
 
 
+def shape_mismatches(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str = ""
+                     ) -> list[str]:
+    """``'<prefix><key>' (file shape) vs expected (model shape)`` for every key of both whose shapes differ."""
+    return [f"{prefix + k!r} {tuple(v.shape)} vs expected {tuple(expected[k].shape)}" for k, v in tensors.items()
+            if k in expected and v.shape != expected[k].shape]
+
+
 def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     """A flat ``{key: tensor}`` from ``path`` (also accepted: that mapping under a lone 'state_dict' or 'model' key),
     read with ``weights_only=True``; ``what`` names the file in errors (e.g. "SegFormer checkpoint")."""

@@ -32,7 +32,7 @@ from uda_ray.models.backbones.deeplabv2 import (
 )
 from uda_ray.models.backbones.mit import MIT_VARIANTS, build_mit, load_segformer_checkpoint
 from uda_ray.models.decoder import FusionDecoder, ProjectionHead
-from uda_ray.models.errors import CheckpointError, listing, read_state_dict
+from uda_ray.models.errors import CheckpointError, listing, read_state_dict, shape_mismatches
 from uda_ray.models.heads.daformer import DAFormerHead
 from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
 
@@ -354,8 +354,7 @@ def load_backbone_checkpoint(backbone: nn.Module, name: str, path: str) -> None:
     if twice:
         problems.append(f"keys given twice (features_only and full-model spelling): "
                         f"{listing([repr(k) for k in twice])}")
-    shapes = [f"{k!r} {tuple(v.shape)} vs expected {tuple(own[k].shape)}" for k, v in loaded.items()
-              if v.shape != own[k].shape]
+    shapes = shape_mismatches(loaded, own)
     if shapes:
         problems.append(f"shape mismatches: {listing(shapes)}")
     if problems:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from uda_ray.models.errors import CheckpointError, listing, read_state_dict
+from uda_ray.models.errors import CheckpointError, listing, read_state_dict, shape_mismatches
 
 if TYPE_CHECKING:
     from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
@@ -236,8 +236,7 @@ def load_deeplabv2_checkpoint(backbone: DeepLabV2ResNet, head: DeepLabV2Head | N
                      "ADVENT's train.py does")
 
     missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
-    shapes = [f"{k!r} {tuple(v.shape)} vs expected {tuple(own[k].shape)}" for k, v in loaded.items()
-              if v.shape != own[k].shape]
+    shapes = shape_mismatches(loaded, own)
     problems = []
     if unknown:
         problems.append(f"unexpected keys: {listing([repr(k) for k in unknown])}")
@@ -305,8 +304,7 @@ def _load_classifiers(classifiers: dict[str, tuple[str, dict[str, torch.Tensor]]
             notes.append(f"{path}: skipped classifier {name!r} {where}: it has {file_classes} classes, the head "
                          f"{head_classes}")
             continue
-        shapes = [f"'{name}.{k}' {tuple(v.shape)} vs expected {tuple(own[k].shape)}" for k, v in sub.items()
-                  if v.shape != own[k].shape]
+        shapes = shape_mismatches(sub, own, prefix=f"{name}.")
         if shapes:
             raise CheckpointError(f"DeepLabV2 checkpoint {path!r}: shape mismatches in classifier {name!r}: "
                                   f"{listing(shapes)}")

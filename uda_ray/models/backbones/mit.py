@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from uda_ray.models.errors import CheckpointError, listing, read_state_dict
+from uda_ray.models.errors import CheckpointError, listing, read_state_dict, shape_mismatches
 
 BLOCK_NORM_EPS = 1e-6  # official: norm_layer = partial(nn.LayerNorm, eps=1e-6) for block and stage norms
 STAGE_REDUCTIONS = (4, 8, 16, 32)
@@ -247,8 +247,7 @@ def load_segformer_checkpoint(model: MixTransformer, path: str) -> None:
     used = {k: v for k, v in state.items() if not k.startswith(IGNORED_CHECKPOINT_PREFIXES)}
     missing = [repr(k) for k in full if k not in used]
     unexpected = [repr(k) for k in used if k not in full]
-    shapes = [f"{k!r} {tuple(v.shape)} vs expected {tuple(full[k].shape)}" for k, v in used.items()
-              if k in full and v.shape != full[k].shape]
+    shapes = shape_mismatches(used, full)
     problems = []
     if missing:
         problems.append(f"missing keys ({listing(missing, counted=True)})")
