@@ -67,12 +67,13 @@ _RULES = [
 _KV = r"block(\d)\.(\d+)\.attn\.kv\.(.+)"
 
 
-def _hf_name(key: str) -> str:
-    for pattern, template in _RULES:
+def _renamed(key: str, rules: list[tuple[str, str]], stage_offset: int) -> str:
+    """``key`` by the first matching rule; the stage number (the first group) shifted by ``stage_offset``."""
+    for pattern, template in rules:
         m = re.fullmatch(pattern, key)
         if m:
-            return template.format(*m.groups(), s=int(m.group(1)) - 1)
-    raise KeyError(f"no HF counterpart for SegFormer key {key!r}")
+            return template.format(*m.groups(), s=int(m.group(1)) + stage_offset)
+    raise KeyError(f"no counterpart for key {key!r}")
 
 
 def segformer_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,7 +86,7 @@ def segformer_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"stages.{s}.blocks.{j}.attention.k_proj.{what}"] = k
             out[f"stages.{s}.blocks.{j}.attention.v_proj.{what}"] = v
         else:
-            out[_hf_name(key)] = tensor
+            out[_renamed(key, _RULES, -1)] = tensor
     return out
 
 
@@ -98,7 +99,7 @@ def hf_to_segformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             value = state[f"stages.{s}.blocks.{j}.attention.v_proj.{what}"]
             out[f"block{s + 1}.{j}.attn.kv.{what}"] = torch.cat([tensor, value], dim=0)
         elif ".attention.v_proj." not in key:
-            out[_segformer_name(key)] = tensor
+            out[_renamed(key, _INVERSE_RULES, 1)] = tensor
     return out
 
 
@@ -117,14 +118,6 @@ _INVERSE_RULES = [
     (r"stages\.(\d)\.layer_norm\.(.+)", "norm{s}.{1}"),
 ]
 _K_PROJ = r"stages\.(\d)\.blocks\.(\d+)\.attention\.k_proj\.(.+)"
-
-
-def _segformer_name(hf_key: str) -> str:
-    for pattern, template in _INVERSE_RULES:
-        m = re.fullmatch(pattern, hf_key)
-        if m:
-            return template.format(*m.groups(), s=int(m.group(1)) + 1)
-    raise KeyError(f"no SegFormer counterpart for HF key {hf_key!r}")
 
 
 def perturb_(model: nn.Module) -> None:
