@@ -516,8 +516,6 @@ def _check_hrda(cfg: Config, source: str) -> None:
                           "chooses HRDA's detail window: set model.hrda.enabled = true (or 0 = off)")
     if not h.enabled:
         return
-    if h.detail_crop % 8:
-        raise ConfigError(f"{source}: key 'model.hrda.detail_crop' = {h.detail_crop}: expected a multiple of 8")
     crops = {"data.crop": d.crop, "data.target_crop": d.target_crop if d.target_crop[0] else d.crop}
     for key, crop in crops.items():
         if h.detail_crop > min(crop):
@@ -525,12 +523,13 @@ def _check_hrda(cfg: Config, source: str) -> None:
                               f"{list(crop)}: the detail window must fit inside the training crop")
         if crop[0] % 8 or crop[1] % 8:
             raise ConfigError(f"{source}: key '{key}' = {list(crop)}: HRDA needs sides divisible by 8")
-    if h.detail_window_stride % 8 or h.detail_window_stride > h.detail_crop:
-        raise ConfigError(f"{source}: key 'model.hrda.detail_window_stride' = {h.detail_window_stride}: expected a "
-                          f"multiple of 8 of at most model.hrda.detail_crop = {h.detail_crop}")
-    if cfg.model.decoder == "deeplabv2":
-        raise ConfigError(f"{source}: key 'model.hrda.enabled' = true needs a multi-level decode head: "
-                          "model.decoder = 'daformer' (HRDA) or 'mlp', not 'deeplabv2'")
+    from uda_ray.models.hrda import check_hrda_settings  # torch: imported only when a config is checked
+
+    try:
+        check_hrda_settings(cfg.model.decoder, detail_crop=h.detail_crop, detail_stride=h.detail_window_stride,
+                            context_scale=h.context_scale, detail_loss_weight=h.detail_loss_weight)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     size, key = (cfg.eval.crop, "eval.crop") if cfg.eval.mode == "slide" else (d.val_resize, "data.val_resize")
     if size[0] % 8 or size[1] % 8:
         raise ConfigError(f"{source}: key '{key}' = {list(size)}: HRDA's inference needs sides divisible by 8")

@@ -148,7 +148,7 @@ def test_feature_weighter_gives_one_weight_per_context_pixel() -> None:
 @pytest.mark.parametrize("kw, match", [
     (dict(decoder="deeplabv2"), "multi-level decode head"),
     (dict(detail_crop=30), "multiple of 8"),
-    (dict(detail_stride=40), "detail_stride"),
+    (dict(detail_stride=40), "detail_window_stride"),
     (dict(context_scale=0.25), "context_scale"),
     (dict(detail_loss_weight=1.0), "detail_loss_weight"),
 ])

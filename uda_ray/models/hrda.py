@@ -106,6 +106,25 @@ def cut_boxes(maps: Tensor, boxes: list[tuple[int, int, int, int]]) -> Tensor:
     return torch.stack([maps[i, ..., y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(boxes)])
 
 
+def check_hrda_settings(decoder: str, *, detail_crop: int, detail_stride: int, context_scale: float = 0.5,
+                        detail_loss_weight: float = 0.1) -> None:
+    """The checks of HRDA's settings that need no weights, by their config keys: run when a config is loaded and when
+    the model is built."""
+    if decoder == "deeplabv2":
+        raise ValueError("key 'model.hrda.enabled' = true needs a multi-level decode head: model.decoder = "
+                         "'daformer' (HRDA) or 'mlp', not 'deeplabv2' (the scale attention reads every backbone level)")
+    if context_scale not in CONTEXT_SCALES:
+        raise ValueError(f"key 'model.hrda.context_scale' = {context_scale}: expected one of {CONTEXT_SCALES}")
+    if detail_crop % BOX_DIVISIBLE or detail_crop < BOX_DIVISIBLE:
+        raise ValueError(f"key 'model.hrda.detail_crop' = {detail_crop}: expected a multiple of {BOX_DIVISIBLE} "
+                         f"(at least {BOX_DIVISIBLE})")
+    if detail_stride % BOX_DIVISIBLE or not 0 < detail_stride <= detail_crop:
+        raise ValueError(f"key 'model.hrda.detail_window_stride' = {detail_stride}: expected a multiple of "
+                         f"{BOX_DIVISIBLE} of at most model.hrda.detail_crop = {detail_crop}")
+    if not 0.0 <= detail_loss_weight < 1.0:
+        raise ValueError(f"key 'model.hrda.detail_loss_weight' = {detail_loss_weight}: expected 0 <= w < 1")
+
+
 class HRDASegmenter(Segmenter):
     """A ``Segmenter`` (backbone, decode head, projection head) run as HRDA's context and detail passes."""
 
@@ -113,23 +132,13 @@ class HRDASegmenter(Segmenter):
                  detail_stride: int = 256, attention_classwise: bool = True, detail_loss_weight: float = 0.1,
                  feature_weighter: bool = False, weighter_lr_mult: float = 10.0, fuse_upsampled: bool = False,
                  **kwargs: Any):
+        check_hrda_settings(kwargs.get("decoder", "mlp"), detail_crop=detail_crop, detail_stride=detail_stride,
+                            context_scale=context_scale, detail_loss_weight=detail_loss_weight)
         super().__init__(backbone, num_classes, **kwargs)
-        if self.decoder_name == "deeplabv2":
-            raise ValueError("HRDA (model.hrda.enabled) needs a multi-level decode head (model.decoder: daformer or "
-                             "mlp); its scale attention reads every backbone level, DeepLabV2's head only layer4")
         if self.feature_reductions[0] != OUTPUT_STRIDE:
             raise ValueError(f"HRDA needs the decode head's logits at 1/{OUTPUT_STRIDE} of the input: the finest "
                              f"backbone level of {backbone!r} has stride {self.feature_reductions[0]} "
                              "(model.out_indices)")
-        if context_scale not in CONTEXT_SCALES:
-            raise ValueError(f"HRDA: context_scale = {context_scale}: expected one of {CONTEXT_SCALES}")
-        if detail_crop % BOX_DIVISIBLE or detail_crop < BOX_DIVISIBLE:
-            raise ValueError(f"HRDA: detail_crop = {detail_crop}: expected a positive multiple of {BOX_DIVISIBLE}")
-        if not 0 < detail_stride <= detail_crop or detail_stride % BOX_DIVISIBLE:
-            raise ValueError(f"HRDA: detail_stride = {detail_stride}: expected a multiple of {BOX_DIVISIBLE} in "
-                             f"(0, detail_crop = {detail_crop}]")
-        if not 0.0 <= detail_loss_weight < 1.0:
-            raise ValueError(f"HRDA: detail_loss_weight = {detail_loss_weight}: expected 0 <= w < 1")
         self.context_scale, self.detail_crop, self.detail_stride = context_scale, detail_crop, detail_stride
         self.detail_loss_weight = detail_loss_weight
         # HRDA's attention_embed_dim (256) = the decode head's fused width (model.fuse_channels or embed_dim)
