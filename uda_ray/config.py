@@ -491,15 +491,10 @@ def _check_cross(cfg: Config, source: str) -> None:
 
     m = cfg.model
     try:
-        check_model_names(m.backbone, m.decoder, m.input_norm, m.pretrained)
+        check_model_names(m.backbone, m.decoder, m.input_norm, m.pretrained, aux_weight=m.aux_weight,
+                          fuse_channels=m.fuse_channels)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
-    if m.fuse_channels and m.decoder != "daformer":
-        raise ConfigError(f"{source}: key 'model.fuse_channels' = {m.fuse_channels} applies to model.decoder = "
-                          f"'daformer' only, not {m.decoder!r}")
-    if m.aux_weight > 0 and m.decoder != "deeplabv2":
-        raise ConfigError(f"{source}: key 'model.aux_weight' = {m.aux_weight}: the auxiliary classifier exists only "
-                          f"for model.decoder = 'deeplabv2', not {m.decoder!r}")
     for side in ("source", "target"):
         if getattr(d, side) != "synthetic" and not getattr(d, f"{side}_root"):
             raise ConfigError(f"{source}: key 'data.{side}_root' is empty but 'data.{side}' = "

@@ -87,8 +87,10 @@ def backbone_family(name: str) -> str:
                      f"{', '.join(DEEPLABV2_BACKBONES)} or a timm model name (timm.list_models())")
 
 
-def check_model_names(backbone: str, decoder: str, input_norm: str = "imagenet", pretrained: bool = False) -> None:
-    """The checks of ``Segmenter``'s names that need no weights: run when a config is loaded, before any training."""
+def check_model_names(backbone: str, decoder: str, input_norm: str = "imagenet", pretrained: bool = False, *,
+                      aux_weight: float = 0.0, fuse_channels: int = 0) -> None:
+    """The checks of ``Segmenter``'s names and head options that need no weights: run when a config is loaded, before
+    any training, and when the model is built."""
     family = backbone_family(backbone)
     if decoder not in DECODERS:
         raise ValueError(f"model.decoder = {decoder!r}: expected one of {', '.join(DECODERS)}")
@@ -100,6 +102,14 @@ def check_model_names(backbone: str, decoder: str, input_norm: str = "imagenet",
     if input_norm == "caffe" and pretrained:
         raise ValueError(f"model.input_norm = 'caffe' with model.pretrained = true: timm's ImageNet weights for "
                          f"{backbone!r} expect ImageNet-normalised RGB input (input_norm: imagenet)")
+    if fuse_channels and decoder != "daformer":
+        raise ValueError(f"key 'model.fuse_channels' = {fuse_channels} applies to model.decoder = 'daformer' only, "
+                         f"not {decoder!r}")
+    if aux_weight < 0:
+        raise ValueError(f"key 'model.aux_weight' = {aux_weight}: expected >= 0")
+    if aux_weight > 0 and decoder != "deeplabv2":
+        raise ValueError(f"key 'model.aux_weight' = {aux_weight}: the auxiliary classifier exists only for "
+                         f"model.decoder = 'deeplabv2', not {decoder!r}")
 
 
 class Segmenter(nn.Module):
@@ -122,20 +132,11 @@ class Segmenter(nn.Module):
                              "both set: choose timm's weights or the local file, not both")
         if proj_dim < 0:
             raise ValueError(f"Segmenter({backbone!r}): proj_dim = {proj_dim}: expected >= 0 (0 = no projection head)")
-        check_model_names(backbone, decoder, input_norm, pretrained)
+        check_model_names(backbone, decoder, input_norm, pretrained, aux_weight=aux_weight, fuse_channels=fuse_channels)
         family = backbone_family(backbone)
         if pretrained and family != "timm":
             raise ValueError(f"model.pretrained = true: {backbone!r} has no timm weights: set model.pretrained_path "
                              "to its checkpoint file")
-        if fuse_channels and decoder != "daformer":
-            raise ValueError(f"Segmenter({backbone!r}): fuse_channels = {fuse_channels} applies to model.decoder = "
-                             f"'daformer' only, not {decoder!r}")
-        if aux_weight < 0:
-            raise ValueError(f"Segmenter({backbone!r}): aux_weight = {aux_weight}: expected >= 0")
-        aux = aux_weight > 0
-        if aux and decoder != "deeplabv2":
-            raise ValueError(f"Segmenter({backbone!r}): an auxiliary classifier (model.aux_weight > 0) exists only "
-                             f"for model.decoder = 'deeplabv2', not {decoder!r}")
         self.backbone_name, self.decoder_name, self.input_norm = backbone, decoder, input_norm
         if family == "mit":
             self.backbone: nn.Module = build_mit(backbone, drop_path_rate=drop_path_rate,
@@ -163,7 +164,7 @@ class Segmenter(nn.Module):
                                                    channels=fuse_channels or embed_dim,
                                                    dropout=dropout, fusion="aspp", norm=decoder_norm)
         elif decoder == "deeplabv2":
-            self.decoder = DeepLabV2Head(self.feature_channels, num_classes, aux=aux)
+            self.decoder = DeepLabV2Head(self.feature_channels, num_classes, aux=aux_weight > 0)
         else:
             self.decoder = FusionDecoder(self.feature_channels, num_classes, embed_dim=embed_dim, dropout=dropout,
                                          norm=decoder_norm)
