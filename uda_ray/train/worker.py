@@ -23,7 +23,6 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import ray.tune
-from ray.train import Checkpoint
 from ray.train.torch import TorchTrainer
 
 from uda_ray.config import Config, ConfigError, from_dict, to_dict
@@ -86,21 +85,24 @@ def _image_sink(images_uri: str | None) -> Callable[[str, bytes], None] | None:
     return lambda name, png: write_bytes(png, join(images_uri, name))
 
 
-def _run_fit(cfg: Config, checkpoint: Checkpoint | None, device: Any,
-             report: Callable[[dict[str, float], Checkpoint | None], None], images_uri: str | None) -> FitResult:
+def _run_fit(cfg: Config, checkpoint: ray.train.Checkpoint | None, device: Any,
+             report: Callable[[dict[str, float], Path | None], None], images_uri: str | None) -> FitResult:
+    """``fit`` in a temporary work folder; ``report(metrics, checkpoint folder or None)`` wraps the folder in the
+    ``Checkpoint`` class its receiver expects (``ray.tune.Checkpoint`` for ``ray.tune.report`` in a Tune function
+    trainable, ``ray.train.Checkpoint`` for ``ray.train.report`` in a Train worker: Ray 2.5x warns on the other)."""
     with tempfile.TemporaryDirectory(prefix="uda-ray-") as work:
-
-        def reporter(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
-            report(metrics, Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None)
-
         images = _image_sink(images_uri)
         if checkpoint is None:
-            return fit(cfg, work_dir=work, report=reporter, device=device, images=images)
+            return fit(cfg, work_dir=work, report=report, device=device, images=images)
         with checkpoint.as_directory() as resume_dir:
             local = Path(work) / "resume"
             # copy out of the (possibly temporary) download folder before training writes new checkpoints
             shutil.copytree(resume_dir, local)
-        return fit(cfg, work_dir=work, report=reporter, resume_from=local, device=device, images=images)
+        return fit(cfg, work_dir=work, report=report, resume_from=local, device=device, images=images)
+
+
+def _checkpoint(cls: type[ray.train.Checkpoint], folder: Path | None) -> ray.train.Checkpoint | None:
+    return cls.from_directory(str(folder)) if folder is not None else None
 
 
 def _raise_if_diverged(result: FitResult) -> None:
@@ -114,8 +116,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     rank = ray.train.get_context().get_world_rank()
 
-    def report(metrics: dict[str, float], checkpoint: Checkpoint | None) -> None:
-        ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
+    def report(metrics: dict[str, float], folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=_checkpoint(ray.train.Checkpoint, folder) if rank == 0 else None)
 
     _raise_if_diverged(_run_fit(cfg, ray.train.get_checkpoint(), device, report, loop_config.get("images_uri")))
 
@@ -125,7 +127,8 @@ def run_in_process(cfg: Config, *, images_uri: str | None = None) -> FitResult:
     from uda_ray.train.loop import resolve_device
 
     result = _run_fit(cfg, ray.tune.get_checkpoint(), resolve_device(cfg.run.device),
-                      lambda m, c: ray.tune.report(m, checkpoint=c), images_uri)
+                      lambda m, folder: ray.tune.report(m, checkpoint=_checkpoint(ray.tune.Checkpoint, folder)),
+                      images_uri)
     _raise_if_diverged(result)
     return result
 
