@@ -3,11 +3,15 @@
 A driver that is killed with SIGKILL cannot shut its local Ray down: its GCS dies with it, so ``ray status`` sees
 nothing, but agents and workers of that session (``DashboardAgent``, ``RuntimeEnvAgent``, idle workers) can live
 on, holding memory and ports. So every local session uda-ray starts is recorded in
-``~/.cache/uda-ray/local-ray/<driver pid>.json`` (the session's folder, e.g. ``/tmp/ray/session_…``) and the record
-is removed when the driver exits normally. Before the next local Ray starts, ``end_leftovers`` looks at every
-record whose driver is gone, ends the processes of that session (those whose command line names the session, or
-that hold a file open inside its folder): SIGTERM, then SIGKILL after a grace period, and reports what it ended.
-Sessions of drivers that are still alive, and Ray sessions uda-ray did not start, are never touched.
+``~/.cache/uda-ray/local-ray/<host>-<driver pid>.json`` (the host name, the driver's pid and start time, the
+session's folder, e.g. ``/tmp/ray/session_…``) and the record is removed when the driver exits normally. Before the
+next local Ray starts, ``end_leftovers`` looks at every record of *this host* whose driver is gone, ends the
+processes of that session (those whose command line names the session, or that hold a file open inside its
+folder): SIGTERM, then SIGKILL after a grace period, and reports what it ended. Records are keyed by host because a
+home folder shared over NFS holds the records of several machines: a pid on one machine says nothing about a
+process on another, so records of other hosts (and records without a host, written by uda-ray before it kept one)
+are never judged. Sessions of drivers that are still alive, and Ray sessions uda-ray did not start, are never
+touched.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import atexit
 import contextlib
 import json
 import os
+import re
+import socket
 from pathlib import Path
 
 import psutil
@@ -28,13 +34,19 @@ def _records_dir() -> Path:
     return Path(os.environ.get("UDA_RAY_LOCAL_RAY_RECORDS", str(RECORDS))).expanduser()
 
 
+def host_name() -> str:
+    """This machine's name as records carry it (``socket.gethostname()``)."""
+    return socket.gethostname()
+
+
 def record_session(session_dir: str) -> Path:
     """Note that this process started the local Ray session in ``session_dir`` (removed again at normal exit)."""
     folder = _records_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    path = folder / f"{pid}.json"
-    path.write_text(json.dumps({"driver_pid": pid, "session_dir": session_dir,
+    pid, host = os.getpid(), host_name()
+    # the host in the file name too: two machines sharing the folder may run drivers with the same pid
+    path = folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', host)}-{pid}.json"
+    path.write_text(json.dumps({"host": host, "driver_pid": pid, "session_dir": session_dir,
                                 "driver_create_time": psutil.Process(pid).create_time()}))
     atexit.register(lambda: path.unlink(missing_ok=True))
     return path
@@ -76,18 +88,18 @@ def _describe(proc: psutil.Process) -> str:
 
 
 def end_leftovers() -> list[str]:
-    """End the processes of local sessions whose uda-ray driver is gone; one line per session that had any."""
+    """End the processes of this host's local sessions whose uda-ray driver is gone; one line per session that had
+    any. Records of other hosts are left alone."""
     folder = _records_dir()
     if not folder.is_dir():
         return []
-    said = []
+    said, host = [], host_name()
     for path in sorted(folder.glob("*.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
-            path.unlink(missing_ok=True)
-            continue
-        if _driver_alive(record):
+            continue  # unreadable, e.g. being written on another host: not ours to judge
+        if not isinstance(record, dict) or record.get("host") != host or _driver_alive(record):
             continue
         procs = session_processes(record.get("session_dir", ""))
         names = [_describe(p) for p in procs]
