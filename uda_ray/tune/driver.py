@@ -38,6 +38,7 @@ from uda_ray.results.store import (
 )
 from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_trainer
 from uda_ray.tune.callback import NON_RETRYABLE_KEY, ResultsCallback, TrialInfo
+from uda_ray.tune.cluster import ClusterAuthError, auth_message, describe_cluster, is_auth_failure, joining_address
 from uda_ray.tune.local_ray import end_leftovers, record_session
 from uda_ray.tune.spec_yaml import objectives
 
@@ -131,9 +132,11 @@ def launch_overrides(exp: Experiment, overrides: list[str] | None, resume: bool)
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` (a running cluster, or "auto"), or start a local Ray (the embedded default); before a
-    local Ray starts, the leftovers of earlier local sessions whose driver was killed are ended
-    (``uda_ray.tune.local_ray``)."""
+    """Connect to ``address`` (a running cluster, or "auto"; ``$RAY_ADDRESS`` when None and set), or start a local Ray
+    (the embedded default); before a local Ray starts, the leftovers of earlier local sessions whose driver was
+    killed are ended (``uda_ray.tune.local_ray``). Says which cluster it joined or started (address, nodes, CPUs,
+    GPUs); a cluster that refuses the authentication token raises ``ClusterAuthError`` saying what to set
+    (``uda_ray.tune.cluster``)."""
     # Results without the search metric (train-loss reports between evaluations) are expected
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # A stopped trial whose process does not exit within this many seconds is killed, which takes its Train
@@ -145,13 +148,21 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
-    if address is None:
+    joining = joining_address(address)  # --address, else $RAY_ADDRESS: a cluster that is not ours to record
+    if joining is None:
         for line in end_leftovers():
             print(f"[uda-ray] {line}", flush=True)
-    ray.init(address=address, log_to_driver=True,
-             runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}})
-    if address is None:
+    try:
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}})
+    except Exception as e:
+        if joining is not None and is_auth_failure(e):
+            raise ClusterAuthError(auth_message(joining)) from None
+        raise
+    if joining is None:
         record_session(ray._private.worker.global_worker.node.get_session_dir_path())
+    print("[uda-ray] " + describe_cluster(ray.get_runtime_context().gcs_address, ray.nodes(), ray.cluster_resources(),
+                                          joined=joining is not None), flush=True)
 
 
 class _Interruption(logging.Filter):
