@@ -94,6 +94,10 @@ class DataConfig:
                                                           "crop, whose pseudo-labels get weight 0 (HRDA/MIC's "
                                                           "crop_pseudo_margins [30, 240, 30, 30]); teacher.ignore_top "
                                                           "and ignore_bottom count on the crop instead (DAFormer)")
+    target_pseudo_labels: str = _f("", doc="a folder of offline target labels (a pseudo_labels stage's output: "
+                                   "labels/<image path relative to data.target_root>.png, train ids, 255 = ignore) "
+                                   "that replace the target train split's labels, for loss.self_training; a chain "
+                                   "sets it from a stage's target_labels input")
     rcs: RareClassConfig = _sub(RareClassConfig)
     synthetic: SyntheticConfig = _sub(SyntheticConfig)
 
@@ -254,6 +258,20 @@ class FeatureDistanceConfig:
 
 
 @dataclass(frozen=True)
+class LovaszConfig:
+    weight: float = _f(0.0, ge=0.0, doc="Lovász-softmax on the source logits (upsampled with align_corners=True, as "
+                       "SDCA), beside the source CE (SDCA's source-only and SDCA stages: 0.75); 0 removes it")
+
+
+@dataclass(frozen=True)
+class SelfTrainingConfig:
+    """Supervised training on offline target labels (SDCA's last stage: ``data.target_pseudo_labels``)."""
+
+    weight: float = _f(0.0, ge=0.0, doc="the model's supervised loss on the target images against "
+                       "data.target_pseudo_labels; 0 removes it")
+
+
+@dataclass(frozen=True)
 class LossConfig:
     source_weight: float = _f(1.0, ge=0.0)
     mix_weight: float = _f(1.0, ge=0.0, doc="weighted CE on the mixed image; 0 = source-only")
@@ -264,6 +282,8 @@ class LossConfig:
     cross_view: CrossViewConfig = _sub(CrossViewConfig)
     fd: FeatureDistanceConfig = _sub(FeatureDistanceConfig)
     mic: MICConfig = _sub(MICConfig)
+    lovasz: LovaszConfig = _sub(LovaszConfig)
+    self_training: SelfTrainingConfig = _sub(SelfTrainingConfig)
 
 
 @dataclass(frozen=True)
@@ -472,6 +492,10 @@ def _check_cross(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: key 'data.target_crop' = {list(d.target_crop)} differs from 'data.crop' = "
                               f"{list(d.crop)}, but {', '.join(on)} mixes source and target pixels, which needs "
                               "one size: set the crops equal or switch the mixing off")
+    if (cfg.loss.self_training.weight > 0) != bool(d.target_pseudo_labels):
+        raise ConfigError(f"{source}: key 'loss.self_training.weight' = {cfg.loss.self_training.weight} and "
+                          f"'data.target_pseudo_labels' = {d.target_pseudo_labels!r}: self-training needs both (the "
+                          "offline labels and a weight > 0), or neither")
     if cfg.loss.entropy.aux_weight > 0 and cfg.model.aux_weight == 0:
         raise ConfigError(f"{source}: key 'loss.entropy.aux_weight' = {cfg.loss.entropy.aux_weight} needs the "
                           "auxiliary classifier: set model.aux_weight > 0 (model.decoder: deeplabv2)")

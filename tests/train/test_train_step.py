@@ -27,6 +27,7 @@ TERM_ON = {
     "fd": ({"loss.fd.weight": 0.005, "loss.fd.classes": list(range(19)), "loss.fd.scale_min_ratio": 0.1},
            ["train/loss_fd"]),
     "mic": ({"loss.mic.weight": 1.0, "loss.mic.block_size": 8}, ["train/loss_mic"]),
+    "lovasz": ({"loss.lovasz.weight": 0.75}, ["train/loss_lovasz"]),
 }
 
 TINY = {"model.backbone": "resnet18", "model.embed_dim": 8, "model.dropout": 0.0, "optim.lr": 1e-3,

@@ -22,8 +22,10 @@ from uda_ray.train.terms.cluda import build_cluda
 from uda_ray.train.terms.cross_view import build_cross_view
 from uda_ray.train.terms.entropy import build_entropy
 from uda_ray.train.terms.feature_distance import build_feature_distance
+from uda_ray.train.terms.lovasz import build_lovasz
 from uda_ray.train.terms.mic import build_mic
 from uda_ray.train.terms.sdca import build_sdca
+from uda_ray.train.terms.self_training import build_self_training
 from uda_ray.train.terms.target_mix import build_target_mix
 
 
@@ -46,6 +48,8 @@ TERMS: dict[str, TermBuilder] = {
     "cross_view": build_cross_view,
     "target_mix": build_target_mix,
     "mic": build_mic,
+    "lovasz": build_lovasz,
+    "self_training": build_self_training,
 }
 
 
