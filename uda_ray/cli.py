@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="one training run on this machine (no search)")
     t.add_argument("config", help="run config YAML, e.g. search_spaces/base/synthetic.yaml")
-    t.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. loss.cluda.weight=1.0")
+    t.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. loss.cluda.weight=1.0 (anywhere on "
+                                                "the line, also after the options)")
     t.add_argument("--name", help="run folder name (default: <config stem>-<time>)")
     t.add_argument("--output-dir", help="parent folder of the run (default: run.output_dir)")
     t.add_argument("--resume", action="store_true", help="continue the named run from its newest checkpoint")
@@ -159,12 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val", choices=("val", "train"))
     e.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
     e.add_argument("--save-images", metavar="DIR", help="also write the coloured prediction of every image to DIR")
-    e.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config (e.g. data paths)")
+    e.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config (e.g. data paths), "
+                                                "anywhere on the line")
     e.set_defaults(func=_cmd_evaluate)
 
     u = sub.add_parser("tune", help="hyper-parameter search from a search-space YAML on Ray Tune + Optuna")
     u.add_argument("space", help="search-space YAML, e.g. search_spaces/demo.yaml")
-    u.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. data.source_root=/data/gta")
+    u.add_argument("overrides", nargs="*", help="dotted overrides anywhere on the line: of the base config "
+                                                "(data.source_root=/data/gta, run.iterations=100) or of the space's "
+                                                "own keys (num_samples=4, scheduler.max_t=100, max_concurrent=1, "
+                                                "resources.workers=0)")
     _ray_args(u)
     u.add_argument("--num-samples", type=int, help="override the YAML's num_samples")
     u.set_defaults(func=_cmd_tune)
@@ -179,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ablate", help="ablation study: components on/off x paired seeds as a Tune grid")
     a.add_argument("spec", help="ablation YAML, e.g. search_spaces/ablations/components.yaml")
-    a.add_argument("overrides", nargs="*", help="dotted overrides of the base config of every cell")
+    a.add_argument("overrides", nargs="*", help="dotted overrides anywhere on the line: of the base config of every "
+                                                "cell (run.iterations=100) or of the spec's own keys ('seeds=[0, 1]', "
+                                                "max_concurrent=1)")
     _ray_args(a)
     a.set_defaults(func=_cmd_ablate)
 
@@ -207,8 +215,27 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted experiment (--name, or the newest one of this YAML)")
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; ``key=value`` overrides may stand anywhere on it, also after options (argparse
+    alone takes positionals only before the first option): whatever argparse leaves over that looks like an
+    override is appended to the command's overrides, in order, and anything else is an error as usual."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not OVERRIDE.match(a)]
+    if extra and not hasattr(args, "overrides"):
+        unknown = extra  # this command takes no overrides
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -33,7 +33,7 @@ from uda_ray.tune.driver import (
     storage_root,
 )
 from uda_ray.tune.search import scaling_of
-from uda_ray.tune.spec_yaml import own_overrides
+from uda_ray.tune.spec_yaml import naming_spec_overrides, own_overrides
 
 SPEC_COPY = "ablation.yaml"
 
@@ -92,13 +92,14 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
                  name: str | None = None, resume: bool = False, overrides: list[str] | None = None
                  ) -> AblationOutcome:
     """Run (or with ``resume`` continue) the ablation of ``spec_path``; returns where it went and its summary.
-    ``overrides`` (``key=value``) change the base config of every cell (a resume keeps the launch's)."""
+    ``overrides`` (``key=value``) change the base config of every cell, or the spec's own settings (``'seeds=[0]'``,
+    ``max_concurrent=1``; ``uda_ray.tune.spec_yaml.read_header``); a resume keeps the launch's."""
     spec_path = Path(spec_path)
-    spec = load_ablation(spec_path, overrides)  # raises SpaceError before Ray starts
+    spec = naming_spec_overrides(lambda: load_ablation(spec_path, overrides), overrides)  # before Ray starts
     exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
     launched = launch_overrides(exp, overrides, resume)
     if launched != list(overrides or []):
-        spec = load_ablation(spec_path, launched)
+        spec = naming_spec_overrides(lambda: load_ablation(spec_path, launched), launched)
     entries = grid(spec)
     # every run config is built (and validated) here, so trials never read the YAML files on cluster nodes
     configs: dict[tuple[str, int], Config] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}

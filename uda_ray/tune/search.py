@@ -35,7 +35,7 @@ from uda_ray.tune.space import (
     trial_config,
     trial_overrides,
 )
-from uda_ray.tune.spec_yaml import base_config, objectives, own_overrides
+from uda_ray.tune.spec_yaml import base_config, naming_spec_overrides, objectives, own_overrides
 
 STUDY_FILE = "optuna.db"
 
@@ -78,12 +78,14 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
                name: str | None = None, resume: bool = False, num_samples: int | None = None,
                overrides: list[str] | None = None) -> SearchOutcome:
     """Run (or with ``resume`` continue) the search of ``space_path``; ``overrides`` (``key=value``) change its base
-    config, as ``uda-ray train`` does (a resumed search keeps the overrides it was launched with)."""
-    spec: SearchSpec = load_space(space_path, overrides)  # validated before Ray starts
+    config, as ``uda-ray train`` does, or the space's own settings (``num_samples=4``, ``scheduler.max_t=100``;
+    ``uda_ray.tune.spec_yaml.read_header``). A resumed search keeps the overrides it was launched with."""
+    # validated before Ray starts
+    spec: SearchSpec = naming_spec_overrides(lambda: load_space(space_path, overrides), overrides)
     exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
     launched = launch_overrides(exp, overrides, resume)
     if launched != list(overrides or []):
-        spec = load_space(space_path, launched)
+        spec = naming_spec_overrides(lambda: load_space(space_path, launched), launched)
     if num_samples is not None:
         if num_samples < 1:
             raise ValueError(f"--num-samples {num_samples}: expected at least 1")

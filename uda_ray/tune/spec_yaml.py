@@ -4,16 +4,20 @@ key, the ``experiment``/``base``/``metric``/``mode``/``resources`` entries, and 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
-from uda_ray.config import Config, ConfigError, apply_overrides, load_config, parse_override
+from uda_ray.config import Config, ConfigError
+from uda_ray.stages.chain import Run, apply_run_overrides, final_config, load_run, parse_run_override
 
 
 class SpaceError(ValueError):
@@ -24,6 +28,7 @@ MODES = ("max", "min")
 METRIC_PATTERN = re.compile(r"^(train|val|pseudo|time)/[A-Za-z0-9_.\-/]+$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Header:
     experiment: str
     base_path: Path
     base_overrides: dict[str, Any]
-    cfg: Config
+    cfg: Run  # the base run config, or the base chain (``uda_ray.stages``)
     metric: str | list[str]
     mode: str | list[str]
 
@@ -56,15 +61,82 @@ class Header:
 def read_header(path: Path, allowed: set[str], required: tuple[str, ...],
                 extra_overrides: list[str] | None = None) -> Header:
     """Read a spec YAML, check its top-level keys and parse the parts every spec has. ``extra_overrides``
-    (``key=value`` strings from the command line) are added to the base overrides, after the YAML's own."""
+    (``key=value`` strings from the command line) are split by their first dotted part: the spec's own keys
+    (``num_samples=4``, ``scheduler.max_t=100``: ``apply_spec_overrides``) change the YAML mapping before anything
+    is parsed, so every check of the file applies to them; config keys are added to the base overrides, after the
+    YAML's own."""
     data = read_yaml(path)
+    spec_part, config_part = split_overrides(extra_overrides, allowed)
+    data = apply_spec_overrides(data, spec_part, allowed, path)
     check_keys(data, allowed, path, "")
     for key in required:
         if key not in data:
             raise SpaceError(f"{path}: missing required key '{key}'")
-    base_path, base_overrides, cfg = parse_base(data["base"], path, extra_overrides)
+    base_path, base_overrides, cfg = parse_base(data["base"], path, config_part)
     metric, mode = parse_objective(data["metric"], data["mode"], path)
     return Header(data, parse_experiment(data["experiment"], path), base_path, base_overrides, cfg, metric, mode)
+
+
+# The spec's content (what is searched or compared, and on which base) is edited in the file, where it is recorded;
+# its settings (budget, scheduler, resources, seeds, ...) may also be changed from the command line.
+CONTENT_KEYS = ("base", "params", "switches", "baseline", "components")
+
+
+def split_overrides(overrides: list[str] | None, allowed: set[str]) -> tuple[list[str], list[str]]:
+    """``(spec-key overrides, config overrides)``: a ``key=value`` whose first dotted part is a top-level key of the
+    spec (``allowed``) is the spec's own; every other one is a config key (checked against the config tree)."""
+    spec, config = [], []
+    for text in overrides or []:
+        key = text.split("=", 1)[0].strip()
+        (spec if key.split(".", 1)[0] in allowed else config).append(text)
+    return spec, config
+
+
+def apply_spec_overrides(data: dict[str, Any], overrides: list[str], allowed: set[str],
+                         path: Path) -> dict[str, Any]:
+    """A copy of the spec mapping with ``key=value`` overrides of its own keys applied (``num_samples=4``,
+    ``scheduler.max_t=100``, ``resources.workers=0``, ``'seeds=[0, 1]'``); values are read as YAML. A section that
+    the file lacks is created, so ``scheduler.max_t=100`` on a file without ``scheduler`` reaches the scheduler's
+    own check. Errors name the override."""
+    out = copy.deepcopy(data)
+    for text in overrides:
+        if "=" not in text:
+            raise SpaceError(f"{path}: command-line override {text!r}: expected key=value")
+        key, raw = (part.strip() for part in text.split("=", 1))
+        top, *rest = key.split(".")
+        if top not in allowed or top in CONTENT_KEYS:
+            what = ("is part of what the spec searches or compares: edit the file (config keys are overridden "
+                    "directly, e.g. loss.cluda.weight=0.1)") if top in CONTENT_KEYS else "is not a key of this spec"
+            raise SpaceError(f"{path}: command-line override {text!r}: '{top}' {what}")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise SpaceError(f"{path}: command-line override {text!r}: cannot read the value {raw!r}: {e}") from e
+        node = out
+        for i, part in enumerate([top, *rest][:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                parent = ".".join([top, *rest][:i + 1])
+                raise SpaceError(f"{path}: command-line override {text!r}: '{parent}' is {child!r} in the file, "
+                                 "not a mapping")
+            node = child
+        node[[top, *rest][-1]] = value
+    return out
+
+
+def naming_spec_overrides(load: Callable[[], T], overrides: list[str] | None) -> T:
+    """``load()``; a ``SpaceError`` it raises also names the command-line overrides of the spec's own keys (those
+    that are not config keys), whose values the message may quote without saying where they came from."""
+    sections = {f.name for f in dataclasses.fields(Config)} | {"stages", "seed"}  # config keys, and a chain's
+    spec_part = [o for o in overrides or [] if o.split("=", 1)[0].strip().split(".", 1)[0] not in sections]
+    try:
+        return load()
+    except SpaceError as e:
+        if not spec_part or "command-line override" in str(e):
+            raise
+        raise SpaceError(f"{e} (the file as changed by the command-line override(s) {' '.join(spec_part)})") from None
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -141,7 +213,7 @@ def parse_experiment(value: Any, path: Path) -> str:
     return value
 
 
-def parse_base(value: Any, path: Path, extra: list[str] | None = None) -> tuple[Path, dict[str, Any], Config]:
+def parse_base(value: Any, path: Path, extra: list[str] | None = None) -> tuple[Path, dict[str, Any], Run]:
     """``base: {config, overrides}`` (+ command-line ``key=value`` overrides) → (absolute config path, overrides,
     the validated base config)."""
     if not isinstance(value, dict):
@@ -155,13 +227,13 @@ def parse_base(value: Any, path: Path, extra: list[str] | None = None) -> tuple[
     if not isinstance(overrides, dict):
         raise SpaceError(f"{path}: base.overrides = {overrides!r}: expected a mapping of dotted keys to values")
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_run(config_path, overrides)
     except ConfigError as e:
         raise SpaceError(f"{path}: base: {e}") from e
     if extra:
         try:
-            parsed = dict(parse_override(o) for o in extra)
-            cfg = apply_overrides(cfg, parsed, source=f"{path} (command-line overrides)")
+            parsed = dict(parse_run_override(cfg, o) for o in extra)
+            cfg = apply_run_overrides(cfg, parsed, source=f"{path} (command-line overrides)")
         except ConfigError as e:
             raise SpaceError(f"command-line override of {path}: {e}") from e
         overrides = {**overrides, **parsed}
@@ -221,12 +293,12 @@ def parse_counts(data: dict[str, Any], path: Path) -> tuple[int, int]:
             integer(data.get("max_failures", 0), path, "max_failures", 0))
 
 
-def check_overrides(cfg: Config, overrides: dict[str, Any], path: Path, where: str) -> Config:
-    """The config with ``overrides`` applied; a ConfigError becomes a SpaceError naming ``where``."""
+def check_overrides(cfg: Run, overrides: dict[str, Any], path: Path, where: str) -> Run:
+    """The run config (or chain) with ``overrides`` applied; a ConfigError becomes a SpaceError naming ``where``."""
     if not isinstance(overrides, dict):
         raise SpaceError(f"{path}: {where} = {overrides!r}: expected a mapping of dotted keys to values")
     try:
-        return apply_overrides(cfg, overrides, source=str(path))
+        return apply_run_overrides(cfg, overrides, source=str(path))
     except ConfigError as e:
         raise SpaceError(f"{path}: {where}: {e}") from e
 
@@ -245,9 +317,15 @@ def plain(value: Any) -> Any:
     return value
 
 
+def base_run(spec: HasBase) -> Run:
+    """The base of a search or ablation spec (a run config or a chain) with the base overrides applied."""
+    return load_run(spec.base_config, spec.base_overrides or None)
+
+
 def base_config(spec: HasBase) -> Config:
-    """The base run config of a search or ablation spec: its base file with the base overrides applied."""
-    return load_config(spec.base_config, spec.base_overrides or None)
+    """The base run config of a search or ablation spec: its base file with the base overrides applied (for a chain,
+    its final stage's)."""
+    return final_config(base_run(spec))
 
 
 def own_overrides(spec: HasBase, overrides: dict[str, Any]) -> dict[str, Any]:
