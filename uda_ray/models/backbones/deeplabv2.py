@@ -204,8 +204,11 @@ def _check_is_deeplabv2(state: dict[str, torch.Tensor], path: str) -> None:
                               f"first keys: {first}")
 
 
-def load_deeplabv2_checkpoint(backbone: DeepLabV2ResNet, head: DeepLabV2Head | None, path: str) -> list[str]:
+def load_deeplabv2_checkpoint(backbone: DeepLabV2ResNet, head: DeepLabV2Head | None, path: str, *,
+                              state: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Load an official DeepLabV2 file into ``backbone`` (and the classifiers into ``head``); returns notes.
+    ``state``: the file's tensors when the caller has read them already (``uda_ray.models.released``); ``path`` then
+    only names the file in notes and errors.
 
     Backbone: strict. Keys of the network the file lacks, keys of neither backbone nor classifier, and shape
     mismatches raise a CheckpointError naming the file and the keys. ``num_batches_tracked`` may be absent (old
@@ -215,7 +218,9 @@ def load_deeplabv2_checkpoint(backbone: DeepLabV2ResNet, head: DeepLabV2Head | N
     to ``head.aux_classifier``; each is skipped with a note when there is no head, no aux classifier, or the number
     of classes differs. A head classifier the file lacks keeps its initialisation (noted).
     """
-    state, init_format = _strip_init_prefix(read_state_dict(path, "DeepLabV2 checkpoint"), path)
+    if state is None:
+        state = read_state_dict(path, "DeepLabV2 checkpoint")
+    state, init_format = _strip_init_prefix(state, path)
     _check_is_deeplabv2(state, path)
     notes: list[str] = []
     own = backbone.state_dict()
