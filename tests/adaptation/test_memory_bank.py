@@ -80,6 +80,24 @@ def test_state_dict_round_trip_and_errors():
         MemoryBank(3, 2, size_per_class=0)
 
 
+@pytest.mark.parametrize("size", [1, 3])
+def test_start_from_centroids(size):
+    centroids = torch.tensor([[2.0, 0.0], [0.0, 0.0], [3.0, 4.0]])  # class 1 never seen
+    bank = MemoryBank(3, 2, size_per_class=size, momentum=0.9)
+    bank.start_from(centroids)
+    assert bank.fill.tolist() == [1, 0, 1] and bank.ptr.tolist() == [1 % size, 0, 1 % size]
+    torch.testing.assert_close(bank.entries()[:, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.6, 0.8]]))
+    assert bank.entries()[:, 1:].abs().sum() == 0
+    bank.update(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    if size == 1:  # the started centroid blends with the batch; the unfilled class takes the batch mean
+        torch.testing.assert_close(bank.entries()[0, 0], F.normalize(torch.tensor([0.9, 0.1]), dim=0))
+        torch.testing.assert_close(bank.entries()[1, 0], torch.tensor([0.0, 1.0]))
+    else:  # the batch goes into the next free slot
+        torch.testing.assert_close(bank.entries()[0, 1], torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="expected \\(3, 2\\)"):
+        bank.start_from(torch.zeros(3, 4))
+
+
 def test_prototype_contrast_on_an_empty_and_a_filled_bank():
     feats, labels = _batch(0)
     bank = MemoryBank(4, 3)

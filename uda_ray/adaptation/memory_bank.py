@@ -51,6 +51,20 @@ class MemoryBank(nn.Module):
                 f"momentum={self.momentum}")
 
     @torch.no_grad()
+    def start_from(self, centroids: torch.Tensor) -> None:
+        """Fill the bank with one (C, D) centroid per class (normalised here), as CFContra loads its precomputed
+        centroids into ``HybridMemory.features``: each non-zero row becomes the class's first entry (its centroid in
+        centroid mode, slot 0 of its queue otherwise); zero rows (classes never seen) leave the class unfilled."""
+        if centroids.shape != (self.num_classes, self.dim):
+            raise ValueError(f"MemoryBank.start_from: centroids {tuple(centroids.shape)}: expected "
+                             f"({self.num_classes}, {self.dim})")
+        seen = centroids.abs().sum(dim=1) > 0  # (C,)
+        self.bank.zero_()
+        self.bank[:, 0] = F.normalize(centroids.detach().float(), dim=1).to(self.bank)
+        self.fill.copy_(seen.long())
+        self.ptr.copy_(seen.long() % self.size_per_class)
+
+    @torch.no_grad()
     def update(self, feats: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> None:
         """Add one batch: feats (N, D) (normalised here, detached), labels (N,) in [0, C) or ``ignore_index``."""
         check_pixel_batch("MemoryBank.update", feats, labels, self.dim)
