@@ -121,3 +121,15 @@ def test_bad_inputs_are_errors():
         source_centroids(iter(batches(0)), C, max_batches=0)
     with pytest.raises(ValueError, match="no batch"):
         source_centroids(iter([]), C)
+
+
+def test_max_batches_draws_no_further_batch():
+    drawn = []
+
+    def lazy():  # a source that runs a model per batch: the limit must not run it once more
+        for i, batch in enumerate(batches(3, n=4)):
+            drawn.append(i)
+            yield batch
+
+    source_centroids(lazy(), C, max_batches=2)
+    assert drawn == [0, 1]

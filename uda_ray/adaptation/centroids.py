@@ -22,6 +22,7 @@ smallest distance (a tie is ambiguous), the plain reading of "the two nearest ce
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -73,12 +74,10 @@ class _ImageMeanAverage:
 
 
 def _batches(batches: Iterable, max_batches: int | None, who: str) -> Iterable:
+    """The first ``max_batches`` batches (all for None), without drawing one more (a lazy source runs a model)."""
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"{who}: max_batches = {max_batches}: expected >= 1 or None (all)")
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            return
-        yield batch
+    return itertools.islice(batches, max_batches)
 
 
 def source_centroids(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_classes: int, *,
