@@ -1,0 +1,118 @@
+"""A ``train`` stage: one run of its config, resumable, whose last and best models later stages start from.
+
+Output: ``last.pt`` (the model at the end), ``best.pt`` (the model at the evaluation with the highest ``val/miou``:
+SDCA's ``model_best.pth`` is chosen this way, which is a selection on the val split), ``metrics.parquet`` (one row
+per report) and ``config.yaml``. A model file holds ``iteration``, ``student``, ``teacher``, ``config`` and the
+metrics of its evaluation: ``uda-ray evaluate`` reads it like a training checkpoint, and ``model.init_from`` loads it.
+
+The run trains in the stage's work folder and resumes from its newest checkpoint there, so a stage killed half way
+continues exactly where it stopped; its best model so far is kept beside (``best.pt`` + ``best.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from uda_ray.config import Config, save_config
+from uda_ray.results.store import metrics_table, write_parquet
+from uda_ray.stages.chain import StageFailed
+from uda_ray.stages.kinds import StageJob
+from uda_ray.train.checkpoint import load_checkpoint
+from uda_ray.train.loop import DistInfo, FitResult, fit
+from uda_ray.train.run import latest_checkpoint
+
+BEST_METRIC = "val/miou"
+MODEL_KEYS = ("iteration", "student", "teacher", "config")
+TRAINING_STATE = ("optimizer", "scheduler", "rng")  # what a model file leaves out of a training checkpoint
+
+
+def save_model(checkpoint_dir: Path, dest: Path, metrics: dict[str, float] | None = None) -> None:
+    """Write the model of a training checkpoint (no optimiser, schedule or RNG state) to ``dest`` atomically."""
+    state = load_checkpoint(checkpoint_dir)
+    model = {k: v for k, v in state.items() if k not in TRAINING_STATE}
+    model["metrics"] = dict(metrics or {})
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    torch.save(model, tmp)
+    os.replace(tmp, dest)
+
+
+def _best_so_far(work_dir: Path) -> tuple[float, int]:
+    path = work_dir / "best.json"
+    if not path.is_file():
+        return -math.inf, -1
+    d = json.loads(path.read_text())
+    return float(d["value"]), int(d["iteration"])
+
+
+def train_in(cfg: Config, work_dir: Path, *, progress: bool = False, log=print, name: str = "",
+             device: torch.device | None = None) -> FitResult:
+    """Train ``cfg`` in ``work_dir``, resuming from its newest checkpoint, keeping ``best.pt`` and
+    ``metrics.parquet`` there (rank 0 writes; every rank trains). Usable on Ray Train workers."""
+    rank = DistInfo.current().rank
+    ckpt = latest_checkpoint(work_dir)
+    metrics_path = work_dir / "metrics.parquet"
+    rows: list[dict[str, float]] = []
+    best, best_it = _best_so_far(work_dir)
+    if rank == 0 and ckpt is not None and metrics_path.is_file():
+        done = int(ckpt.name.split("_")[-1])
+        old = pd.read_parquet(metrics_path)
+        rows = [{k: v for k, v in r.items() if k not in ("experiment", "trial_id") and v == v}
+                for r in old[old["iteration"] <= done].to_dict("records")]
+        # killed between the checkpoint of a best evaluation and the copy of it: that checkpoint is the newest
+        for r in rows:
+            if r.get(BEST_METRIC, -math.inf) > best and int(r["iteration"]) == done:
+                save_model(ckpt, work_dir / "best.pt", r)
+                best, best_it = r[BEST_METRIC], done
+                (work_dir / "best.json").write_text(json.dumps({"value": best, "iteration": best_it}))
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        nonlocal best, best_it
+        if rank != 0:
+            return
+        rows.append(dict(metrics))
+        write_parquet(metrics_table(name or work_dir.name, name or work_dir.name, rows), str(metrics_path))
+        value = metrics.get(BEST_METRIC)
+        if value is None:
+            return
+        it = int(metrics["iteration"])
+        if checkpoint_dir is not None and math.isfinite(value) and value > best:
+            save_model(checkpoint_dir, work_dir / "best.pt", metrics)
+            best, best_it = value, it
+            (work_dir / "best.json").write_text(json.dumps({"value": best, "iteration": best_it}))
+        log(f"[stage {name}] iteration {it}: {BEST_METRIC} {100 * value:.2f} (best {100 * best:.2f} at {best_it})")
+
+    if rank == 0:
+        save_config(cfg, work_dir / "config.yaml")
+    if ckpt is not None:
+        log(f"[stage {name}] resuming from {ckpt}")
+    return fit(cfg, work_dir=work_dir, report=report, resume_from=ckpt, progress=progress, device=device)
+
+
+def run(job: StageJob) -> dict[str, Any]:
+    train = job.train_fn or (lambda cfg, work: train_in(cfg, work, progress=job.progress, log=job.log,
+                                                        name=job.name))
+    result = train(job.config, job.work_dir)
+    if result.status != "completed":
+        raise StageFailed(f"stage '{job.name}' did not finish: {result.status} at iteration {result.iteration}"
+                          + (f": {result.error}" if result.error else ""))
+    last = latest_checkpoint(job.work_dir)
+    if last is None:
+        raise StageFailed(f"stage '{job.name}': no checkpoint in {job.work_dir} after training")
+    save_model(last, job.out_dir / "last.pt", result.metrics)
+    best, best_it = _best_so_far(job.work_dir)
+    if (job.work_dir / "best.pt").is_file():
+        os.replace(job.work_dir / "best.pt", job.out_dir / "best.pt")
+    else:  # no finite val/miou was ever reported: the last model stands in
+        save_model(last, job.out_dir / "best.pt", result.metrics)
+    os.replace(job.work_dir / "metrics.parquet", job.out_dir / "metrics.parquet")
+    save_config(job.config, job.out_dir / "config.yaml")
+    return {"iterations": result.iteration, "last": {k: v for k, v in result.metrics.items()
+                                                     if k.startswith(("val/", "holdout/", "iteration"))},
+            "best": {"metric": BEST_METRIC, "value": best if math.isfinite(best) else None, "iteration": best_it}}
