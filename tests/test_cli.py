@@ -87,6 +87,6 @@ def test_outcome_names_the_search_metric_and_the_miou(capsys: pytest.CaptureFixt
             "checkpoint": "results/x/trial_abc/checkpoint_000002", "overrides": '{"optim.lr": 0.01}'}
     _print_outcome("results/x", best, ("train/loss",))
     out = capsys.readouterr().out
-    assert "best trial abc: train/loss 0.1235, val/miou 17.14 (at its last evaluation, iteration 300)\n" in out
+    assert "best trial abc: train/loss 0.1235, val/miou 17.14% (at its last evaluation, iteration 300)\n" in out
     assert '  overrides:  {"optim.lr": 0.01}' in out and "uda-ray retrain results/x" in out
     assert "  checkpoint: results/x/trial_abc/checkpoint_000002  (uda-ray evaluate it" in out

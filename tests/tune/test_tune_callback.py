@@ -40,11 +40,15 @@ def test_rows_progress_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture):
     # the best so far is the best finished trial's score (its last evaluation), the number the search ends with: a
     # pruned trial's early value does not count
     assert out == [
-        "[uda-ray] a iteration 3: val/miou 10.00",
-        "[uda-ray] a iteration 6: val/miou 20.00",
-        "[uda-ray] a TERMINATED at iteration 6  (best finished so far val/miou 20.00, trial a)",
-        "[uda-ray] b iteration 3: val/miou 30.00  (best finished so far val/miou 20.00, trial a)",
-        "[uda-ray] b PRUNED at iteration 3  (best finished so far val/miou 20.00, trial a)",
+        '[uda-ray] a started: {"optim.lr": 0.01}',
+        "[uda-ray] a iteration 3: val/miou 10.00%",
+        "[uda-ray] a iteration 6: val/miou 20.00%",
+        "[uda-ray] a TERMINATED at iteration 6  (best finished so far val/miou 20.00%, trial a)",
+        "[uda-ray] trials: 1 TERMINATED",
+        '[uda-ray] b started: {"optim.lr": 0.01}',
+        "[uda-ray] b iteration 3: val/miou 30.00%  (best finished so far val/miou 20.00%, trial a)",
+        "[uda-ray] b PRUNED at iteration 3  (best finished so far val/miou 20.00%, trial a)",
+        "[uda-ray] trials: 1 TERMINATED, 1 PRUNED",
     ]
     # throttled: no cache yet while the search runs; the end of the experiment builds it
     assert not (root / "exp" / CACHE_DIR).exists()
@@ -68,3 +72,40 @@ def test_cache_refreshed_when_a_trial_ends_and_after_a_resume(tmp_path: Path):
     _run_trial(restored, "b", [0.3], 6)
     assert cache.stat().st_mtime_ns != before
     assert len(load_trials(str(root / "exp"), cache=False)) == 2
+
+
+def test_status_counts_say_pruned_where_tune_says_terminated(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """uda-ray's status lines replace Tune's live table: a trial ASHA stopped is counted PRUNED (Tune's own status
+    for it is TERMINATED); trials that have not ended keep Tune's status."""
+    cb = _callback(tmp_path / "results", tmp_path / "cache", cache_every_s=3600.0)
+    _run_trial(cb, "a", [0.1, 0.2], 6)
+    _run_trial(cb, "b", [0.3], 3)
+    capsys.readouterr()
+    tune_view = [SimpleNamespace(trial_id=t, status=s) for t, s in
+                 (("a", "TERMINATED"), ("b", "TERMINATED"), ("c", "RUNNING"), ("d", "PENDING"), ("e", "PENDING"))]
+    cb._say_counts(tune_view)
+    assert capsys.readouterr().out == "[uda-ray] trials: 1 TERMINATED, 1 PRUNED, 1 RUNNING, 2 PENDING\n"
+
+
+def test_tune_runs_without_its_live_table(tmp_path: Path, synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch):
+    """The driver asks Tune for no output of its own (verbose=0): the callback's lines are the status."""
+    from uda_ray.train.worker import Scaling
+    from uda_ray.tune import driver
+
+    seen = {}
+
+    class Tuner:
+        def __init__(self, trainable, *, param_space, tune_config, run_config):
+            seen["run_config"] = run_config
+
+        def fit(self):
+            return None
+
+    monkeypatch.setattr(driver.tune, "Tuner", Tuner)
+    cfg = load_config(SYNTHETIC, tiny_overrides(synthetic_cache))
+    spec = driver.ExperimentSpec(experiment=driver.Experiment(str(tmp_path), "e"), kind="search", metric="val/miou",
+                                 mode="max", config_of=lambda c: cfg,
+                                 trial_info=lambda c: TrialInfo(config=cfg, overrides={}), scaling=Scaling())
+    driver.run_experiment(spec)
+    assert seen["run_config"].verbose == 0
+    assert isinstance(seen["run_config"].callbacks[0], ResultsCallback)

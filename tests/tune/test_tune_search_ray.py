@@ -88,13 +88,17 @@ def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, syntheti
     # the prediction grids of every evaluation, beside the trial's Tune folder
     grids = sorted(p.name for p in (Path(out.experiment.uri) / f"trial_{out.best['trial_id']}" / "images").iterdir())
     assert grids == ["iter_0000003.png", "iter_0000006.png"]
-    # one progress line per evaluation (iterations 3 and 6) and per finished trial, the last naming the best trial
+    # uda-ray's status lines (Tune's own table is off): one line per started trial, per evaluation (iterations 3
+    # and 6) and per finished trial, the last naming the best trial, then the count of trials by status
     for trial_id in trials["trial_id"]:
         mine = [ln.split("  (")[0] for ln in printed if ln.startswith(f"[uda-ray] {trial_id} ")]
-        assert [ln.split(":")[0] for ln in mine[:2]] == [f"[uda-ray] {trial_id} iteration {i}" for i in (3, 6)]
-        assert mine[2] == f"[uda-ray] {trial_id} TERMINATED at iteration 6"
-    assert printed[-1].endswith(f"(best finished so far val/miou {100 * trials['score'].max():.2f}, "
-                                f"trial {out.best['trial_id']})")
+        assert mine[0].startswith(f"[uda-ray] {trial_id} started: {{")
+        assert [ln.split(":")[0] for ln in mine[1:3]] == [f"[uda-ray] {trial_id} iteration {i}" for i in (3, 6)]
+        assert mine[3] == f"[uda-ray] {trial_id} TERMINATED at iteration 6"
+    ended = [ln for ln in printed if " TERMINATED at iteration " in ln]
+    assert ended[-1].endswith(f"(best finished so far val/miou {100 * trials['score'].max():.2f}%, "
+                              f"trial {out.best['trial_id']})")
+    assert printed[-1] == "[uda-ray] trials: 3 TERMINATED"
 
 
 def test_curves_go_to_tensorboard_and_mlflow(ray_local, tmp_path: Path, synthetic_cache: Path,
@@ -170,7 +174,7 @@ def test_failed_and_diverged_trials_are_recorded_and_search_goes_on(ray_local, t
         elif row["config/optim.lr"] > 1:
             assert row["status"] == "DIVERGED" and "Diverged at iteration" in row["error"]
         else:
-            assert row["status"] == "TERMINATED" and row["error"] == ""
+            assert row["status"] == "TERMINATED" and pd.isna(row["error"])  # null, not ""
     from ray.tune import ExperimentAnalysis
 
     attempts = {t.trial_id: t.run_metadata.num_failures for t in ExperimentAnalysis(out.experiment.uri).trials}

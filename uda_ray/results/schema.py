@@ -5,7 +5,10 @@ Trials table, one file per trial at ``<root>/<experiment>/trials/<trial_id>.parq
 overrides, score, score_iteration, checkpoint, best/<metric>..., last/<metric>..., config/<dotted key>..., git_rev,
 versions/<package>...``.
 ``cell``/``seed`` are set for ablations, ``source_trial_id``/``seed`` for retrains and null otherwise, so every
-trial file of every kind has them and plain ``pd.read_parquet`` on the folder sees one schema.
+trial file of every kind has them and plain ``pd.read_parquet`` on the folder sees one schema; ``error`` is the
+failure's message for ERROR and DIVERGED trials and null for every other. The files carry pandas metadata
+(``pandas_metadata``) so that plain ``pd.read_parquet`` reads int64 and bool columns as pandas' nullable ``Int64``
+and ``boolean``, as ``uda_ray.results.load_trials`` does (``seed`` of a search trial is ``<NA>``, not a float NaN).
 
 Metrics table, one file per trial at ``<root>/<experiment>/metrics/<trial_id>.parquet``, one row per report:
 ``experiment, trial_id, iteration, <metric>...`` with one float64 column per metric (NaN where a report lacks it).
@@ -18,8 +21,10 @@ statistics), the value told to Optuna and every printed number use it. ``best/<m
 evaluation for reference only: choosing by the peak of a noisy curve on the data it is chosen on is optimistic, and
 no checkpoint is kept for it.
 
-Units. Parquet keeps fractions (``val/miou`` = 0.1719); everything written for people (console lines, report tables,
-plots, CSV files of the report) shows the metrics of ``PERCENT_PREFIXES`` in percent with two decimals (17.19).
+Units. Parquet keeps fractions (``val/miou`` = 0.1719: the ``score``, ``last/*``, ``best/*`` and metrics columns),
+and so does everything a program reads (the values told to Optuna, Tune's results); everything written for people
+(console lines, report tables, plots, CSV files of the report, retrain's summary) shows the metrics of
+``PERCENT_PREFIXES`` in percent with two decimals (17.19), in columns and headers that say ``(%)``.
 
 Every column is typed by its name alone: fixed columns by ``TRIAL_COLUMNS``, ``config/<key>`` by the annotation of
 that key in ``uda_ray.config`` (so a null is still typed), metrics float64, versions string. Only config keys the
@@ -29,6 +34,7 @@ current ``Config`` does not know (written by another version) are typed from the
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -158,13 +164,31 @@ def ordered_trial_columns(names: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(names), key=_column_order)
 
 
+NULLABLE_PANDAS = {pa.int64(): ("int64", "Int64"), pa.bool_(): ("bool", "boolean")}
+
+
+def pandas_metadata(fields: Iterable[pa.Field]) -> dict[bytes, bytes]:
+    """Schema metadata that makes plain ``pd.read_parquet`` read the int64 and bool columns as pandas' nullable
+    ``Int64`` and ``boolean`` (as ``load_trials`` does), instead of float64/object wherever a value is null: ``seed``
+    of a search trial, ``score_iteration`` before the first evaluation. Only those columns are described; pyarrow
+    takes every other column by its arrow type."""
+    columns = [{"name": f.name, "field_name": f.name, "pandas_type": NULLABLE_PANDAS[f.type][0],
+                "numpy_type": NULLABLE_PANDAS[f.type][1], "metadata": None}
+               for f in fields if f.type in NULLABLE_PANDAS]
+    meta = {"index_columns": [], "column_indexes": [], "columns": columns,
+            "creator": {"library": "uda_ray", "version": "1"}}
+    return {b"pandas": json.dumps(meta).encode()}
+
+
 def trials_schema(rows: list[Mapping[str, Any]]) -> pa.Schema:
-    """The schema of a trials table holding ``rows`` (the union of their columns, in contract order)."""
+    """The schema of a trials table holding ``rows`` (the union of their columns, in contract order), with the
+    ``pandas_metadata`` that keeps nullable integer and boolean columns typed in plain pandas."""
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
     ordered = ordered_trial_columns(names)
-    return pa.schema([pa.field(n, trial_column_type(n, (r.get(n) for r in rows))) for n in ordered])
+    fields = [pa.field(n, trial_column_type(n, (r.get(n) for r in rows))) for n in ordered]
+    return pa.schema(fields, metadata=pandas_metadata(fields))
 
 
 def metrics_schema(metric_names: Iterable[str]) -> pa.Schema:
@@ -191,4 +215,5 @@ def metric_value_text(name: str, value: float) -> str:
 
 
 def metric_text(name: str, value: float) -> str:
-    return f"{name} {metric_value_text(name, value)}"
+    """``val/miou 17.19%`` (a fraction, in percent with its unit) or ``train/loss 0.3412``: a metric for people."""
+    return f"{name} {metric_value_text(name, value)}{'%' if is_percent_metric(name) else ''}"

@@ -253,7 +253,7 @@ def _jsonable(value: Any) -> Any:
 
 def trial_row(*, experiment: str, trial_id: str, kind: str, status: str,
               config: config_mod.Config | Mapping[str, Any], overrides: Mapping[str, Any],
-              reports: Sequence[Mapping[str, Any]], metric: str, mode: str, error: str = "",
+              reports: Sequence[Mapping[str, Any]], metric: str, mode: str, error: str | None = None,
               started_at: datetime | float | None = None, ended_at: datetime | float | None = None,
               wall_s: float | None = None, cell: str | None = None, seed: int | None = None,
               source_trial_id: str | None = None, git_rev: str | None = None,
@@ -263,7 +263,8 @@ def trial_row(*, experiment: str, trial_id: str, kind: str, status: str,
     ``config`` is the resolved ``Config`` (or its ``flatten``ed dict); ``overrides`` the trial's dotted overrides
     (stored as JSON); ``reports`` the flat metric dicts reported so far, each with its ``iteration``;
     ``checkpoint`` the checkpoint written at the scored evaluation, if known. ``wall_s`` defaults to
-    ``ended_at - started_at``; ``git_rev`` and ``versions`` default to this process's provenance.
+    ``ended_at - started_at``; ``git_rev`` and ``versions`` default to this process's provenance. ``error`` is the
+    message of a failed trial; an empty one is stored as null, as for every trial that did not fail.
     """
     _check_name("trial id", trial_id)
     if kind not in KINDS:
@@ -281,7 +282,7 @@ def trial_row(*, experiment: str, trial_id: str, kind: str, status: str,
         wall_s = (end - start).total_seconds() if start is not None and end is not None else math.nan
     iterations = max((_report_iteration(r, i) for i, r in enumerate(reports)), default=0)
     row: dict[str, Any] = {
-        "experiment": experiment, "trial_id": trial_id, "kind": kind, "status": status, "error": error,
+        "experiment": experiment, "trial_id": trial_id, "kind": kind, "status": status, "error": error or None,
         "cell": cell, "seed": seed, "source_trial_id": source_trial_id, "iterations": iterations,
         "wall_s": float(wall_s), "started_at": start, "ended_at": end,
         "overrides": json.dumps(_jsonable(dict(overrides)), sort_keys=True),

@@ -20,6 +20,8 @@ errors) reports ``NON_RETRYABLE_KEY`` just before it raises; the callback then s
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import math
 import re
@@ -36,7 +38,7 @@ from ray.tune.experiment import Trial
 
 from uda_ray.config import Config, flatten
 from uda_ray.results.provenance import git_revision, package_versions
-from uda_ray.results.schema import is_metric_name, metric_text
+from uda_ray.results.schema import STATUSES, is_metric_name, metric_text
 from uda_ray.results.store import (
     exists,
     join,
@@ -114,9 +116,11 @@ def error_of(trial_id: str) -> str:
 
 
 class ResultsCallback(Callback):
-    """Writes the parquet tables; with ``progress`` it also prints one line per evaluation and per finished trial
-    with the search metric and the best value so far (Tune's own table shows the first few reported metrics,
-    which need not include the search metric)."""
+    """Writes the parquet tables; with ``progress`` it also prints uda-ray's status lines, which take the place of
+    Tune's live table (the driver runs Tune with ``verbose=0``): one line per started trial, per evaluation and
+    per ended trial, with the search metric in the units people read (``metric_text``: mIoU in percent) and the
+    best finished value so far, and after every ended trial the count of trials by uda-ray's status (a trial that
+    ASHA stopped is PRUNED, where Tune's table said TERMINATED)."""
 
     def __init__(self, *, root: str, experiment: str, kind: str, metric: str, mode: str,
                  trial_info: Callable[[dict[str, Any]], TrialInfo], progress: bool = True,
@@ -131,6 +135,7 @@ class ResultsCallback(Callback):
         self.cache_every_s = cache_every_s
         self._cached_at = time.monotonic()
         self._trials: dict[str, _TrialState] = {}
+        self._status: dict[str, str] = {}  # uda-ray's status of every trial that ended (kept over a resume)
         # (score, trial id) of the best finished trial so far: the score is the last evaluation, as in the tables
         self._best: tuple[float, str] | None = None
         self._git_rev: str | None = None
@@ -143,11 +148,17 @@ class ResultsCallback(Callback):
         state["_cached_at"] = float("-inf")  # monotonic clocks do not carry over to a resumed driver
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_status": {}, **state})  # a state pickled before statuses were kept has none
+
     # ------------------------------------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         LIVE_TRIALS[trial.trial_id] = trial
         state = self._state(trial)
         self._write_row(trial.trial_id, state, "RUNNING")
+        self._status.pop(trial.trial_id, None)
+        self._say(f"{trial.trial_id} started: {json.dumps(state.info.overrides, sort_keys=True, default=str)}",
+                  best=False)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         LIVE_TRIALS[trial.trial_id] = trial
@@ -194,7 +205,9 @@ class ResultsCallback(Callback):
                 self._best is None or (score > self._best[0] if self.mode == "max" else score < self._best[0])):
             self._best = (score, trial.trial_id)
         self._write_row(trial.trial_id, state, status, ended=True)
+        self._status[trial.trial_id] = status
         self._say(f"{trial.trial_id} {status} at iteration {int(last)}")
+        self._say_counts(trials)
         self._refresh_cache()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -202,7 +215,9 @@ class ResultsCallback(Callback):
         message = error_text(trial)
         status = "DIVERGED" if "Diverged" in message else "ERROR"
         self._write_row(trial.trial_id, state, status, error=message, ended=True)
+        self._status[trial.trial_id] = status
         self._say(f"{trial.trial_id} {status}: {message}")
+        self._say_counts(trials)
         self._refresh_cache()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
@@ -220,13 +235,23 @@ class ResultsCallback(Callback):
             log.warning("could not refresh the read cache of %s: %s", uri, e)
         self._cached_at = time.monotonic()
 
-    def _say(self, what: str) -> None:
+    def _say(self, what: str, *, best: bool = True) -> None:
         if not self.progress:
             return
-        best = ""
-        if self._best is not None:
-            best = f"  (best finished so far {metric_text(self.metric, self._best[0])}, trial {self._best[1]})"
-        print(f"[uda-ray] {what}{best}", flush=True)
+        so_far = ""
+        if best and self._best is not None:
+            so_far = f"  (best finished so far {metric_text(self.metric, self._best[0])}, trial {self._best[1]})"
+        print(f"[uda-ray] {what}{so_far}", flush=True)
+
+    def _say_counts(self, trials: list[Trial]) -> None:
+        """``trials: 3 TERMINATED, 2 PRUNED, 2 RUNNING, 1 PENDING``: uda-ray's status of the trials that ended, Tune's
+        of the others (``trials`` is Tune's list of every trial of the experiment)."""
+        status = {t.trial_id: self._status.get(t.trial_id, str(getattr(t, "status", "RUNNING"))) for t in trials}
+        status.update({tid: s for tid, s in self._status.items() if tid not in status})
+        counts = collections.Counter(status.values())
+        order = [*STATUSES, "PENDING", "PAUSED"]
+        names = sorted(counts, key=lambda s: (order.index(s) if s in order else len(order), s))
+        self._say("trials: " + ", ".join(f"{counts[s]} {s}" for s in names), best=False)
 
     def _state(self, trial: Trial) -> _TrialState:
         if trial.trial_id not in self._trials:

@@ -357,7 +357,10 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> ExperimentR
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   # the newest checkpoint is the one behind the score: every evaluation writes
                                   # one, and a score is the last evaluation (uda_ray.results.schema)
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  # no live table of Tune's: it shows fractions and calls a pruned trial
+                                  # TERMINATED; the ResultsCallback prints uda-ray's status lines instead
+                                  verbose=0),
     )
     with _watch_interruption() as watcher:
         results = tuner.fit()
