@@ -36,7 +36,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from uda_ray.train.run_eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, split=args.split, use_teacher=args.teacher,
+    if args.teacher and args.weights == "model":
+        raise ValueError("--teacher and --weights model contradict each other (--teacher is --weights ema_model)")
+    if args.config:
+        return _evaluate_released(args)
+    result = evaluate_checkpoint(args.checkpoint, split=args.split,
+                                 use_teacher=args.teacher or args.weights == "ema_model",
                                  overrides=args.overrides, save_images=args.save_images)
     print(f"evaluated: {result.describe()}; IoU in percent")
     if args.save_images:
@@ -44,6 +49,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     width = max(len(k) for k in result.metrics)
     for k, v in result.metrics.items():
         print(f"{k:<{width}}  {100 * v:6.2f}")
+    return 0
+
+
+def _evaluate_released(args: argparse.Namespace) -> int:
+    """``evaluate FILE --config RECIPE``: a released model with the recipe's network and evaluation, the recipe's
+    published mIoU beside the measured one."""
+    from uda_ray.train.run_eval import evaluate_released
+
+    weights = "ema_model" if args.teacher else args.weights or "model"
+    result = evaluate_released(args.checkpoint, args.config, weights=weights, split=args.split,
+                               overrides=args.overrides, save_images=args.save_images)
+    for note in result.notes:
+        print(note)
+    print(f"evaluated: {result.describe()}; IoU in percent")
+    if args.save_images:
+        print(f"coloured predictions of the {result.num_images} images: {args.save_images}/<image name>.png")
+    width = max(len(k) for k in result.metrics)
+    for k, v in result.metrics.items():
+        beside = ""
+        if k == f"{args.split}/miou":
+            beside = (f"   published {result.published[0]:.1f}: {result.published[1]}" if result.published
+                      else f"   (the README gives no published number for {result.recipe})")
+        print(f"{k:<{width}}  {100 * v:6.2f}{beside}")
     return 0
 
 
@@ -156,13 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("evaluate", help="mIoU of a checkpoint on the target split")
-    e.add_argument("checkpoint", help="checkpoint.pt or the folder holding it")
+    e = sub.add_parser("evaluate", help="mIoU of a checkpoint (or, with --config, a released model) on the target "
+                                        "split")
+    e.add_argument("checkpoint", help="checkpoint.pt or the folder holding it; with --config also a released model "
+                                      "file (DAFormer/HRDA/MIC/CLUDA latest.pth, an ADVENT-family DeepLabV2 .pth)")
+    e.add_argument("--config", metavar="RECIPE.yaml", help="evaluate CHECKPOINT with this recipe's network and "
+                                                           "evaluation, its published mIoU beside (e.g. "
+                                                           "search_spaces/base/hrda_gta2cs.yaml)")
+    e.add_argument("--weights", choices=("model", "ema_model"), help="the network of the file: model = the student "
+                                                                     "(default), ema_model = the EMA teacher")
     e.add_argument("--split", default="val", choices=("val", "train"))
-    e.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
+    e.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student "
+                                                          "(= --weights ema_model)")
     e.add_argument("--save-images", metavar="DIR", help="also write the coloured prediction of every image to DIR")
-    e.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config (e.g. data paths), "
-                                                "anywhere on the line")
+    e.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config, or of --config (e.g. "
+                                                "data paths), anywhere on the line")
     e.set_defaults(func=_cmd_evaluate)
 
     u = sub.add_parser("tune", help="hyper-parameter search from a search-space YAML on Ray Tune + Optuna")

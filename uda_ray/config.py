@@ -133,6 +133,12 @@ class ModelConfig:
     pretrained: bool = _f(False, doc="timm's ImageNet weights (downloads; timm backbones only)")
     pretrained_path: str = _f("", doc="local checkpoint: a timm state dict, SegFormer's mit_b*.pth, or DeepLab's "
                               "DeepLab_resnet_pretrained_imagenet.pth / an ADVENT-family model")
+    init_from: str = _f("", doc="start training from a trained model file (uda_ray.models.released): a released "
+                        "DAFormer/HRDA/MIC/CLUDA mmseg checkpoint, an ADVENT-family DeepLabV2 state dict, or a uda-ray "
+                        "checkpoint.pt (or its folder); loaded into the student after the pretrained backbone and FD's "
+                        "copy of it, before the teacher copy; ignored when a run resumes; empty = off")
+    init_weights: str = _f("model", choices=("model", "ema_model"), doc="which network of model.init_from: model = "
+                           "the student (uda-ray: 'student'), ema_model = the EMA teacher (uda-ray: 'teacher')")
     out_indices: tuple[int, ...] = _f((), ge=0, doc="backbone levels; empty = the last four")
     embed_dim: int = _f(256, ge=1, doc="channels each level is embedded to in the fusion decoder")
     fuse_channels: int = _f(0, ge=0, doc="daformer: width of the fused map (and ASPP branches) when it differs from "

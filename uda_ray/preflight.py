@@ -6,6 +6,7 @@ What is checked, for every distinct run config a command will launch:
 - each local dataset root (``data.source_root``, ``data.target_root``): the folder, its published layout, that the
   splits training needs pair every image with a label, and that the first pair of each split decodes;
 - ``model.pretrained_path``: the file exists;
+- ``model.init_from``: the file exists (or the uda-ray checkpoint folder holds its ``checkpoint.pt``);
 - the results storage: a file can be written there (and is removed again).
 Roots and storage given as URIs (``s3://…``) are left to the trials: they may only be reachable from the cluster.
 The synthetic pair is generated on first use and needs no check.
@@ -20,6 +21,7 @@ from pathlib import Path
 from uda_ray.config import Config
 from uda_ray.data.readers import DatasetError, build_dataset
 from uda_ray.data.transforms import EvalTransform
+from uda_ray.models.released import TRAINING_CHECKPOINT
 from uda_ray.results.store import resolve
 
 
@@ -60,6 +62,16 @@ def check_pretrained(cfg: Config) -> None:
                              f"(resolved: {Path(path).expanduser().resolve()})")
 
 
+def check_init_from(cfg: Config) -> None:
+    path = cfg.model.init_from
+    if not path or not _local(path):
+        return
+    file = Path(path).expanduser()
+    if not (file / TRAINING_CHECKPOINT).is_file() if file.is_dir() else not file.is_file():
+        raise PreflightError(f"model.init_from = {path!r}: no such file (resolved: {file.resolve()}; a released "
+                             f"model file, or a uda-ray checkpoint folder holding {TRAINING_CHECKPOINT})")
+
+
 def check_storage(root: str, what: str = "--storage") -> None:
     """A probe file can be written under ``root`` (created if missing) and deleted again."""
     if not _local(root):
@@ -80,11 +92,12 @@ def preflight(configs: Iterable[Config], *, storage: str | None = None, storage_
     seen: set[tuple] = set()
     for cfg in configs:
         key = (cfg.data.source, cfg.data.source_root, cfg.data.target, cfg.data.target_root,
-               cfg.model.pretrained_path, cfg.data.val_resize)
+               cfg.model.pretrained_path, cfg.model.init_from, cfg.data.val_resize)
         if key in seen:
             continue
         seen.add(key)
         check_data(cfg)
         check_pretrained(cfg)
+        check_init_from(cfg)
     if storage is not None:
         check_storage(storage, storage_option)

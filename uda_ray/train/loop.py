@@ -8,6 +8,7 @@ the process group; metrics are all-reduced before they are reported, so every ra
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -30,6 +31,7 @@ from uda_ray.data.synthetic import ensure_synthetic
 from uda_ray.data.transforms import EvalTransform, TrainTransform
 from uda_ray.models import build_segmenter, make_teacher, unwrap
 from uda_ray.models.hrda import HRDASegmenter
+from uda_ray.models.released import load_released
 from uda_ray.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from uda_ray.train.evaluate import evaluate, inference_fn
 from uda_ray.train.images import pick_indices, prediction_grid
@@ -38,6 +40,7 @@ from uda_ray.train.terms import build_terms
 
 NUM_CLASSES = 19  # train ids; the protocol (19/16/13) selects the classes that are evaluated
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any run changes it
+log = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 ImageSink = Callable[[str, bytes], None]  # (file name, PNG bytes): where the prediction grids go
@@ -297,6 +300,9 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
 
     student = build_model(cfg)
     terms = nn.ModuleList(build_terms(cfg, student)).to(device)  # before training: FD copies the initial backbone
+    if cfg.model.init_from and resume_from is None:  # a trained model to start from (a resumed run has its own)
+        for note in load_released(student, cfg.model.init_from, weights=cfg.model.init_weights):
+            log.info("model.init_from: %s", note)
     student = student.to(device)
     teacher = make_teacher(student)
     student.generator = generator  # draws of the training passes (HRDA's detail box); saved with the checkpoints

@@ -3,6 +3,10 @@
 The evaluation is the one training runs (``uda_ray.train.loop.build_val`` and ``evaluate`` with the checkpoint's own
 config: inference size, image limit, precision, the held-out report half), so evaluating the checkpoint behind a
 trial's score gives that score.
+
+``evaluate_released`` evaluates a released trained model (``uda_ray.models.released``: DAFormer, HRDA, MIC, CLUDA,
+ADVENT-family files, or a uda-ray checkpoint) with a recipe config's network and evaluation (HRDA's slide inference
+included), and gives the published mIoU of that recipe (``PUBLISHED``) to set beside it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from uda_ray.config import Config, apply_overrides, from_dict
+from uda_ray.config import Config, apply_overrides, from_dict, load_config
 from uda_ray.data.labels import eval_class_ids
+from uda_ray.models.released import load_released
 from uda_ray.train.checkpoint import load_checkpoint
 from uda_ray.train.evaluate import evaluate, predict_labels
 from uda_ray.train.images import label_png
@@ -64,6 +69,13 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bo
     model = build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
     which = "teacher" if use_teacher else "student"
     model.load_state_dict(state[which])
+    metrics, num_images, n_report = _evaluate_model(cfg, model, device, split, save_images)
+    return CheckpointEvaluation(which, split, int(state["iteration"]), num_images, n_report, metrics)
+
+
+def _evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device, split: str,
+                    save_images: str | Path | None) -> tuple[dict[str, float], int, int]:
+    """``cfg``'s evaluation of ``model`` on the target ``split``: (metrics, images, report-half images)."""
     model.to(device)
     val = build_val(cfg, split)
     infer, autocast_dtype = eval_infer(cfg), step_settings(cfg, device).autocast_dtype
@@ -74,7 +86,67 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bo
     if save_images is not None:
         save_predictions(model, val.loader, Path(save_images), infer=infer, device=device,
                          autocast_dtype=autocast_dtype)
-    return CheckpointEvaluation(which, split, int(state["iteration"]), val.num_images, n_report, metrics)
+    return metrics, val.num_images, n_report
+
+
+# The published mIoU (percent, over the recipe's data.protocol classes) of each shipped recipe, as the README's
+# "Reproducing" sections give it, and where it comes from; the number a released checkpoint of that recipe should
+# come close to (the papers average 3 seeds; the repositories release the median seed's model).
+PUBLISHED: dict[str, tuple[float, str]] = {
+    "daformer_gta2cs.yaml": (68.3, "DAFormer paper, GTA5→Cityscapes, mean of 3 seeds; DAFormer's README: its released "
+                                   "checkpoint gives 68.85"),
+    "daformer_synthia2cs.yaml": (60.9, "DAFormer paper, SYNTHIA→Cityscapes, 16 classes"),
+    "hrda_gta2cs.yaml": (73.8, "HRDA README, GTA5→Cityscapes, mean of 3 seeds; its released checkpoint gives 73.79"),
+    "hrda_synthia2cs.yaml": (65.8, "HRDA, SYNTHIA→Cityscapes, 16 classes"),
+    "cluda_hrda_gta2cs.yaml": (74.4, "CLUDA paper, GTA5→Cityscapes (the repository states no number)"),
+    "mic_hrda_gta2cs.yaml": (75.9, "MIC README, GTA5→Cityscapes, mean of 3 seeds"),
+    "mic_hrda_synthia2cs.yaml": (67.3, "MIC paper, SYNTHIA→Cityscapes, 16 classes"),
+    "deeplabv2_gta2cs.yaml": (42.3, "ADVENT paper, MinEnt, GTA5→Cityscapes, best snapshot"),
+    "cfcontra_deeplabv2_gta2cs.yaml": (45.8, "CFContra paper: MinEnt + 3.5, GTA5→Cityscapes"),
+    "sdca_deeplabv2_gta2cs.yaml": (52.9, "SDCA paper, GTA5→Cityscapes, after all three stages"),
+    "target_mix_deeplabv2_gta2cs.yaml": (58.8, "EHTDI README, Main Results, GTA5→Cityscapes"),
+    "target_mix_deeplabv2_synthia2cs.yaml": (57.8, "EHTDI README, Main Results, SYNTHIA→Cityscapes, 16 classes"),
+}
+
+
+@dataclass(frozen=True)
+class ReleasedEvaluation:
+    """A released model evaluated with a recipe: the file, which network, the recipe, the split, the metrics, the
+    loader's notes and the recipe's published mIoU (None when the README gives none)."""
+
+    file: str
+    weights: str  # "model" | "ema_model"
+    recipe: str  # the config file's name
+    split: str
+    num_images: int
+    num_report_images: int
+    metrics: dict[str, float]
+    notes: list[str]
+    published: tuple[float, str] | None
+
+    def describe(self) -> str:
+        which = "the student (model.*)" if self.weights == "model" else "the EMA teacher (ema_model.*)"
+        halves = (f"{self.num_images - self.num_report_images} selection-half images (val/*) and "
+                  f"{self.num_report_images} report-half images (holdout/*)" if self.num_report_images
+                  else f"{self.num_images} images")
+        return f"{which} of {self.file} with {self.recipe}'s network and evaluation on the target {self.split} " \
+               f"split: {halves}"
+
+
+def evaluate_released(path: str | Path, config: str | Path, *, weights: str = "model", split: str = "val",
+                      overrides: list[str] | None = None, save_images: str | Path | None = None
+                      ) -> ReleasedEvaluation:
+    """Evaluate the released model in ``path`` (``weights``: ``model`` or ``ema_model``) with the network and the
+    evaluation of the recipe ``config`` (dotted ``overrides`` applied: data roots, run.device, …)."""
+    cfg = load_config(config, overrides)
+    device = resolve_device(cfg.run.device)
+    torch.set_num_threads(cfg.run.threads or DEFAULT_THREADS)
+    model = build_model(cfg, load_pretrained=False)  # the released file holds every weight
+    notes = load_released(model, path, weights=weights)
+    metrics, num_images, n_report = _evaluate_model(cfg, model, device, split, save_images)
+    name = Path(config).name
+    return ReleasedEvaluation(str(path), weights, name, split, num_images, n_report, metrics, notes,
+                              PUBLISHED.get(name))
 
 
 @torch.no_grad()
