@@ -217,8 +217,9 @@ def test_retrain_reproduces_the_best_config(tmp_path: Path, cache: Path, local_r
     assert math.isclose(summary["source_value"][0], 0.3)
     text = retrain.format_retrain(out)
     assert "summary.csv" in text
-    assert (f"#1 a val/miou: source 30.00 → retrained {100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f} %"
-            " over 2") in text
+    assert (f"#1 a val/miou: source 30.00% at 4 iterations → retrained {100 * values.mean():.2f} ± "
+            f"{100 * values.std(ddof=1):.2f}% at 4 iterations over 2") in text
+    assert "different lengths" not in text and summary["comparable"].tolist() == [True]
     # a second retrain goes beside the first; --resume finds the first
     assert choose_retrain(str(src), resume=False).name == "retrain-2"
     assert choose_retrain(str(src), resume=True).name == "retrain"

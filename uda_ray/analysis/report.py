@@ -10,7 +10,9 @@ writes, by the kinds of trials it finds:
   ``marginal_<param>.png``, learning curves of the best trials and their prediction grids over iterations;
 - ablations: ``ablation.csv`` + ``ablation.png`` (paired differences from the baseline, n pairs beside every
   interval and test; with fewer than 5 pairs the paired t-test leads), ``curves.csv`` + ``curves_<metric>.png``;
-- retrains: ``retrain.csv`` (mean and std over seeds per source trial);
+- retrains: ``retrain.csv`` (mean and std over seeds per source trial); and for an experiment that was retrained,
+  ``<retrain folder>_summary.csv`` per retrain (``retrain``, ``retrain-2``, …): each source trial's score and the
+  retrained runs' mean and std, with the iterations of both;
 and ``report.md`` and ``index.html`` (one self-contained page: the tables, the plots and the grids embedded) holding
 all of it. Values of fraction metrics (mIoU, IoU) are in percent everywhere here, in columns named ``… (%)``; the
 parquet tables keep fractions. Every number says which split it comes from (``val/*`` and ``holdout/*``).
@@ -19,6 +21,7 @@ parquet tables keep fractions. Every number says which split it comes from (``va
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 
 import numpy as np
@@ -206,6 +209,52 @@ def _retrain(trials: pd.DataFrame, metric: str, tables: dict[str, pd.DataFrame])
     return [Section("Retrained configurations", blocks)]
 
 
+def retrain_folders(path: str) -> list[str]:
+    """The retrains of an experiment, in order: ``retrain``, ``retrain-2``, … (``uda_ray.tune.retrain``)."""
+    names, k = [], 1
+    while store.exists(store.join(path, "retrain" if k == 1 else f"retrain-{k}")):
+        names.append("retrain" if k == 1 else f"retrain-{k}")
+        k += 1
+    return names
+
+
+def _retrains(path: str, trials: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> list[Section]:
+    """Every retrain of this experiment: per source trial its score and the retrained runs' mean ± std over seeds,
+    each with the iteration it was taken at; a comparison across different lengths is marked."""
+    sections = []
+    for name in retrain_folders(path):
+        folder = store.join(path, name)
+        request_uri = store.join(folder, summary.RETRAIN_REQUEST)
+        if not store.exists(request_uri):
+            continue
+        request = json.loads(store.read_bytes(request_uri))
+        metric = request["metric"]
+        planned = [(str(t), int(s), int(n)) for t, s, n in request["runs"]]
+        known = set(trials["trial_id"])
+        ids = [t for t in dict.fromkeys(t for t, _, _ in planned) if t in known]
+        chosen = trials[trials["trial_id"].isin(ids)].set_index("trial_id").loc[ids].reset_index()
+        chosen.insert(0, "rank", range(1, len(chosen) + 1))
+        rows = (store.load_trials(folder) if store.exists(store.join(folder, store.TRIALS_DIR))
+                else pd.DataFrame(columns=["trial_id", "source_trial_id", "seed", "status"]))
+        seeds = sorted({s for _, s, _ in planned})
+        table = summary.seed_summary(rows, chosen, metric, seeds, {t: n for t, _, n in planned})
+        percent = [m for m in table["metric"] if is_percent_metric(m)]
+        shown = summary.in_percent(table, ["source_value", "mean", "std"]) if percent else table
+        tables[f"{name}_summary"] = shown
+        blocks: list = [Text(
+            f"`uda-ray retrain` of the best {len(ids)} trial(s) with seeds {' '.join(map(str, seeds))}, chosen by "
+            f"{metric}: source_value is the source trial's score, taken at source_iteration; mean and std (ddof 1) "
+            "are over the retrained runs that finished, each at its final evaluation (iterations). A search's best "
+            "is an optimistic estimate; the retrained mean is the number to report.")]
+        if not table["comparable"].all():
+            blocks.append(Text("comparable = False: the retrained runs are of another length than the source's "
+                               "score; the two numbers measure different schedules, not a number and its "
+                               "replication.", kind="note"))
+        blocks.append(Table(shown))
+        sections.append(Section(f"Retrained configurations ({name})", blocks))
+    return sections
+
+
 def analyze(path: str, *, metric: str = "val/miou", mode: str = "max", top: int = 10,
             out_dir: str | None = None) -> dict[str, pd.DataFrame]:
     """Tables (returned, printed as markdown, written as CSV) and plots of the experiment folder ``path``, with
@@ -246,6 +295,8 @@ def analyze(path: str, *, metric: str = "val/miou", mode: str = "max", top: int 
         sections += _ablation(trials[trials["kind"] == "ablation"], path, metric, mode, out, tables)
     if "retrain" in kinds:
         sections += _retrain(trials, metric, tables)
+    if kinds & {"search", "ablation"}:
+        sections += _retrains(path, trials, tables)
     _write(title, sections, tables, out)
     return tables
 

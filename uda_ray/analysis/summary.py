@@ -9,13 +9,13 @@ that is the ``score``, see ``uda_ray.results.schema``). Tables are built in the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from uda_ray.analysis.best import best_trials, check_mode, finished, metric_column
-from uda_ray.results.schema import BEST_PREFIX, LAST_PREFIX, STATUSES, is_percent_metric
+from uda_ray.results.schema import BEST_PREFIX, FINISHED, LAST_PREFIX, STATUSES, is_percent_metric
 
 PRUNED = "PRUNED"
 PERCENT_SUFFIX = " (%)"
@@ -70,6 +70,50 @@ def history(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
                          "status": ok["status"].to_numpy(), "ended_at": ok["ended_at"].to_numpy(),
                          "iteration": pd.array(at.to_numpy(), dtype="Int64"), "value": v,
                          "best_so_far": running})
+
+
+RETRAIN_REQUEST = "retrain.json"  # what a retrain was asked for: {"runs": [[source trial, seed, iterations], ...]}
+
+
+def seed_summary(rows: pd.DataFrame, chosen: pd.DataFrame, metric: str, seeds: Sequence[int],
+                 lengths: Mapping[str, int]) -> pd.DataFrame:
+    """Per source trial and reported metric (``metric``, and its held-out half when the runs have one): the
+    source's own value (its score: the metric at its last evaluation, ``source_iteration``), the retrain's
+    schedule (``iterations``, from ``lengths`` by source trial id) and the mean / sample std (ddof 1) of the runs
+    that finished, each at its final evaluation (std is NaN with fewer than 2 finished seeds). ``comparable`` is
+    False when the source was scored at another iteration than the retrained runs' final one: a 300-iteration
+    score against 100-iteration runs compares two schedules, not a number with its replication. Values are
+    fractions, as in parquet (``summary.csv``); ``in_percent`` makes the copy for people."""
+    reported = [metric] + [m for m in (holdout_metric(metric),) if m and f"{LAST_PREFIX}{m}" in rows]
+    out = []
+    for m in reported:
+        col = f"{LAST_PREFIX}{m}"
+        for _, src in chosen.iterrows():
+            tid = src["trial_id"]
+            mine = rows[rows["source_trial_id"] == tid] if not rows.empty else rows
+            if col in mine:
+                values = pd.to_numeric(mine[col], errors="raise").astype("float64")
+                mine = mine[(mine["status"] == FINISHED).to_numpy(bool) & np.isfinite(values.to_numpy())]
+                values = mine[col].astype("float64")
+                done = sorted(int(s) for s in mine["seed"])
+            else:
+                values, done = pd.Series([], dtype="float64"), []
+            source_value = float(src[col]) if col in src and pd.notna(src[col]) else math.nan
+            at = src.get("score_iteration")
+            if at is None or pd.isna(at):
+                at = src.get("iterations")
+            source_at = None if at is None or pd.isna(at) else int(at)
+            length = int(lengths[tid])
+            out.append({"rank": int(src["rank"]), "source_trial_id": tid, "metric": m,
+                        "source_value": source_value, "source_iteration": source_at, "iterations": length,
+                        "comparable": source_at == length, "seeds": " ".join(map(str, done)), "n": len(done),
+                        "n_unfinished": len(seeds) - len(done),
+                        "mean": float(values.mean()) if len(done) else math.nan,
+                        "std": float(values.std(ddof=1)) if len(done) > 1 else math.nan})
+    columns = ["rank", "source_trial_id", "metric", "source_value", "source_iteration", "iterations", "comparable",
+               "seeds", "n", "n_unfinished", "mean", "std"]
+    table = pd.DataFrame(out, columns=columns)
+    return table.astype({"source_iteration": "Int64", "iterations": "Int64"})
 
 
 def retrain_summary(trials: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -10,21 +10,25 @@ seed and ``run.iterations`` to the trial's own schedule (or ``iterations``). The
     <source>/retrain/metrics/*.parquet
     <source>/retrain/<Tune trial folders>  the final checkpoint of every run
     <source>/retrain/retrain.json         what was asked for (checked again by --resume)
-    <source>/retrain/summary.csv          per source trial: mean and sample std (ddof 1) over the finished seeds
+    <source>/retrain/summary.csv          per source trial: its score and the iteration it was taken at, the
+                                          retrain's iterations, mean and sample std (ddof 1) over the finished
+                                          seeds (fractions, as in parquet; ``uda_ray.analysis.summary.seed_summary``)
 
 A second retrain of the same experiment goes to ``retrain-2``, then ``retrain-3``, ...
 
 Like with like: a source trial's score and each retrained run's are the same quantity (the metric at the run's
 last evaluation, ``uda_ray.results.schema``), and a retrained run's last evaluation is its final one, made by the
-final checkpoint it hands back. Under ``eval.holdout`` the source trials were chosen on the selection half
-(``val/*``) and the summary also reports the held-out half (``holdout/*``), the number to publish.
+final checkpoint it hands back. With ``iterations`` other than the source trial's own schedule they are no longer
+the same quantity: the printed summary says both iteration counts and labels the comparison as one across different
+lengths (``comparable`` is False in ``summary.csv``). Under ``eval.holdout`` the source trials were chosen on the
+selection half (``val/*``) and the summary also reports the held-out half (``holdout/*``), the number to publish.
+``uda-ray analyze <source>`` shows every retrain of the experiment in its report.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +40,10 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from uda_ray.analysis.best import best_trials, config_from_row
-from uda_ray.analysis.summary import holdout_metric
+from uda_ray.analysis.summary import RETRAIN_REQUEST, holdout_metric, seed_summary
 from uda_ray.config import Config, apply_overrides
 from uda_ray.preflight import preflight
-from uda_ray.results.schema import FINISHED, is_percent_metric, metric_value_text
+from uda_ray.results.schema import is_percent_metric, metric_value_text
 from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo
@@ -55,7 +59,7 @@ from uda_ray.tune.driver import (
 )
 
 RETRAIN = "retrain"
-REQUEST_FILE = "retrain.json"
+REQUEST_FILE = RETRAIN_REQUEST
 SUMMARY_FILE = "summary.csv"
 
 
@@ -188,32 +192,6 @@ def retrain_scaling(workers: int | None) -> Scaling:
                    gpus_per_worker=1.0 if use_gpu else 0.0)
 
 
-def seed_summary(rows: pd.DataFrame, chosen: pd.DataFrame, metric: str, seeds: Sequence[int]) -> pd.DataFrame:
-    """Per source trial and reported metric (``metric``, and its held-out half when the runs have one): the
-    source's own value and the mean / sample std (ddof 1) of the retrain runs that finished, each at its final
-    evaluation (std is NaN with fewer than 2 finished seeds)."""
-    reported = [metric] + [m for m in (holdout_metric(metric),) if m and f"last/{m}" in rows]
-    out = []
-    for m in reported:
-        col = f"last/{m}"
-        for _, src in chosen.iterrows():
-            tid = src["trial_id"]
-            mine = rows[rows["source_trial_id"] == tid] if not rows.empty else rows
-            if col in mine:
-                mine = mine[(mine["status"] == FINISHED) & mine[col].astype("float64").map(math.isfinite)]
-                values = mine[col].astype("float64")
-                done = sorted(int(s) for s in mine["seed"])
-            else:
-                values, done = pd.Series([], dtype="float64"), []
-            source_value = float(src[col]) if col in src and pd.notna(src[col]) else math.nan
-            out.append({"rank": int(src["rank"]), "source_trial_id": tid, "metric": m,
-                        "source_value": source_value, "seeds": " ".join(map(str, done)), "n": len(done),
-                        "n_unfinished": len(seeds) - len(done),
-                        "mean": float(values.mean()) if len(done) else math.nan,
-                        "std": float(values.std(ddof=1)) if len(done) > 1 else math.nan})
-    return pd.DataFrame(out)
-
-
 def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1, 2), iterations: int | None = None,
                 address: str | None = None, workers: int | None = None, storage: str | None = None,
                 metric: str = "val/miou", mode: str = "max", resume: bool = False) -> RetrainOutcome:
@@ -256,27 +234,33 @@ def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1
     table = rows[[c for c in cols if c in rows]].copy()
     if not table.empty:
         table = table.sort_values(["source_trial_id", "seed"], kind="stable").reset_index(drop=True)
-    summary = seed_summary(rows, chosen, metric, seeds)
+    summary = seed_summary(rows, chosen, metric, seeds, {r.source_trial_id: r.config.run.iterations for r in runs})
     write_bytes(summary.to_csv(index=False).encode(), join(exp.uri, SUMMARY_FILE))
     return RetrainOutcome(source, exp, metric, mode, chosen, table, summary, run.interrupted)
 
 
 def format_retrain(outcome: RetrainOutcome) -> str:
-    """The text ``uda-ray retrain`` prints: where everything is, mean ± std per source trial, the checkpoints."""
+    """The text ``uda-ray retrain`` prints: where everything is, per source trial its score and the mean ± std of
+    the retrained runs, each with the iteration it was taken at (a comparison across different schedule lengths is
+    labelled as such), and the checkpoints."""
     uri = outcome.experiment.uri
     lines = [f"retrain of {outcome.source} (chosen by {outcome.metric}, {outcome.mode})",
              f"trials:      {uri}/trials/*.parquet", f"metrics:     {uri}/metrics/*.parquet",
-             f"summary:     {join(uri, SUMMARY_FILE)}",
+             f"summary:     {join(uri, SUMMARY_FILE)} (fractions, as in parquet)",
              "every number is a run's metric at its last evaluation: for the source trials their score, for the "
              "retrained runs their final evaluation, made by the final checkpoint listed below", ""]
     for s in outcome.summary.itertuples(index=False):
         text = functools.partial(metric_value_text, s.metric)
-        unit = " %" if is_percent_metric(s.metric) else ""
+        unit = "%" if is_percent_metric(s.metric) else ""
         split = " (held-out report half)" if s.metric.startswith("holdout/") else ""
-        spread = f"{text(s.mean)} ± {text(s.std)}" if s.n > 1 else (text(s.mean) if s.n else "-")
-        lines.append(f"#{s.rank} {s.source_trial_id} {s.metric}{split}: source {text(s.source_value)} → retrained "
-                     f"{spread}{unit} over {s.n} seed(s) [{s.seeds}]"
+        spread = f"{text(s.mean)} ± {text(s.std)}{unit}" if s.n > 1 else (f"{text(s.mean)}{unit}" if s.n else "-")
+        at = f" at {s.source_iteration} iterations" if not pd.isna(s.source_iteration) else ""
+        lines.append(f"#{s.rank} {s.source_trial_id} {s.metric}{split}: source {text(s.source_value)}{unit}{at} → "
+                     f"retrained {spread} at {s.iterations} iterations over {s.n} seed(s) [{s.seeds}]"
                      + (f", {s.n_unfinished} unfinished" if s.n_unfinished else ""))
+        if not s.comparable:
+            lines.append(f"   different lengths: the source's score{at} and runs of {s.iterations} iterations are "
+                         "not a like-with-like comparison (retrain without --iterations to replicate the score)")
     lines.append("")
     for r in outcome.runs.itertuples(index=False):
         ckpt = getattr(r, "checkpoint", None)
