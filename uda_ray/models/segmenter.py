@@ -31,6 +31,7 @@ from uda_ray.models.backbones.deeplabv2 import (
     load_deeplabv2_checkpoint,
 )
 from uda_ray.models.backbones.mit import MIT_VARIANTS, build_mit, load_segformer_checkpoint
+from uda_ray.models.backbones.torchvision_resnet import TorchvisionResNet, load_torchvision_resnet_checkpoint
 from uda_ray.models.decoder import FusionDecoder, ProjectionHead
 from uda_ray.models.errors import CheckpointError, listing, read_state_dict, shape_mismatches
 from uda_ray.models.heads.daformer import DAFormerHead
@@ -71,12 +72,16 @@ class SegOutput(NamedTuple):
 DECODERS = ("mlp", "daformer", "deeplabv2")
 INPUT_NORMS = ("imagenet", "caffe")
 MIT_PREFIX = "mit_"
-DEEPLABV2_BACKBONES = ("deeplabv2_r101",)
+# torchvision's dilated ResNet-101 (SDCA's network): FrozenBatchNorm2d (its source-only and SDCA stages) or
+# trainable BatchNorm (its self-training stage); name → frozen
+TORCHVISION_DEEPLABV2 = {"deeplabv2_tv_r101": True, "deeplabv2_tv_r101_bn": False}
+DEEPLABV2_BACKBONES = ("deeplabv2_r101", *TORCHVISION_DEEPLABV2)
 
 
 def backbone_family(name: str) -> str:
-    """``'mit'`` (SegFormer's Mix Transformer), ``'deeplabv2'`` (caffe-style ResNet-101) or ``'timm'``; an unknown
-    name raises a ValueError that says which names exist."""
+    """``'mit'`` (SegFormer's Mix Transformer), ``'deeplabv2'`` (a ResNet-101 with output stride 8: DeepLab's
+    caffe-style one or SDCA's torchvision one) or ``'timm'``; an unknown name raises a ValueError that says which
+    names exist."""
     if name in MIT_VARIANTS:
         return "mit"
     if name in DEEPLABV2_BACKBONES:
@@ -99,6 +104,9 @@ def check_model_names(backbone: str, decoder: str, input_norm: str = "imagenet",
     if decoder == "deeplabv2" and family != "deeplabv2":
         raise ValueError(f"model.decoder = 'deeplabv2' needs a backbone whose layer4 has output stride 8 "
                          f"({', '.join(DEEPLABV2_BACKBONES)}); model.backbone = {backbone!r} is not one")
+    if input_norm == "caffe" and backbone in TORCHVISION_DEEPLABV2:
+        raise ValueError(f"model.input_norm = 'caffe' with model.backbone = {backbone!r}: torchvision's ImageNet "
+                         "weights (SDCA's network) expect ImageNet-normalised RGB input (input_norm: imagenet)")
     if input_norm == "caffe" and pretrained:
         raise ValueError(f"model.input_norm = 'caffe' with model.pretrained = true: timm's ImageNet weights for "
                          f"{backbone!r} expect ImageNet-normalised RGB input (input_norm: imagenet)")
@@ -147,7 +155,8 @@ class Segmenter(nn.Module):
             if out_indices:
                 raise ValueError(f"model.out_indices = {list(out_indices)}: {backbone!r} always gives its four "
                                  "layers; leave out_indices empty")
-            self.backbone = DeepLabV2ResNet()
+            self.backbone = (TorchvisionResNet(frozen_bn=TORCHVISION_DEEPLABV2[backbone])
+                             if backbone in TORCHVISION_DEEPLABV2 else DeepLabV2ResNet())
             self.feature_channels = list(self.backbone.feature_channels)
             self.feature_reductions = list(self.backbone.feature_reductions)
         else:
@@ -172,7 +181,10 @@ class Segmenter(nn.Module):
             if family == "mit":
                 load_segformer_checkpoint(self.backbone, pretrained_path)
             elif family == "deeplabv2":
-                for note in load_deeplabv2_checkpoint(self.backbone, self.decoder, pretrained_path):
+                notes = (load_torchvision_resnet_checkpoint(self.backbone, pretrained_path)
+                         if backbone in TORCHVISION_DEEPLABV2
+                         else load_deeplabv2_checkpoint(self.backbone, self.decoder, pretrained_path))
+                for note in notes:
                     log.info("%s", note)
             else:
                 load_backbone_checkpoint(self.backbone, backbone, pretrained_path)
