@@ -375,6 +375,13 @@ def test_advent_state_dict_routes_through_the_deeplabv2_loader(tmp_path: Path):
     with torch.no_grad():
         expected = reference_aspp(reference_features(net.eval(), caffe)[-1], *main)
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
+    # PixMatch/EHTDI's training file: under 'state_dict', DataParallel's 'module.' prefix, beside optimizer state
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "iter": 5, "best_MIou": 0.3,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 2.5e-4}]}}, tmp_path / "ehtdi.pth")
+    model = deeplabv2_model()
+    load_released(model, tmp_path / "ehtdi.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
     # a classifier the loader refuses after the backbone: nothing stays changed
     del state["layer6.conv2d_list.2.bias"]
     torch.save(state, tmp_path / "broken.pth")

@@ -8,7 +8,8 @@ for the files uda-ray writes itself (``model.init_from`` starts a run from eithe
   ``ema_model.*`` the EMA teacher and ``imnet_model.*`` FD's frozen ImageNet copy; ``weights`` picks ``model`` or
   ``ema_model``. Also a plain mmseg ``EncoderDecoder`` / ``HRDAEncoderDecoder`` state dict (``backbone.*``,
   ``decode_head.*``), bare or under ``state_dict``.
-- ADVENT-family DeepLabV2 state dicts (``load_deeplabv2_checkpoint``: backbone, and the classifiers that fit).
+- ADVENT-family DeepLabV2 state dicts (``load_deeplabv2_checkpoint``: backbone, and the classifiers that fit), bare
+  or under ``state_dict`` (PixMatch/EHTDI's training files), keys with or without DataParallel's ``module.``.
 - uda-ray's training checkpoints (``checkpoint.pt`` or the folder holding it, ``uda_ray.train.checkpoint``):
   ``student`` for ``weights="model"``, ``teacher`` for ``"ema_model"``.
 
@@ -104,6 +105,8 @@ def load_released(model: nn.Module, path: str | Path, *, weights: str = "model")
                               "yet (model.backbone: deeplabv2_r101 is the caffe-style DeepLab ResNet, whose weights "
                               "it cannot take)")
     state = _tensors(obj, file)
+    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
     if "conv1.weight" in state or "Scale.conv1.weight" in state:
         return _load_deeplabv2(model, state, file, weights)
     if any(k.split(".", 1)[0] in ("backbone", "decode_head", *UDA_SKIPPED) for k in state):
