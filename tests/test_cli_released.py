@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import uda_ray.train.loop as loop
-from tests.conftest import tiny_overrides
+from tests.conftest import ROOT, tiny_overrides
 from tests.models.test_models_released import (
     daformer_logits,
     daformer_reference,
@@ -31,6 +31,7 @@ from uda_ray.models import unwrap
 from uda_ray.preflight import PreflightError, check_init_from
 from uda_ray.train.checkpoint import load_checkpoint
 from uda_ray.train.images import colorize
+from uda_ray.train.run_eval import PUBLISHED
 
 K = 19
 
@@ -179,3 +180,14 @@ def test_init_from_a_udaray_checkpoint_and_resume_ignores_it(tmp_path: Path, rec
     loop.fit(apply_overrides(stage, {"run.iterations": 2}), work_dir=tmp_path / "c", resume_from=own)
     student = load_checkpoint(own)["student"]
     assert all(torch.equal(v, student[k]) for k, v in resumed.seen[0].state_dict().items())
+
+
+def test_published_numbers_are_the_readmes_for_shipped_recipes():
+    """Each recipe of ``PUBLISHED`` ships, and its number is the one the README's "Reproducing" sections give."""
+    text = (ROOT / "README.md").read_text()
+    reproducing = text[text.index("### Reproducing DAFormer"):text.index("### Evaluate a released model")]
+    for name, (miou, source) in PUBLISHED.items():
+        assert (ROOT / "search_spaces" / "base" / name).is_file(), name
+        assert f"{miou}" in reproducing, (name, miou)
+        protocol = load_config(ROOT / "search_spaces" / "base" / name).data.protocol
+        assert ("16 classes" in source) == (protocol == 16), name  # the number is over the recipe's classes
