@@ -2,16 +2,16 @@
 
     python benchmarks/analysis_scale.py [--trials 10000] [--reports 200] [--workers 2] [--keep DIR]
 
-The experiment is written through the store API (``trial_row`` / ``write_trial`` / ``write_metrics``, one trials file
-and one metrics file per trial, as a search leaves them) by ``--workers`` processes; generation time is excluded.
-Each measurement then runs in a fresh Python process so that its peak memory (``ru_maxrss``) is its own:
-- ``load`` cold: ``load_trials`` + ``load_metrics`` on folders never read before (every file is read and the
-  ``_cache`` is written);
-- ``load`` warm: the same calls again (the consolidated cache is read; no file changed);
-- ``load`` after 1% of trials rewrote their files (an ongoing search: only those are read again);
-- ``analyze`` warm: status, top-10, history, importance (fANOVA on a 200-trial sample, PED-ANOVA on all), plots;
-- ``analyze`` cold: the same with no cache (includes the cold ``load_trials``; a search's analysis reads no metrics).
-Printed: seconds, peak RSS, and ratios against the aims (load < 2 s, analyze < 30 s on 2 cores).
+The experiment is written through the store API as a search leaves it: ``trial_row``, each trial's live files
+(``TableFolder.write``, by ``--workers`` processes) compacted into the tables' parts (``TableFolder.compact``, in
+the parent while the workers write); generation time is excluded. Each measurement then runs in a fresh Python
+process (nothing of the tables in its memory) so that its peak memory (``ru_maxrss``) is its own:
+- ``pd.read_parquet`` on the trials and metrics folders (plain pandas: the parts);
+- ``load_trials`` + ``load_metrics`` (the parts and the live files, none here);
+- the same while a search runs: 1% of the trials rewrote their live files since the last compaction;
+- ``analyze``: status, top-10, history, importance (fANOVA on a 200-trial sample, PED-ANOVA on all), plots
+  (includes ``load_trials``; a search's analysis reads no metrics).
+Printed: seconds, peak RSS, and ratios against the aims (reading the tables < 2 s, analyze < 30 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import math
 import multiprocessing as mp
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +72,8 @@ def _write_range(args: tuple[str, int, int, int]) -> int:
     from uda_ray.results import store
 
     root, start, stop, n_reports = args
+    uri = store.experiment_uri(root, EXPERIMENT)
+    trials, metrics = store.table_folder(uri, store.TRIALS_DIR), store.table_folder(uri, store.METRICS_DIR)
     base = config_mod.flatten(config_mod.Config())
     for i in range(start, stop):
         p, _, reports = _trial(i, n_reports)
@@ -85,16 +86,22 @@ def _write_range(args: tuple[str, int, int, int]) -> int:
                               error="RuntimeError: generated" if status == "ERROR" else "", config=flat,
                               overrides=p, reports=reports, metric="val/miou", mode="max",
                               started_at=1.7e9 + 60 * i, ended_at=1.7e9 + 60 * i + 3600)
-        store.write_trial(root, row)
-        store.write_metrics(root, EXPERIMENT, f"trial_{i:05d}", reports)
+        trials.write(row["trial_id"], store.trials_table([row]))
+        metrics.write(row["trial_id"], store.metrics_table(EXPERIMENT, row["trial_id"], reports))
     return stop - start
 
 
 def generate(root: str, n_trials: int, n_reports: int, workers: int) -> float:
+    from uda_ray.results import store
+
     t0 = time.perf_counter()
     chunks = [(root, s, min(n_trials, s + 250), n_reports) for s in range(0, n_trials, 250)]
+    done = 0
     with mp.get_context("spawn").Pool(workers) as pool:
-        done = sum(pool.imap_unordered(_write_range, chunks))
+        for n in pool.imap_unordered(_write_range, chunks):  # the parent compacts as a search's driver does
+            done += n
+            store.compact(os.path.join(root, EXPERIMENT))
+    store.compact(os.path.join(root, EXPERIMENT))
     assert done == n_trials
     Path(root, EXPERIMENT, "search_space.yaml").write_text(yaml.safe_dump(SPACE))
     return time.perf_counter() - t0
@@ -102,15 +109,21 @@ def generate(root: str, n_trials: int, n_reports: int, workers: int) -> float:
 
 def _measure(what: str, path: str) -> dict:
     """Runs inside a fresh process: imports first (not timed), then the measured call."""
+    import pandas as pd
+
     from uda_ray.analysis import analyze
     from uda_ray.results import load_metrics, load_trials
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    readers = {"load": (load_trials, load_metrics),
+               "plain": (lambda p: pd.read_parquet(os.path.join(p, "trials")),
+                         lambda p: pd.read_parquet(os.path.join(p, "metrics")))}
     t0 = time.perf_counter()
-    if what == "load":
-        trials = load_trials(path)
+    if what in readers:
+        read_trials, read_metrics = readers[what]
+        trials = read_trials(path)
         t1 = time.perf_counter()
-        metrics = load_metrics(path)
+        metrics = read_metrics(path)
         out = {"trials_rows": len(trials), "trials_cols": trials.shape[1], "metrics_rows": len(metrics),
                "load_trials_s": t1 - t0, "load_metrics_s": time.perf_counter() - t1}
     else:
@@ -130,22 +143,16 @@ def _run(what: str, path: str) -> dict:
 
 
 def _touch_some(path: str, fraction: float) -> int:
-    """Rewrite the trial files of ``fraction`` of the trials (as an ongoing search does)."""
+    """Rewrite the live files of ``fraction`` of the trials (as an ongoing search does between compactions)."""
     from uda_ray.results import store
 
-    files = sorted(Path(path, "trials").glob("*.parquet"))
-    picked = files[:: max(1, int(1 / fraction))]
-    for f in picked:
-        store.write_parquet(pq.read_table(f), str(f), **store.SMALL_FILE_OPTIONS)
+    ids = pq.read_table(Path(path, "trials"), columns=["trial_id"]).column("trial_id").to_pylist()
+    picked = sorted(ids)[:: max(1, int(1 / fraction))]
+    for name in (store.TRIALS_DIR, store.METRICS_DIR):
+        folder = store.table_folder(path, name)
+        for tid in picked:
+            folder.write(tid, folder.rows_of(tid))
     return len(picked)
-
-
-def _drop_cache(path: str) -> None:
-    from uda_ray.results import store
-
-    cache = Path(path, store.CACHE_DIR)
-    if cache.is_dir():
-        shutil.rmtree(cache)
 
 
 def main() -> None:
@@ -154,7 +161,7 @@ def main() -> None:
     ap.add_argument("--reports", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", default="", help="generate into (or reuse) this folder instead of a temporary one")
-    ap.add_argument("--measure", choices=("load", "analyze"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=("plain", "load", "analyze"), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
@@ -167,25 +174,23 @@ def main() -> None:
             gen_s = generate(root, args.trials, args.reports, args.workers)
             print(f"generated {args.trials} trials x {args.reports} reports in {gen_s:.1f} s "
                   f"({args.workers} processes; not part of the measurements)")
-        time.sleep(2.5)  # files must be older than the cache's mtime margin to be trusted by the warm load
-        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-        _drop_cache(path)
-        results = {"load cold": _run("load", path), "load warm": _run("load", path)}
+        files = {t: len(list(Path(path, t).glob("*.parquet"))) for t in ("trials", "metrics")}
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
+              f"{files['trials']} trials parts, {files['metrics']} metrics parts")
+        results = {"pd.read_parquet (plain pandas)": _run("plain", path), "load_trials + load_metrics":
+                   _run("load", path)}
         n = _touch_some(path, 0.01)
-        time.sleep(2.5)
-        results[f"load after {n} trials rewrote"] = _run("load", path)
-        results["analyze (warm)"] = _run("analyze", path)
-        _drop_cache(path)
-        results["analyze (cold: no cache)"] = _run("analyze", path)
-        print(f"{'measurement':34s} {'seconds':>8s} {'aim':>6s} {'ratio':>6s} {'peak RSS MB':>12s}  detail")
+        results[f"load_* with {n} live trials (running)"] = _run("load", path)
+        results["analyze"] = _run("analyze", path)
+        print(f"{'measurement':38s} {'seconds':>8s} {'aim':>6s} {'ratio':>6s} {'peak RSS MB':>12s}  detail")
         for name, r in results.items():
-            aim = AIM_LOAD_S if name.startswith("load") else AIM_ANALYZE_S
+            aim = AIM_ANALYZE_S if name == "analyze" else AIM_LOAD_S
             detail = (f"trials {r['load_trials_s']:.2f} s ({r['trials_rows']} x {r['trials_cols']}), metrics "
                       f"{r['load_metrics_s']:.2f} s ({r['metrics_rows']} rows)" if "load_trials_s" in r
                       else f"tables {r['tables']}")
-            print(f"{name:34s} {r['seconds']:8.2f} {aim:6.0f} {r['seconds'] / aim:6.2f} {r['peak_rss_mb']:12.0f}  "
+            print(f"{name:38s} {r['seconds']:8.2f} {aim:6.0f} {r['seconds'] / aim:6.2f} {r['peak_rss_mb']:12.0f}  "
                   f"{detail}")
-        print(f"(peak RSS includes {results['load warm']['rss_after_imports_mb']:.0f} MB of imports; "
+        print(f"(peak RSS includes {results['analyze']['rss_after_imports_mb']:.0f} MB of imports; "
               f"load average {os.getloadavg()[0]:.1f} at the end)")
 
 

@@ -1,4 +1,5 @@
-"""The parquet store: atomic writes, typed schemas, URIs and plain paths alike, unified reads, best/last rule."""
+"""The parquet store: atomic writes, typed schemas, URIs and plain paths alike, unified reads, best/last rule
+(compaction: test_results_compaction.py)."""
 
 from __future__ import annotations
 
@@ -101,22 +102,24 @@ def test_trials_table_is_typed_from_the_config_tree() -> None:
         store.trials_table([{**full, "config/new.key": 1}, {**partial, "config/new.key": "a"}])
 
 
-def test_write_goes_through_a_hidden_temporary_name_in_the_same_folder(tmp_path: Path,
+def test_every_write_goes_through_a_hidden_temporary_name_in_its_folder(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
     real = pq.write_table
 
     def spy(table: pa.Table, where: str, **kw: object) -> None:
-        final = tmp_path / "exp" / "trials" / "t0.parquet"
-        seen.append((where, final.exists()))
+        seen.append(where)
         real(table, where, **kw)
 
     monkeypatch.setattr(pq, "write_table", spy)
     uri = store.write_trial(str(tmp_path), _row())
-    (where, final_existed), = seen
-    assert Path(where).parent == tmp_path / "exp" / "trials"
-    assert Path(where).name.startswith(".t0.parquet.tmp-") and not final_existed
-    assert Path(uri).exists() and sorted(p.name for p in Path(uri).parent.iterdir()) == ["t0.parquet"]
+    trials = tmp_path / "exp" / "trials"
+    live, part = (Path(w) for w in seen)  # the trial's live file, then the part a compaction folds it into
+    assert live.parent == trials / "_live" and live.name.startswith(".t0.parquet.tmp-")
+    assert part.parent == trials and part.name.startswith(".part-00000.parquet.tmp-")
+    assert Path(uri) == trials / "part-00000.parquet"
+    assert sorted(p.name for p in trials.iterdir()) == ["_live", "part-00000.parquet"]
+    assert not list((trials / "_live").iterdir())  # folded, then deleted
 
 
 def test_failed_write_leaves_old_file_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,7 +134,8 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path: Path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         store.write_trial(str(tmp_path), _row(status="ERROR"))
     assert Path(uri).read_bytes() == before
-    assert [p.name for p in Path(uri).parent.iterdir()] == ["t0.parquet"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "exp", "exp/trials", "exp/trials/_live", "exp/trials/part-00000.parquet"]
 
 
 def test_rewriting_a_trial_overwrites_its_row(tmp_path: Path) -> None:
@@ -163,7 +167,8 @@ def test_file_uri_and_plain_path_share_one_code_path(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     store.write_trial("b", _row())  # relative plain path
     store.write_metrics("b", "exp", "t0", REPORTS)
-    assert (a / "exp" / "trials" / "t0.parquet").exists() and (b / "exp" / "metrics" / "t0.parquet").exists()
+    assert (a / "exp" / "trials" / "part-00000.parquet").exists()
+    assert (b / "exp" / "metrics" / "part-00000.parquet").exists()
     for loader in (store.load_trials, store.load_metrics):
         pd.testing.assert_frame_equal(loader(f"file://{a}/exp"), loader(str(b / "exp")))
         pd.testing.assert_frame_equal(loader(str(a / "exp")), loader(f"file://{b}/exp"))
@@ -192,16 +197,17 @@ def test_schemas_are_unified_across_trials(tmp_path: Path) -> None:
     store.write_trial(root, newer)
     store.write_metrics(root, "exp", "t0", [{"iteration": 1, "val/miou": 0.1, "train/loss": 1.0}])
     store.write_metrics(root, "exp", "t1", [{"iteration": 1, "val/miou": 0.2}, {"iteration": 2, "val/iou/car": 0.5}])
-    for cache in (False, True, True):  # no cache, building it, reading it
-        trials = store.load_trials(str(tmp_path / "exp"), cache=cache).set_index("trial_id")
+    exp = tmp_path / "exp"
+    plain = pd.read_parquet(exp / "trials").set_index("trial_id")
+    for trials in (store.load_trials(str(exp)).set_index("trial_id"), plain):
         assert math.isnan(trials.loc["t1", "best/train/loss"]) and trials.loc["t0", "best/train/loss"] == 1.0
         assert math.isnan(trials.loc["t0", "best/val/iou/car"]) and trials.loc["t1", "best/val/iou/car"] == 0.5
         assert pd.isna(trials.loc["t0", "config/new.key"])
         assert trials.loc["t1", "config/new.key"] == "from a newer version"
-        m = store.load_metrics(str(tmp_path / "exp"), cache=cache)
-        assert list(m.columns) == ["experiment", "trial_id", "iteration", "train/loss", "val/iou/car", "val/miou"]
-        expected = [[1.0, np.nan, 0.1], [np.nan, np.nan, 0.2], [np.nan, 0.5, np.nan]]
-        np.testing.assert_array_equal(m[["train/loss", "val/iou/car", "val/miou"]].to_numpy(), expected)
+    m = store.load_metrics(str(exp))
+    assert list(m.columns) == ["experiment", "trial_id", "iteration", "train/loss", "val/iou/car", "val/miou"]
+    expected = [[1.0, np.nan, 0.1], [np.nan, np.nan, 0.2], [np.nan, 0.5, np.nan]]
+    np.testing.assert_array_equal(m[["train/loss", "val/iou/car", "val/miou"]].to_numpy(), expected)
 
 
 def test_plain_read_parquet_matches_for_the_common_case(tmp_path: Path) -> None:
@@ -220,47 +226,6 @@ def test_plain_read_parquet_matches_for_the_common_case(tmp_path: Path) -> None:
                                                      "config/model.out_indices"]), check_dtype=False)
     m_plain = pd.read_parquet(exp / "metrics").sort_values(["trial_id", "iteration"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(m_plain, store.load_metrics(str(exp)), check_dtype=False)
-
-
-def test_cache_follows_rewrites_and_removals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    exp = str(tmp_path / "exp")
-    for i in range(4):
-        store.write_trial(str(tmp_path), _row(f"t{i}", status="RUNNING"))
-    reads: list[str] = []
-    real = store._read_one
-    monkeypatch.setattr(store, "_read_one", lambda fs, p, *a: reads.append(p.rpartition("/")[2]) or real(fs, p, *a))
-    assert len(store.load_trials(exp)) == 4 and len(reads) == 4
-    assert (tmp_path / "exp" / "_cache" / "trials.parquet").exists()
-    # files younger than the margin when the cache was built are read again (coarse mtimes could hide a rewrite)
-    reads.clear()
-    store.load_trials(exp)
-    assert len(reads) == 4
-    monkeypatch.setattr(store, "_CACHE_MARGIN_NS", -10**18)  # treat every cached entry as old enough
-    store.load_trials(exp)
-    reads.clear()
-    assert len(store.load_trials(exp)) == 4 and reads == []  # warm: nothing re-read
-    store.write_trial(str(tmp_path), _row("t2", status="TERMINATED", error="", cell=None))
-    (tmp_path / "exp" / "trials" / "t3.parquet").unlink()
-    df = store.load_trials(exp)
-    assert reads == ["t2.parquet"]
-    assert df["trial_id"].tolist() == ["t0", "t1", "t2"] and df["status"].tolist() == ["RUNNING", "RUNNING",
-                                                                                      "TERMINATED"]
-    pd.testing.assert_frame_equal(df, store.load_trials(exp, cache=False))
-
-
-def test_unwritable_cache_warns_and_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store.write_trial(str(tmp_path), _row("t0"))
-    real = store.write_parquet
-
-    def refuse_cache(table: pa.Table, uri: str, **kw: object) -> None:
-        if "/_cache/" in uri:
-            raise PermissionError(f"read-only: {uri}")
-        real(table, uri, **kw)
-
-    monkeypatch.setattr(store, "write_parquet", refuse_cache)
-    with pytest.warns(UserWarning, match="could not write the read cache"):
-        df = store.load_trials(str(tmp_path / "exp"))
-    assert df["trial_id"].tolist() == ["t0"] and not (tmp_path / "exp" / "_cache").exists()
 
 
 def test_missing_and_empty_folders(tmp_path: Path) -> None:

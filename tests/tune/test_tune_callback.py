@@ -1,17 +1,18 @@
-"""ResultsCallback without Ray: rows and reports written as results arrive, progress lines, and the read cache
-refreshed when trials end (throttled) and at the end of the experiment."""
+"""ResultsCallback without Ray: rows and reports written as results arrive, progress lines, and the live files
+compacted into the parts as results arrive (throttled) and at the end of the experiment."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 from ray import cloudpickle
 
 from tests.conftest import SYNTHETIC, tiny_overrides
 from uda_ray.config import load_config
-from uda_ray.results.store import CACHE_DIR, load_metrics, load_trials
+from uda_ray.results.store import load_metrics, load_trials
 from uda_ray.tune.callback import ResultsCallback, TrialInfo
 
 
@@ -31,9 +32,9 @@ def _run_trial(cb: ResultsCallback, trial_id: str, mious: list[float], last_iter
     cb.on_trial_complete(0, [], trial)
 
 
-def test_rows_progress_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_rows_progress_and_compaction(tmp_path: Path, capsys: pytest.CaptureFixture):
     root = tmp_path / "results"
-    cb = _callback(root, tmp_path / "cache", cache_every_s=3600.0)
+    cb = _callback(root, tmp_path / "cache", compact_every_s=3600.0)
     _run_trial(cb, "a", [0.1, 0.2], 6)
     _run_trial(cb, "b", [0.3], 3)
     out = [ln for ln in capsys.readouterr().out.splitlines()]
@@ -50,34 +51,45 @@ def test_rows_progress_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture):
         "[uda-ray] b PRUNED at iteration 3  (best finished so far val/miou 20.00%, trial a)",
         "[uda-ray] trials: 1 TERMINATED, 1 PRUNED",
     ]
-    # throttled: no cache yet while the search runs; the end of the experiment builds it
-    assert not (root / "exp" / CACHE_DIR).exists()
-    cb.on_experiment_end([])
-    assert {p.name for p in (root / "exp" / CACHE_DIR).iterdir()} == {"trials.parquet", "metrics.parquet"}
-    trials = load_trials(str(root / "exp")).set_index("trial_id")
+    # throttled: only live files while the search runs (load_trials reads them); the end of the experiment compacts
+    exp = root / "exp"
+    assert not list(exp.glob("*/*.parquet")) and len(list(exp.glob("*/_live/*.parquet"))) == 4
+    trials = load_trials(str(exp)).set_index("trial_id")
     assert trials.loc["a", "status"] == "TERMINATED" and trials.loc["b", "status"] == "PRUNED"
-    assert trials.loc["a", "best/val/miou"] == pytest.approx(0.2)
-    assert len(load_metrics(str(root / "exp"))) == 3
+    cb.on_experiment_end([])
+    assert sorted(str(p.relative_to(exp)) for p in exp.glob("*/*.parquet")) == ["metrics/part-00000.parquet",
+                                                                                "trials/part-00000.parquet"]
+    assert not list(exp.glob("*/_live/*.parquet"))
+    plain = pd.read_parquet(exp / "trials").set_index("trial_id")
+    assert plain.loc["a", "status"] == "TERMINATED" and plain.loc["b", "status"] == "PRUNED"
+    assert plain.loc["a", "best/val/miou"] == pytest.approx(0.2)
+    assert len(pd.read_parquet(exp / "metrics")) == len(load_metrics(str(exp))) == 3
 
 
-def test_cache_refreshed_when_a_trial_ends_and_after_a_resume(tmp_path: Path):
+def test_compacted_as_results_arrive_and_after_a_resume(tmp_path: Path):
     root = tmp_path / "results"
-    cb = _callback(root, tmp_path / "cache", cache_every_s=0.0, progress=False)
+    cb = _callback(root, tmp_path / "cache", compact_every_s=0.0, progress=False)
     _run_trial(cb, "a", [0.1, 0.2], 6)
-    cache = root / "exp" / CACHE_DIR / "trials.parquet"
-    assert cache.is_file()
-    # Tune pickles callbacks with the experiment state; a restored one refreshes at its first trial end
-    restored = cloudpickle.loads(cloudpickle.dumps(_callback(root, tmp_path / "cache", progress=False)))
-    before = cache.stat().st_mtime_ns
+    part = root / "exp" / "trials" / "part-00000.parquet"
+    assert pd.read_parquet(part)["status"].tolist() == ["TERMINATED"]
+    # Tune pickles callbacks with the experiment state; a restored one reads the stored parts again
+    restored = cloudpickle.loads(cloudpickle.dumps(_callback(root, tmp_path / "cache", progress=False,
+                                                             compact_every_s=0.0)))
+    restored._compacted_at = float("-inf")
+    trial = SimpleNamespace(trial_id="a", config={"lr": 0.01}, error_file=None)
+    restored.on_trial_result(0, [], trial, {"iteration": 6, "train/loss": 0.5, "val/miou": 0.25})  # a's retry
     _run_trial(restored, "b", [0.3], 6)
-    assert cache.stat().st_mtime_ns != before
-    assert len(load_trials(str(root / "exp"), cache=False)) == 2
+    plain = pd.read_parquet(root / "exp" / "trials").set_index("trial_id")
+    assert plain.index.tolist() == ["a", "b"] and plain.loc["a", "last/val/miou"] == pytest.approx(0.25)
+    metrics = pd.read_parquet(root / "exp" / "metrics")
+    assert metrics.groupby("trial_id")["iteration"].apply(list).to_dict() == {"a": [3, 6], "b": [3, 6]}
+    assert len(load_trials(str(root / "exp"))) == 2
 
 
 def test_status_counts_say_pruned_where_tune_says_terminated(tmp_path: Path, capsys: pytest.CaptureFixture):
     """uda-ray's status lines replace Tune's live table: a trial ASHA stopped is counted PRUNED (Tune's own status
     for it is TERMINATED); trials that have not ended keep Tune's status."""
-    cb = _callback(tmp_path / "results", tmp_path / "cache", cache_every_s=3600.0)
+    cb = _callback(tmp_path / "results", tmp_path / "cache", compact_every_s=3600.0)
     _run_trial(cb, "a", [0.1, 0.2], 6)
     _run_trial(cb, "b", [0.3], 3)
     capsys.readouterr()

@@ -1,12 +1,14 @@
 """Driver-side Tune callback that writes every trial to the parquet tables as its results arrive.
 
-    <root>/<experiment>/trials/<trial_id>.parquet    one row: status, error, config/*, best/*, last/*, provenance
-    <root>/<experiment>/metrics/<trial_id>.parquet   one row per report
+    <root>/<experiment>/trials/_live/<trial_id>.parquet    one row: status, error, config/*, best/*, last/*, provenance
+    <root>/<experiment>/metrics/_live/<trial_id>.parquet   one row per report
 
-Each write replaces the trial's file atomically (``uda_ray.results.store``), so a crashed or stopped trial leaves
-the other trials' files untouched and a resumed search overwrites instead of duplicating. Rows are keyed by the
-trainer's ``iteration``: when a retried or resumed trial reports an iteration again, the rows from that iteration
-on are replaced, and rows already on storage from an earlier driver process are picked up first.
+Each write replaces the trial's live file atomically (``uda_ray.results.store``), so a crashed or stopped trial
+leaves the other trials' files untouched and a resumed search overwrites instead of duplicating. At most every
+``COMPACT_EVERY_S`` while results arrive, and when the experiment ends, the live files are compacted into the
+tables' parts (what plain pandas reads); the callback is the one process that compacts its experiment. Rows are
+keyed by the trainer's ``iteration``: when a retried or resumed trial reports an iteration again, the rows from that
+iteration on are replaced, and rows already on storage from an earlier driver process are picked up first.
 
 The trial row also records the checkpoint written at the scored evaluation (Tune's checkpoint of an in-process
 trial, the Train run's checkpoint path of a trial with Train workers) and ``wall_s``, the time the trial has run
@@ -32,7 +34,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
@@ -40,17 +41,15 @@ from uda_ray.config import Config, flatten
 from uda_ray.results.provenance import git_revision, package_versions
 from uda_ray.results.schema import STATUSES, is_metric_name, metric_text
 from uda_ray.results.store import (
-    exists,
-    join,
-    load_metrics,
-    load_trials,
-    metrics_uri,
-    resolve,
+    METRICS_DIR,
+    TRIALS_DIR,
+    TableFolder,
+    experiment_uri,
+    metrics_table,
     score_of,
+    table_folder,
     trial_row,
-    trial_uri,
-    write_metrics,
-    write_trial,
+    trials_table,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +72,9 @@ class TrialInfo:
 NON_RETRYABLE_KEY = "uda_ray_non_retryable"  # no "/": never a metric
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray Train's TuneReportCallback on reports with a checkpoint
 WALL_EVERY_S = 30.0
+# plain pandas sees a running search at most this late; each compaction rewrites only the parts that hold the
+# trials that wrote since the last one (bounded by store.PART_ROWS, whatever the number of trials)
+COMPACT_EVERY_S = 10.0
 
 
 SETTLED_STATUSES = ("TERMINATED", "PRUNED")
@@ -124,16 +126,14 @@ class ResultsCallback(Callback):
 
     def __init__(self, *, root: str, experiment: str, kind: str, metric: str, mode: str,
                  trial_info: Callable[[dict[str, Any]], TrialInfo], progress: bool = True,
-                 cache_every_s: float = 600.0) -> None:
+                 compact_every_s: float = COMPACT_EVERY_S) -> None:
         self.root, self.experiment, self.kind = root, experiment, kind
         self.metric, self.mode = metric, mode
         self.trial_info = trial_info
         self.progress = progress
-        # the read cache of uda_ray.results is brought up to date when a trial ends, at most this often (it reads
-        # and rewrites the consolidated tables: about a second at 10,000 trials, spent in Tune's event loop), and
-        # at the end: an analysis of a running, stopped or crashed search then reads few trial files
-        self.cache_every_s = cache_every_s
-        self._cached_at = time.monotonic()
+        self.compact_every_s = compact_every_s
+        self._compacted_at = time.monotonic()
+        self._folders: tuple[TableFolder, TableFolder] | None = None  # (trials, metrics), made when first needed
         self._trials: dict[str, _TrialState] = {}
         self._status: dict[str, str] = {}  # uda-ray's status of every trial that ended (kept over a resume)
         # (score, trial id) of the best finished trial so far: the score is the last evaluation, as in the tables
@@ -145,11 +145,14 @@ class ResultsCallback(Callback):
         # Tune pickles its callbacks with the experiment state; per-trial buffers are rebuilt from storage
         state = dict(self.__dict__)
         state["_trials"] = {}
-        state["_cached_at"] = float("-inf")  # monotonic clocks do not carry over to a resumed driver
+        state["_folders"] = None  # what a folder knows of its parts is read again by the resumed driver
+        state["_compacted_at"] = float("-inf")  # monotonic clocks do not carry over to a resumed driver
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_status": {}, **state})  # a state pickled before statuses were kept has none
+        # a state pickled by an older version lacks what was added since
+        self.__dict__.update({"_status": {}, "_folders": None, "_compacted_at": float("-inf"),
+                              "compact_every_s": COMPACT_EVERY_S, **state})
 
     # ------------------------------------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -178,12 +181,13 @@ class ResultsCallback(Callback):
         state.reports = [r for r in state.reports if r["iteration"] < it] + [report]
         if result.get(CHECKPOINT_PATH_KEY):
             state.checkpoints[int(it)] = str(result[CHECKPOINT_PATH_KEY])
-        write_metrics(self.root, self.experiment, trial.trial_id, state.reports)
+        self._tables()[1].write(trial.trial_id, metrics_table(self.experiment, trial.trial_id, state.reports))
         if self.metric in report or time.time() - state.written_at >= WALL_EVERY_S:
             self._write_row(trial.trial_id, state, "RUNNING")
         value = report.get(self.metric)
         if value is not None and math.isfinite(value):
             self._say(f"{trial.trial_id} iteration {int(it)}: {metric_text(self.metric, value)}")
+        self._compact()
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
         """Tune's checkpoint of an in-process trial, saved from the result just processed."""
@@ -208,7 +212,7 @@ class ResultsCallback(Callback):
         self._status[trial.trial_id] = status
         self._say(f"{trial.trial_id} {status} at iteration {int(last)}")
         self._say_counts(trials)
-        self._refresh_cache()
+        self._compact()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = self._state(trial)
@@ -218,22 +222,27 @@ class ResultsCallback(Callback):
         self._status[trial.trial_id] = status
         self._say(f"{trial.trial_id} {status}: {message}")
         self._say_counts(trials)
-        self._refresh_cache()
+        self._compact()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        self._refresh_cache(force=True)
+        self._compact(force=True)
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _refresh_cache(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._cached_at < self.cache_every_s:
+    def _tables(self) -> tuple[TableFolder, TableFolder]:
+        if self._folders is None:
+            uri = experiment_uri(self.root, self.experiment)
+            self._folders = (table_folder(uri, TRIALS_DIR), table_folder(uri, METRICS_DIR))
+        return self._folders
+
+    def _compact(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._compacted_at < self.compact_every_s:
             return
-        uri = join(self.root, self.experiment)
         try:
-            load_trials(uri)
-            load_metrics(uri)
-        except (OSError, ValueError) as e:  # the cache is an optimisation: never fail the search over it
-            log.warning("could not refresh the read cache of %s: %s", uri, e)
-        self._cached_at = time.monotonic()
+            for folder in self._tables():
+                folder.compact()
+        except (OSError, ValueError) as e:  # the live files still hold every row: the next compaction tries again
+            log.warning("could not compact the tables of %s: %s", experiment_uri(self.root, self.experiment), e)
+        self._compacted_at = time.monotonic()
 
     def _say(self, what: str, *, best: bool = True) -> None:
         if not self.progress:
@@ -272,21 +281,17 @@ class ResultsCallback(Callback):
         return self._trials[trial.trial_id]
 
     def _stored_row(self, trial_id: str) -> dict[str, Any] | None:
-        uri = trial_uri(self.root, self.experiment, trial_id)
-        if not exists(uri):
+        table = self._tables()[0].rows_of(trial_id)
+        if table is None:
             return None
-        fs, path = resolve(uri)
-        rows = pq.read_table(path, filesystem=fs,
-                             columns=["started_at", "ended_at", "wall_s", "status", "checkpoint",
-                                      "score_iteration"]).to_pylist()
+        rows = table.select(["started_at", "ended_at", "wall_s", "status", "checkpoint", "score_iteration"]).to_pylist()
         return rows[0] if rows else None
 
     def _stored_reports(self, trial_id: str) -> list[dict[str, float]]:
-        uri = metrics_uri(self.root, self.experiment, trial_id)
-        if not exists(uri):
+        table = self._tables()[1].rows_of(trial_id)
+        if table is None:
             return []
-        fs, path = resolve(uri)
-        df = pq.read_table(path, filesystem=fs).to_pandas()
+        df = table.to_pandas()
         cols = [c for c in df.columns if c == "iteration" or is_metric_name(c)]
         return [{k: float(v) for k, v in r.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
                 for r in df[cols].to_dict("records")]
@@ -307,5 +312,5 @@ class ResultsCallback(Callback):
                         ended_at=ended_at, wall_s=wall, cell=info.cell,
                         seed=info.seed, source_trial_id=info.source_trial_id, git_rev=self._git_rev,
                         versions=self._versions, checkpoint=state.checkpoints.get(scored_at))
-        write_trial(self.root, row)
+        self._tables()[0].write(trial_id, trials_table([row]))
         state.written_at = now

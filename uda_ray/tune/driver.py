@@ -33,6 +33,7 @@ from uda_ray.results.store import (
     load_trials,
     read_bytes,
     resolve,
+    table_folder,
     trial_images_uri,
     write_bytes,
 )
@@ -294,17 +295,11 @@ def set_aside_lost_trials(exp: Experiment) -> list[str]:
     if not exists(join(exp.uri, TRIALS_DIR)):
         return []
     known = {t.trial_id for t in ExperimentAnalysis(exp.uri).trials}
-    rows = load_trials(exp.uri, cache=False)
+    rows = load_trials(exp.uri)
     lost = sorted(rows.loc[~rows["trial_id"].isin(known) & (rows["status"] == "RUNNING"), "trial_id"])
-    fs, _ = resolve(exp.uri)
-    for tid in lost:
-        for folder in (TRIALS_DIR, METRICS_DIR):
-            src = join(exp.uri, folder, f"{tid}.parquet")
-            if exists(src):
-                dst = join(exp.uri, LOST_DIR, folder, f"{tid}.parquet")
-                fs.create_dir(resolve(join(exp.uri, LOST_DIR, folder))[1], recursive=True)
-                fs.move(resolve(src)[1], resolve(dst)[1])
     if lost:
+        for folder in (TRIALS_DIR, METRICS_DIR):
+            table_folder(exp.uri, folder).move_out(lost, join(exp.uri, LOST_DIR, folder))
         print(f"[uda-ray] {len(lost)} trial(s) ({', '.join(lost)}) started after the killed driver's last saved "
               f"state; Tune cannot resume them and samples new trials in their place: their rows were moved to "
               f"{join(exp.uri, LOST_DIR)}", flush=True)
