@@ -8,7 +8,9 @@ import re
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from uda_ray.results import store
@@ -34,6 +36,33 @@ def _sample(n: int, seed: int = 0) -> np.ndarray:
     if n <= MAX_POINTS:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=MAX_POINTS, replace=False))
+
+
+MAX_LOG_TICKS = 6
+
+
+def log_ticks(ax: Axes) -> list[float]:
+    """Readable ticks for a log x axis over its current limits: matplotlib's default labels the minor ticks of a
+    range under about a decade (2×10⁻¹, 3×10⁻¹, 4×10⁻¹, …), which overlap on a small figure. Instead: the 1-2-5
+    values inside the range (only the powers of ten, or every other one, when that gives more than
+    ``MAX_LOG_TICKS``; three rounded geometric steps when it gives fewer than two), labelled plainly (``0.05``,
+    ``1e-05``; slanted when long), minor ticks unlabelled. Returns the ticks set."""
+    lo, hi = sorted(ax.get_xlim())
+    decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+    fine = [m * 10.0**e for e in decades for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+    ticks = fine if len(fine) <= MAX_LOG_TICKS else [10.0**e for e in decades if lo <= 10.0**e <= hi]
+    while len(ticks) > MAX_LOG_TICKS:  # many decades: every other one
+        ticks = ticks[::2]
+    if len(ticks) < 2:  # a narrow range: three inner geometric steps, with as many digits as tell them apart
+        steps = np.geomspace(lo, hi, 5)[1:-1]
+        digits = next((d for d in range(2, 8) if len({f"{v:.{d}g}" for v in steps}) == len(steps)), 8)
+        ticks = sorted({float(f"{v:.{digits}g}") for v in steps})
+    labels = [f"{t:g}" for t in ticks]
+    long = max(len(t) for t in labels) > 5
+    ax.set_xticks(ticks, labels, rotation=30 if long else 0, ha="right" if long else "center")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(lo, hi)
+    return ticks
 
 
 def plot_history(hist: pd.DataFrame, label: str, out_dir: str) -> str:
@@ -83,6 +112,8 @@ def plot_marginal(values: pd.Series, target: pd.Series, status: pd.Series, param
         ax.scatter(xs[pick & ~done], y[pick & ~done], s=14, facecolors="none", edgecolors="C1", alpha=0.8,
                    label="pruned (at its rung)", rasterized=True)
         ax.legend(loc="best", fontsize="small")
+    if ax.get_xscale() == "log":
+        log_ticks(ax)
     ax.set_xlabel(param)
     ax.set_ylabel(label)
     ax.set_title(f"{param}: {int(done.sum())} finished + {int((~done).sum())} pruned trials", fontsize="medium")

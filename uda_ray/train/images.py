@@ -6,10 +6,11 @@ prediction and the teacher's pseudo-labels. At every evaluation ``fit`` writes o
 
 - for a fixed, seeded set of target **val** images: image | ground truth | student prediction;
 - for a fixed, seeded set of target **train** images: image | teacher pseudo-label (pixels below the pseudo-label
-  threshold drawn dark: they carry less weight) | student prediction;
+  threshold drawn black, as ignore: they carry less weight) | student prediction;
 
-in the Cityscapes palette with a legend of the classes. The sets are drawn once from ``run.seed``, so the grids of
-one run show the same images at every iteration, and the grids of two runs with the same seed are comparable.
+in the Cityscapes palette with a legend of the classes and of black, which stands for ignore: void pixels of the
+ground truth and pseudo-labels below the threshold. The sets are drawn once from ``run.seed``, so the grids of one
+run show the same images at every iteration, and the grids of two runs with the same seed are comparable.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ TILE_WIDTH = 256  # pixels per tile in the grid: the PNG stays small (tens to a 
 _PAD, _TITLE = 4, 18
 _PALETTE = np.zeros((256, 3), dtype=np.uint8)  # ignore (255) and unused ids draw black
 _PALETTE[: len(CLASS_COLOURS)] = np.array(CLASS_COLOURS, dtype=np.uint8)
+
+
+IGNORE_LABEL = "ignore (void, below threshold)"
+
+
+def legend_entries() -> list[tuple[str, tuple[int, int, int]]]:
+    """The grid's legend: every class in its Cityscapes colour, then ignore in black (``colorize`` of 255)."""
+    return [*zip(CLASSES, (tuple(c) for c in CLASS_COLOURS)), (IGNORE_LABEL, tuple(int(v) for v in _PALETTE[255]))]
 
 
 def colorize(labels: np.ndarray) -> np.ndarray:
@@ -66,7 +75,8 @@ def grid_png(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[np.nda
         rendered.append((name, columns, tiles))
     n_cols = max(len(c) for _, c, _ in rendered)
     total_w = _PAD + n_cols * (width + _PAD)
-    legend_rows = -(-len(CLASSES) // 4)
+    legend = legend_entries()
+    legend_rows = -(-len(legend) // 4)
     heights = [_TITLE * 2 + sum(max(t.height for t in row) + _PAD for row in tiles) for _, _, tiles in rendered]
     total_h = _TITLE + sum(heights) + legend_rows * 16 + 2 * _PAD
     canvas = Image.new("RGB", (total_w, total_h), (255, 255, 255))
@@ -84,7 +94,7 @@ def grid_png(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[np.nda
             yy += max(t.height for t in row) + _PAD
         y += h
     col_w = total_w // 4
-    for c, (cls, colour) in enumerate(zip(CLASSES, CLASS_COLOURS)):
+    for c, (cls, colour) in enumerate(legend):
         x0, y0 = _PAD + (c % 4) * col_w, y + _PAD + (c // 4) * 16
         draw.rectangle((x0, y0 + 2, x0 + 12, y0 + 12), fill=colour, outline=(0, 0, 0))
         draw.text((x0 + 16, y0), cls, fill=(0, 0, 0), font=small)
