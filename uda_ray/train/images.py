@@ -6,10 +6,10 @@ prediction and the teacher's pseudo-labels. At every evaluation ``fit`` writes o
 
 - for a fixed, seeded set of target **val** images: image | ground truth | student prediction;
 - for a fixed, seeded set of target **train** images: image | teacher pseudo-label (pixels below the pseudo-label
-  threshold drawn black, as ignore: they carry less weight) | student prediction;
+  threshold drawn dimmed: they carry less weight) | student prediction;
 
-in the Cityscapes palette with a legend of the classes and of black, which stands for ignore: void pixels of the
-ground truth and pseudo-labels below the threshold. The sets are drawn once from ``run.seed``, so the grids of one
+in the Cityscapes palette with a legend of the classes and of black, which stands for ignore (the void pixels of
+the ground truth: ego vehicle, rectification border, unlabelled). The sets are drawn once from ``run.seed``, so the grids of one
 run show the same images at every iteration, and the grids of two runs with the same seed are comparable.
 """
 
@@ -32,7 +32,7 @@ _PALETTE = np.zeros((256, 3), dtype=np.uint8)  # ignore (255) and unused ids dra
 _PALETTE[: len(CLASS_COLOURS)] = np.array(CLASS_COLOURS, dtype=np.uint8)
 
 
-IGNORE_LABEL = "ignore (void, below threshold)"
+IGNORE_LABEL = "ignore (void)"
 
 
 def legend_entries() -> list[tuple[str, tuple[int, int, int]]]:
