@@ -9,8 +9,9 @@ prediction and the teacher's pseudo-labels. At every evaluation ``fit`` writes o
   threshold drawn dimmed: they carry less weight) | student prediction;
 
 in the Cityscapes palette with a legend of the classes and of black, which stands for ignore (the void pixels of
-the ground truth: ego vehicle, rectification border, unlabelled). The sets are drawn once from ``run.seed``, so the grids of one
-run show the same images at every iteration, and the grids of two runs with the same seed are comparable.
+the ground truth: ego vehicle, rectification border, unlabelled). The sets are drawn once from ``run.seed``, so
+the grids of one run show the same images at every iteration, and the grids of two runs with the same seed are
+comparable.
 """
 
 from __future__ import annotations
