@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 from uda_ray.config import ConfigError
@@ -13,8 +14,13 @@ from uda_ray.config import ConfigError
 def _cmd_train(args: argparse.Namespace) -> int:
     from uda_ray.config import apply_overrides, load_config
     from uda_ray.preflight import preflight
+    from uda_ray.stages import is_chain_file
     from uda_ray.train.run import default_run_name, train_local
 
+    if is_chain_file(args.config):
+        return _train_chain(args)
+    if args.rerun_stage:
+        raise ConfigError(f"--rerun-stage: {args.config} is a run config, not a chain of stages")
     cfg = load_config(args.config, args.overrides)
     if args.output_dir or args.name:
         cfg = apply_overrides(cfg, {k: v for k, v in (("run.output_dir", args.output_dir),
@@ -25,12 +31,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"uda-ray train: {args.config} → {run_dir}")
     result = train_local(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                          overrides=args.overrides)
+    return _print_result(result, run_dir)
+
+
+def _print_result(result, run_dir: Path) -> int:
     miou = result.metrics.get("val/miou")
     print(f"status: {result.status} at iteration {result.iteration}"
           + (f", val/miou {100 * miou:.2f}" if miou is not None else "")
           + (f"\n{result.error}" if result.error else ""))
     print(f"run folder: {run_dir}")
     return 0 if result.status == "completed" else 3
+
+
+def _train_chain(args: argparse.Namespace) -> int:
+    from uda_ray.stages import load_chain
+    from uda_ray.stages.check import preflight_chain
+    from uda_ray.stages.run import train_chain
+
+    chain = load_chain(args.config, args.overrides)
+    output_dir = args.output_dir or chain.final_config.run.output_dir
+    name = args.name or chain.final_config.run.name or f"{chain.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(output_dir) / name
+    preflight_chain(chain, storage=output_dir, storage_option="run.output_dir")
+    print(f"uda-ray train: chain {args.config} ({' → '.join(chain.names)}) → {run_dir}; stages cached under "
+          f"{Path(output_dir) / 'stages'}")
+    result = train_chain(chain, run_dir, storage=str(Path(output_dir).resolve()), resume=args.resume,
+                         rerun=frozenset(args.rerun_stage or ()), progress=not args.no_progress,
+                         overrides=args.overrides)
+    return _print_result(result, run_dir)
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from uda_ray.stages.cache import StageCache, stages_root
+    from uda_ray.tune.driver import storage_root
+
+    cache = StageCache(stages_root(storage_root(args.storage)))
+    if args.remove:
+        removed = cache.remove(args.remove)
+        if not removed:
+            print(f"uda-ray: no cached stage with key {args.remove!r} under {cache.root}", file=sys.stderr)
+            return 2
+        for uri in removed:
+            print(f"removed {uri}")
+        return 0
+    entries = cache.entries()
+    if not entries:
+        print(f"no cached stages under {cache.root}")
+        return 0
+    for e in entries:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.get("created", 0)))
+        used = ", ".join(e["used_by"]) or "-"
+        print(f"{e['name']:<16} {e['kind']:<13} {e['key']}  {e['size'] / 2**20:8.1f} MiB  {created}  "
+              f"{e.get('seconds', 0):7.0f} s  used by: {used}")
+    print(f"{len(entries)} cached stage(s) under {cache.root}; `uda-ray stages {args.storage} --remove KEY` deletes "
+          "one")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -182,7 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="parent folder of the run (default: run.output_dir)")
     t.add_argument("--resume", action="store_true", help="continue the named run from its newest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--rerun-stage", action="append", metavar="NAME",
+                   help="a chain: compute stage NAME again even when its output is cached (repeatable)")
     t.set_defaults(func=_cmd_train)
+
+    st = sub.add_parser("stages", help="list (or remove) the cached stage outputs under a results root")
+    st.add_argument("storage", nargs="?", default="results", help="results root (folder or URI; default ./results)")
+    st.add_argument("--remove", metavar="KEY", help="delete the cached output with this key")
+    st.set_defaults(func=_cmd_stages)
 
     e = sub.add_parser("evaluate", help="mIoU of a checkpoint (or, with --config, a released model) on the target "
                                         "split")

@@ -2,8 +2,10 @@
 
 Trials table, one file per trial at ``<root>/<experiment>/trials/<trial_id>.parquet``, one row:
 ``experiment, trial_id, kind, status, error, cell, seed, source_trial_id, iterations, wall_s, started_at, ended_at,
-overrides, score, score_iteration, checkpoint, best/<metric>..., last/<metric>..., config/<dotted key>..., git_rev,
-versions/<package>...``.
+overrides, score, score_iteration, checkpoint, chain, best/<metric>..., last/<metric>..., config/<dotted key>...,
+stage/<name>/key, stage/<name>/uri..., git_rev, versions/<package>...``. ``chain`` (JSON) and ``stage/*`` are set
+for a trial whose run is a chain of stages (``uda_ray.stages``): the chain, resolved, and the cache key and output of
+every stage before the final one (the trial's own run), so a result can be traced to its warm-up model.
 ``cell``/``seed`` are set for ablations, ``source_trial_id``/``seed`` for retrains and null otherwise, so every
 trial file of every kind has them and plain ``pd.read_parquet`` on the folder sees one schema; ``error`` is the
 failure's message for ERROR and DIVERGED trials and null for every other. The files carry pandas metadata
@@ -54,6 +56,7 @@ CONFIG_PREFIX = "config/"
 BEST_PREFIX = "best/"
 LAST_PREFIX = "last/"
 VERSIONS_PREFIX = "versions/"
+STAGE_PREFIX = "stage/"
 ITERATION = "iteration"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -75,6 +78,7 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "score": pa.float64(),
     "score_iteration": pa.int64(),
     "checkpoint": pa.string(),
+    "chain": pa.string(),
     "git_rev": pa.string(),
 }
 METRICS_COLUMNS: dict[str, pa.DataType] = {
@@ -137,7 +141,7 @@ def trial_column_type(name: str, values: Iterable[Any] = ()) -> pa.DataType:
         return TRIAL_COLUMNS[name]
     if name.startswith((BEST_PREFIX, LAST_PREFIX)):
         return pa.float64()
-    if name.startswith(VERSIONS_PREFIX):
+    if name.startswith((VERSIONS_PREFIX, STAGE_PREFIX)):
         return pa.string()
     if name.startswith(CONFIG_PREFIX):
         key = name[len(CONFIG_PREFIX):]
@@ -151,16 +155,16 @@ def _column_order(name: str) -> tuple[int, str]:
     fixed = list(TRIAL_COLUMNS)
     if name in TRIAL_COLUMNS and name != "git_rev":
         return (0, f"{fixed.index(name):03d}")
-    for rank, prefix in enumerate((BEST_PREFIX, LAST_PREFIX, CONFIG_PREFIX), start=1):
+    for rank, prefix in enumerate((BEST_PREFIX, LAST_PREFIX, CONFIG_PREFIX, STAGE_PREFIX), start=1):
         if name.startswith(prefix):
             return (rank, name)
     if name == "git_rev":
-        return (4, "")
-    return (5, name)
+        return (5, "")
+    return (6, name)
 
 
 def ordered_trial_columns(names: Iterable[str]) -> list[str]:
-    """Column names in contract order: fixed columns, best/*, last/*, config/*, git_rev, versions/*."""
+    """Column names in contract order: fixed columns, best/*, last/*, config/*, stage/*, git_rev, versions/*."""
     return sorted(dict.fromkeys(names), key=_column_order)
 
 

@@ -276,12 +276,14 @@ def trial_row(*, experiment: str, trial_id: str, kind: str, status: str,
               started_at: datetime | float | None = None, ended_at: datetime | float | None = None,
               wall_s: float | None = None, cell: str | None = None, seed: int | None = None,
               source_trial_id: str | None = None, git_rev: str | None = None,
-              versions: Mapping[str, str] | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+              versions: Mapping[str, str] | None = None, checkpoint: str | None = None,
+              chain: str | None = None, stages: Mapping[str, str] | None = None) -> dict[str, Any]:
     """One trials-table row as a ``{column: value}`` dict (pass a list of them to ``trials_table``).
 
     ``config`` is the resolved ``Config`` (or its ``flatten``ed dict); ``overrides`` the trial's dotted overrides
     (stored as JSON); ``reports`` the flat metric dicts reported so far, each with its ``iteration``;
-    ``checkpoint`` the checkpoint written at the scored evaluation, if known. ``wall_s`` defaults to
+    ``checkpoint`` the checkpoint written at the scored evaluation, if known; ``chain`` (JSON) and ``stages``
+    (``stage/<name>/key`` and ``stage/<name>/uri``) for a run that is a chain's final stage. ``wall_s`` defaults to
     ``ended_at - started_at``; ``git_rev`` and ``versions`` default to this process's provenance. ``error`` is the
     message of a failed trial; an empty one is stored as null, as for every trial that did not fail.
     """
@@ -308,6 +310,8 @@ def trial_row(*, experiment: str, trial_id: str, kind: str, status: str,
     }
     row["score"], row["score_iteration"] = score_of(reports, metric)
     row["checkpoint"] = checkpoint
+    row["chain"] = chain
+    row.update(stages or {})
     row.update(summarize_reports(reports, metric, mode))
     row.update({f"{CONFIG_PREFIX}{k}": (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()})
     row["git_rev"] = git_rev if git_rev is not None else provenance.process_git_revision()

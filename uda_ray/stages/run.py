@@ -56,6 +56,7 @@ class ChainRun:
     train_fn: Callable[[Config, Path], Any] | None = None
     keys: dict[str, str] = field(init=False)
     cache: StageCache = field(init=False)
+    _ready: dict[str, str] = field(init=False, default_factory=dict)  # stage -> output URI, once ensured
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.rerun) - set(self.chain.names[:-1]))
@@ -86,6 +87,8 @@ class ChainRun:
         s = self.chain.stage(name)
         if s.kind == "checkpoint":
             return s.path
+        if name in self._ready:
+            return self._ready[name]
         for ref in s.inputs.values():
             self.ensure(ref.stage)
         key = self.keys[name]
@@ -99,6 +102,7 @@ class ChainRun:
         else:
             uri = self.coordinate(name, key, lambda: self.cache.lookup(name, key) or self._compute(name))
         self.cache.note_use(uri, self.who)
+        self._ready[name] = uri
         return uri
 
     def stage_config(self, name: str, uris: dict[str, str]) -> Config:

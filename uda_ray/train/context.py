@@ -19,6 +19,10 @@ from uda_ray.adaptation import pseudo_labels
 from uda_ray.models import SegOutput
 from uda_ray.models.segmenter import upsample
 
+# The student's passes of an iteration that several losses may read (``Term.reads``): the source batch
+# (``out_src``), the ClassMix batch (``extra["mix_out"]``) and the plain target batch (``out_tgt``). A pass that a
+# term makes for itself alone (MIC's masked image, a strong view) is not one of them.
+SRC, MIX, TGT = "src", "mix", "tgt"
 
 @dataclass(frozen=True)
 class PseudoLabels:
@@ -44,6 +48,7 @@ class StepContext:
     aux_bn_update: bool = True  # whether auxiliary passes update BatchNorm running statistics
     teacher_bn_batch: bool = False  # teacher.bn_mode = batch: the teacher's BatchNorm uses the target batch's stats
     tgt_valid: Tensor | None = None  # (B, H, W) bool: target pixels whose pseudo-labels may count (HRDA's margins)
+    y_tgt: Tensor | None = None  # (B, H, W) offline target labels (data.target_pseudo_labels); None otherwise
     _pseudo: PseudoLabels | None = None
     _out_tgt: SegOutput | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # what the step leaves for terms (mix_out, mix_labels, …)

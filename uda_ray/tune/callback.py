@@ -67,6 +67,8 @@ class TrialInfo:
     cell: str | None = None
     seed: int | None = None
     source_trial_id: str | None = None
+    chain: str | None = None  # the trial's chain of stages (JSON), when its run is one
+    stages: dict[str, str] | None = None  # stage/<name>/key and stage/<name>/uri of the stages it uses
 
 
 NON_RETRYABLE_KEY = "uda_ray_non_retryable"  # no "/": never a metric
@@ -217,7 +219,8 @@ class ResultsCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = self._state(trial)
         message = error_text(trial)
-        status = "DIVERGED" if "Diverged" in message else "ERROR"
+        # a trial whose own run diverged; a stage it needed that diverged is an error of the trial (StageFailed)
+        status = "DIVERGED" if "Diverged" in message and "StageFailed" not in message else "ERROR"
         self._write_row(trial.trial_id, state, status, error=message, ended=True)
         self._status[trial.trial_id] = status
         self._say(f"{trial.trial_id} {status}: {message}")
@@ -311,6 +314,7 @@ class ResultsCallback(Callback):
                         metric=self.metric, mode=self.mode, error=error, started_at=state.started_at,
                         ended_at=ended_at, wall_s=wall, cell=info.cell,
                         seed=info.seed, source_trial_id=info.source_trial_id, git_rev=self._git_rev,
-                        versions=self._versions, checkpoint=state.checkpoints.get(scored_at))
+                        versions=self._versions, checkpoint=state.checkpoints.get(scored_at),
+                        chain=info.chain, stages=info.stages)
         self._tables()[0].write(trial_id, trials_table([row]))
         state.written_at = now

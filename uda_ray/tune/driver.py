@@ -37,11 +37,14 @@ from uda_ray.results.store import (
     trial_images_uri,
     write_bytes,
 )
-from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_trainer
+from uda_ray.stages.chain import Chain
+from uda_ray.stages.run import ChainRun
+from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_trainer, stage_trainer
 from uda_ray.tune.callback import NON_RETRYABLE_KEY, ResultsCallback, TrialInfo
 from uda_ray.tune.cluster import ClusterAuthError, auth_message, describe_cluster, is_auth_failure, joining_address
 from uda_ray.tune.local_ray import end_leftovers, record_session
 from uda_ray.tune.spec_yaml import objectives
+from uda_ray.tune.stage_coordinator import coordinate_with, start_coordinator
 
 DEFAULT_ROOT = "results"
 TUNE_STATE = "tuner.pkl"
@@ -209,15 +212,27 @@ def trial_resources(scaling: Scaling) -> dict[str, float]:
     return res
 
 
-def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scaling,
-                   experiment_uri: str) -> Callable[[dict[str, Any]], None]:
+def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scaling, experiment: Experiment,
+                   chain_of: Callable[[dict[str, Any]], Chain | None] | None = None
+                   ) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable: one UDA run per trial. Its prediction grids go to
-    ``<experiment>/trial_<id>/images/``, beside the trial's Tune folder."""
+    ``<experiment>/trial_<id>/images/``, beside the trial's Tune folder. A trial whose run is a chain of stages
+    (``chain_of``) first gets every stage its final stage needs from the cache under ``<storage>/stages``, computing
+    the missing ones (once across the search's concurrent trials: ``uda_ray.tune.stage_coordinator``), then trains
+    the final stage as its reported run."""
+    experiment_uri = experiment.uri
 
     def trainable(tune_config: dict[str, Any]) -> None:
         try:
-            cfg = config_of(tune_config)
             trial_id = tune.get_context().get_trial_id()
+            chain = chain_of(tune_config) if chain_of is not None else None
+            if chain is not None:
+                runner = ChainRun(chain, experiment.root, who=f"{experiment.name}/{trial_id}",
+                                  coordinate=coordinate_with(experiment.name),
+                                  train_fn=stage_trainer(scaling, experiment.root) if scaling.num_workers else None)
+                cfg = runner.prepare().config
+            else:
+                cfg = config_of(tune_config)
             images = trial_images_uri(experiment_uri, trial_id)
             if scaling.num_workers == 0:
                 run_in_process(cfg, images_uri=images)
@@ -251,6 +266,7 @@ class ExperimentSpec:
     search_alg: Any = None
     scheduler: Any = None
     on_lost: Callable[[list[str]], None] | None = None  # told the ids of trials a killed driver lost (on resume)
+    chain_of: Callable[[dict[str, Any]], Chain | None] | None = None  # a trial's chain of stages, when it runs one
     loggers: tuple[str, ...] = ()  # extra trial loggers: "mlflow"
 
 
@@ -320,8 +336,10 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> ExperimentR
     objs = objectives(spec.metric, spec.mode)
     first_metric, first_mode = objs[0]
     trainable = tune.with_resources(
-        make_trainable(spec.config_of, spec.scaling, exp.uri),
+        make_trainable(spec.config_of, spec.scaling, exp, spec.chain_of),
         trial_resources(spec.scaling))
+    # held until the experiment ends: an actor lives as long as a handle to it
+    coordinator = start_coordinator(exp.name) if spec.chain_of is not None else None  # noqa: F841
     # what Tune's per-trial result boxes show (Ray reads this attribute of a function trainable); without it they
     # list every reported metric, 19 per-class IoUs included
     trainable._progress_metrics = list(dict.fromkeys([*(m for m, _ in objs), "val/miou", "train/loss", "iteration"]))

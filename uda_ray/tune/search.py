@@ -12,6 +12,9 @@ from ray.tune.schedulers import FIFOScheduler
 
 from uda_ray.preflight import preflight
 from uda_ray.results.store import join, write_bytes
+from uda_ray.stages.chain import Chain, final_config
+from uda_ray.stages.check import preflight_chain
+from uda_ray.stages.run import stage_columns
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo, error_of
 from uda_ray.tune.driver import (
@@ -34,8 +37,9 @@ from uda_ray.tune.space import (
     load_space,
     trial_config,
     trial_overrides,
+    trial_run,
 )
-from uda_ray.tune.spec_yaml import base_config, naming_spec_overrides, objectives, own_overrides
+from uda_ray.tune.spec_yaml import base_run, naming_spec_overrides, objectives, own_overrides
 
 STUDY_FILE = "optuna.db"
 
@@ -90,8 +94,11 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         if num_samples < 1:
             raise ValueError(f"--num-samples {num_samples}: expected at least 1")
         spec = dataclasses.replace(spec, num_samples=num_samples)
-    base = base_config(spec)
-    preflight([base], storage=exp.root)
+    base = base_run(spec)
+    if isinstance(base, Chain):
+        preflight_chain(base, storage=exp.root)
+    else:
+        preflight([base], storage=exp.root)
     if not resume:
         write_bytes(Path(space_path).read_bytes(), join(exp.uri, "search_space.yaml"))
     study_url = study_storage(exp)
@@ -100,7 +107,8 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
     metric, mode = spec.metric, spec.mode
     searcher = UdaOptunaSearch(space=define_by_run(spec), metric=metric, mode=mode, sampler=build_sampler(spec),
                                study_name=exp.name, storage=optuna.storages.RDBStorage(study_url),
-                               total_iterations=base.run.iterations, experiment=exp.name, error_of=error_of)
+                               total_iterations=final_config(base).run.iterations, experiment=exp.name,
+                               error_of=error_of)
     s = spec.scheduler
     scheduler = FIFOScheduler()
     if s.type == "asha":
@@ -108,15 +116,18 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
-        return TrialInfo(config=trial_config(spec, tune_config),
-                         overrides=own_overrides(spec, trial_overrides(spec, tune_config)))
+        run = trial_run(spec, tune_config)
+        chain = run if isinstance(run, Chain) else None
+        return TrialInfo(config=final_config(run), overrides=own_overrides(spec, trial_overrides(spec, tune_config)),
+                         chain=chain.to_json() if chain else None,
+                         stages=stage_columns(chain, exp.root) if chain else None)
 
     run = run_experiment(ExperimentSpec(
         experiment=exp, kind="search", metric=metric, mode=mode,
         config_of=lambda c: trial_config(spec, c), trial_info=trial_info, scaling=scaling_of(spec),
         num_samples=spec.num_samples, max_concurrent=spec.max_concurrent, max_failures=spec.max_failures,
         search_alg=searcher, scheduler=scheduler, on_lost=lambda ids: fail_lost_trials(study_url, exp.name, ids),
-        loggers=spec.loggers),
+        loggers=spec.loggers, chain_of=(lambda c: trial_run(spec, c)) if isinstance(base, Chain) else None),
         resume=resume)
     objs = objectives(metric, mode)
     return SearchOutcome(exp, best_row(exp, *objs[0]), study_url, tuple(m for m, _ in objs),

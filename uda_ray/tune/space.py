@@ -60,13 +60,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from uda_ray.config import Config, ConfigError, apply_overrides, field_type, load_config
+from uda_ray.config import Config, ConfigError, field_type
+from uda_ray.stages.chain import Run, apply_run_overrides, final_config, load_run, run_key_type
 from uda_ray.tune.spec_yaml import (
     IDENTIFIER,
     Resources,
@@ -88,6 +90,7 @@ SAMPLER_OPTIONS = {"tpe": ("n_startup_trials",), "cmaes": ("n_startup_trials",),
                    "random": (), "nsga2": ("population_size",)}
 SCHEDULERS = ("none", "asha")
 KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
+CHAIN_KEY = re.compile(r"^(stages\.[^.]+\..+|seed)$")  # keys of a chain base (uda_ray.stages.chain)
 
 _TOP_KEYS = {"experiment", "base", "metric", "mode", "sampler", "num_samples", "max_concurrent", "max_failures",
              "scheduler", "resources", "switches", "params", "loggers"}
@@ -271,13 +274,13 @@ def _parse_range(spec: dict[str, Any], kind: str, name: str, tp: Any, path: Path
                  step=step, log=bool(log))
 
 
-def _parse_param(name: Any, spec: Any, earlier: dict[str, Param | Switch], later: set[str], cfg: Config,
+def _parse_param(name: Any, spec: Any, earlier: dict[str, Param | Switch], later: set[str], cfg: Run,
                  path: Path) -> Param:
     where = f"params.{name}"
     if not isinstance(name, str):
         raise SpaceError(f"{path}: params key {name!r}: expected a dotted config key")
     try:
-        tp = field_type(name)
+        tp = run_key_type(cfg, name)
     except ConfigError as e:
         raise SpaceError(f"{path}: {where}: {e}") from e
     if not isinstance(spec, dict):
@@ -306,7 +309,7 @@ def _parse_param(name: Any, spec: Any, earlier: dict[str, Param | Switch], later
     return param
 
 
-def _parse_switch(name: Any, spec: Any, earlier: dict[str, Param | Switch], later: set[str], cfg: Config,
+def _parse_switch(name: Any, spec: Any, earlier: dict[str, Param | Switch], later: set[str], cfg: Run,
                   path: Path) -> Switch:
     where = f"switches.{name}"
     if not isinstance(name, str) or not IDENTIFIER.match(name):
@@ -330,7 +333,7 @@ def _parse_switch(name: Any, spec: Any, earlier: dict[str, Param | Switch], late
     return Switch(name, choices, tuple(pairs), when)
 
 
-def _parse_scheduler(value: Any, cfg: Config, path: Path) -> Scheduler:
+def _parse_scheduler(value: Any, cfg: Run, path: Path) -> Scheduler:
     if value is None:
         return Scheduler()
     if not isinstance(value, dict) or value.get("type") not in SCHEDULERS:
@@ -350,9 +353,10 @@ def _parse_scheduler(value: Any, cfg: Config, path: Path) -> Scheduler:
         raise SpaceError(f"{path}: scheduler.reduction_factor = {rf}: expected > 1")
     if grace > max_t:
         raise SpaceError(f"{path}: scheduler.grace_period = {grace} exceeds scheduler.max_t = {max_t}")
-    if max_t > cfg.run.iterations:
+    iterations = final_config(cfg).run.iterations
+    if max_t > iterations:
         raise SpaceError(f"{path}: scheduler.max_t = {max_t} exceeds the base run's run.iterations = "
-                         f"{cfg.run.iterations}: ASHA's budget must fit in the run")
+                         f"{iterations}: ASHA's budget must fit in the run (a chain's: its final stage's)")
     return Scheduler("asha", grace, max_t, float(rf))
 
 
@@ -371,7 +375,7 @@ def _parse_sampler(value: Any, path: Path) -> tuple[str, int, dict[str, int]]:
     return kind, seed, options
 
 
-def _check_combinations(switches: tuple[Switch, ...], params: tuple[Param, ...], cfg: Config, path: Path) -> None:
+def _check_combinations(switches: tuple[Switch, ...], params: tuple[Param, ...], cfg: Run, path: Path) -> None:
     """Each combination of switch values with its implications and the constants it activates is a valid config."""
     for combo in itertools.product(*(s.choices for s in switches)):
         values: dict[str, Any] = {}
@@ -534,7 +538,9 @@ def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, 
         try:
             field_type(key)
         except ConfigError as e:
-            raise SpaceError(f"{spec.path}: trial config key '{key}' is neither a switch nor a config key: {e}") from e
+            if not CHAIN_KEY.match(key):  # a chain's stages.<name>.… keys are checked when they are applied
+                raise SpaceError(f"{spec.path}: trial config key '{key}' is neither a switch nor a config key: "
+                                 f"{e}") from e
         value = plain(value)
         if key in implied and not same_value(implied[key], value):
             raise SpaceError(f"{spec.path}: trial config '{key}' = {value!r} contradicts {implied[key]!r}, which "
@@ -543,10 +549,16 @@ def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, 
     return out
 
 
+def trial_run(spec: SearchSpec, tune_config: dict[str, Any]) -> Run:
+    """What one trial runs: the base run config or chain with ``trial_overrides`` applied."""
+    return apply_run_overrides(load_run(spec.base_config), trial_overrides(spec, tune_config),
+                               source=f"{spec.path} (trial)")
+
+
 def trial_config(spec: SearchSpec, tune_config: dict[str, Any]) -> Config:
-    """The full run config of one trial (the base file with ``trial_overrides`` applied)."""
-    return apply_overrides(load_config(spec.base_config), trial_overrides(spec, tune_config),
-                           source=f"{spec.path} (trial)")
+    """The full run config of one trial (the base file with ``trial_overrides`` applied; for a chain, its final
+    stage's config)."""
+    return final_config(trial_run(spec, tune_config))
 
 
 def build_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:

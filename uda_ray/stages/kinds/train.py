@@ -98,6 +98,7 @@ def train_in(cfg: Config, work_dir: Path, *, progress: bool = False, log=print, 
 def run(job: StageJob) -> dict[str, Any]:
     train = job.train_fn or (lambda cfg, work: train_in(cfg, work, progress=job.progress, log=job.log,
                                                         name=job.name))
+    before = latest_checkpoint(job.work_dir)  # a computation that was killed half way continues from here
     result = train(job.config, job.work_dir)
     if result.status != "completed":
         raise StageFailed(f"stage '{job.name}' did not finish: {result.status} at iteration {result.iteration}"
@@ -113,6 +114,7 @@ def run(job: StageJob) -> dict[str, Any]:
         save_model(last, job.out_dir / "best.pt", result.metrics)
     os.replace(job.work_dir / "metrics.parquet", job.out_dir / "metrics.parquet")
     save_config(job.config, job.out_dir / "config.yaml")
-    return {"iterations": result.iteration, "last": {k: v for k, v in result.metrics.items()
+    return {"iterations": result.iteration, "resumed_from": int(before.name.split("_")[-1]) if before else 0,
+            "last": {k: v for k, v in result.metrics.items()
                                                      if k.startswith(("val/", "holdout/", "iteration"))},
             "best": {"metric": BEST_METRIC, "value": best if math.isfinite(best) else None, "iteration": best_it}}

@@ -1,0 +1,116 @@
+"""Searches over chains on a real local Ray: a stage the trials share is computed once (also when two trials need it
+at the same time), a failing stage fails the trials that need it and no other, and a driver killed with kill -9
+during a shared stage resumes with the stage computed once and no duplicated rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.stages.test_stages_run import write_chain
+from uda_ray.results.store import load_metrics, load_trials
+from uda_ray.stages.cache import StageCache, stages_root
+from uda_ray.tune.search import run_search
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def chain_space(tmp_path: Path, cache: Path, *, params: dict, num_samples: int = 4, source: dict | None = None,
+                seed: int = 0) -> Path:
+    chain = write_chain(tmp_path / "chain.yaml", cache, {
+        "source": {"kind": "train", "overrides": {"loss.mix_weight": 0.0, **(source or {})}},
+        "adapt": {"kind": "train", "init": {"stage": "source", "checkpoint": "best"}}})
+    space = {"experiment": "c", "base": {"config": str(chain)}, "metric": "val/miou", "mode": "max",
+             "sampler": {"type": "random", "seed": seed}, "num_samples": num_samples, "max_concurrent": 2,
+             "scheduler": {"type": "none"}, "resources": {"workers": 0, "cpus_per_worker": 1}, "params": params}
+    path = tmp_path / "space.yaml"
+    path.write_text(f"# uda-ray tune {path}\n" + yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def test_a_search_over_the_final_stage_computes_the_shared_stage_once(ray_local, tmp_path: Path,
+                                                                      synthetic_cache: Path) -> None:
+    space = chain_space(tmp_path, synthetic_cache, params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}})
+    out = run_search(space, storage=str(tmp_path / "results"))
+    trials = load_trials(out.experiment.uri)
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    cache = StageCache(stages_root(str(tmp_path / "results")))
+    [entry] = cache.entries()  # the two trials that started together did not both compute it
+    assert entry["name"] == "source"
+    assert [r["status"] for r in cache.runs("source", entry["key"])] == ["done"]
+    assert entry["used_by"] == sorted(f"{out.experiment.name}/{t}" for t in trials["trial_id"])
+    assert set(trials["stage/source/key"]) == {entry["key"]} and set(trials["stage/source/uri"]) == {entry["uri"]}
+    assert set(trials["config/model.init_from"]) == {"stage://source/best.pt"}
+    chain = json.loads(trials["chain"].iloc[0])
+    assert [s["name"] for s in chain["stages"]] == ["source", "adapt"]
+
+
+def test_a_failing_stage_fails_the_trials_that_need_it_and_no_other(ray_local, tmp_path: Path,
+                                                                    synthetic_cache: Path) -> None:
+    space = chain_space(tmp_path, synthetic_cache, num_samples=4, seed=7,  # lr 1e12, 1e12, then 1e-3, 1e-3
+                        params={"stages.source.optim.lr": {"choice": [1.0e-3, 1.0e+12]}})
+    out = run_search(space, storage=str(tmp_path / "results"))
+    trials = load_trials(out.experiment.uri)
+    bad = trials[trials["overrides"].str.contains("1000000000000")]
+    good = trials.drop(bad.index)
+    assert len(bad) and len(good), trials[["overrides", "status"]]
+    assert set(good["status"]) == {"TERMINATED"} and set(bad["status"]) == {"ERROR"}
+    assert bad["error"].str.contains("stage 'source'").all(), bad["error"].tolist()
+    cache = StageCache(stages_root(str(tmp_path / "results")))
+    assert [e["name"] for e in cache.entries()] == ["source"]  # the good one; the failed one published nothing
+    bad_key = bad["stage/source/key"].iloc[0]
+    assert [r["status"] for r in cache.runs("source", bad_key)] == ["failed"]  # computed once, failed once
+
+
+def _cli(*args: str, cwd: Path, records: Path) -> subprocess.Popen:
+    env = {**os.environ, "UDA_RAY_LOCAL_RAY_RECORDS": str(records), "PYTHONPATH": str(ROOT),
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "uda_ray.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_kill9_during_a_shared_stage_then_resume_computes_it_once(tmp_path: Path, synthetic_cache: Path) -> None:
+    space = chain_space(tmp_path, synthetic_cache, params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
+                        source={"run.iterations": 24, "run.eval_every": 4, "run.checkpoint_every": 4})
+    results, records = tmp_path / "results", tmp_path / "records"
+    proc = _cli("tune", str(space), "--storage", str(results), "--name", "k", cwd=tmp_path, records=records)
+    work = results / "stages" / ".work"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(work.glob("source-*/checkpoints/iter_*/checkpoint.pt")):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGKILL)  # the driver dies in the middle of the shared stage
+    proc.communicate(timeout=60)
+    cache = StageCache(stages_root(str(results)))
+    assert cache.entries() == []  # nothing half-written is trusted
+
+    resumed = _cli("tune", str(space), "--storage", str(results), "--name", "k", "--resume", cwd=tmp_path,
+                   records=records)
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out[-3000:]
+    trials = load_trials(str(results / "k"))
+    assert len(trials) == 4 and trials["trial_id"].is_unique and set(trials["status"]) == {"TERMINATED"}
+    for trial_id, m in load_metrics(str(results / "k")).groupby("trial_id"):
+        assert m["iteration"].tolist() == [1, 2, 3, 4], trial_id
+    [entry] = cache.entries()
+    runs = cache.runs("source", entry["key"])
+    assert [r["status"] for r in runs if r["status"] == "done"] == ["done"]  # computed to the end once
+    assert entry["result"]["resumed_from"] > 0  # and it continued from the killed computation's checkpoint
