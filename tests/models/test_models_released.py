@@ -6,8 +6,10 @@ official module structure and names: mmseg's ``EncoderDecoder`` (``backbone``, `
 ``DepthwiseSeparableConvModule`` and a ``bottleneck``, or a 1×1 ``ConvModule``; ``conv_seg``), HRDA's head (``head``,
 ``scale_attention``; CLUDA's also ``feat_weighter``), inside the UDA wrapper's ``model`` / ``ema_model`` /
 ``imnet_model``. The MiT backbone is Hugging Face's SegFormer encoder, whose weights are written under SegFormer's
-names by the key map of ``test_models_mit``; the DeepLabV2 reference is ``test_models_deeplabv2``'s. The loaded
-uda-ray network must give the reference's logits (HRDA: the fused output of one context + detail pass).
+names by the key map of ``test_models_mit``; the DeepLabV2 reference is ``test_models_deeplabv2``'s; SDCA's is its
+``resnet_feature_extractor`` (torchvision's ResNet behind an ``IntermediateLayerGetter``, its eps-free
+``FrozenBatchNorm2d``) and ``ASPP_Classifier_V2``. The loaded uda-ray network must give the reference's logits
+(HRDA: the fused output of one context + detail pass).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 
 from tests.models.test_models_deeplabv2 import (
     CAFFE_MEAN_BGR,
@@ -35,6 +39,7 @@ from tests.models.test_models_deeplabv2 import (
 )
 from tests.models.test_models_mit import hf_encoder, hf_stage_maps, hf_to_segformer
 from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet
+from uda_ray.models.backbones.torchvision_resnet import TorchvisionResNet
 from uda_ray.models.errors import CheckpointError
 from uda_ray.models.hrda import HRDASegmenter
 from uda_ray.models.released import TRAINING_CHECKPOINT, load_released
@@ -219,6 +224,16 @@ def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.fixture()
+def shallow_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segmenter builds the DeepLabV2 backbones with SMALL depths (the layers' widths stay ResNet-101's)."""
+    import uda_ray.models.segmenter as segmenter
+
+    monkeypatch.setattr(segmenter, "DeepLabV2ResNet", lambda: DeepLabV2ResNet(SMALL))
+    monkeypatch.setattr(segmenter, "TorchvisionResNet", lambda frozen_bn: TorchvisionResNet(frozen_bn=frozen_bn,
+                                                                                           depths=SMALL))
+
+
 X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
 
 
@@ -300,6 +315,7 @@ def test_cludas_feature_weighter_is_skipped_when_the_config_has_none(tmp_path: P
     ("daformer", "mit_b1", r"this is a DAFormer checkpoint \(.*mit_b0, .*model\.backbone=mit_b1"),
     ("daformer", "deeplabv2", r"this is a DAFormer checkpoint .*model\.backbone=deeplabv2_r101"),
 ])
+@pytest.mark.usefixtures("shallow_resnets")
 def test_a_file_of_another_recipe_is_refused_naming_its_recipe(tmp_path: Path, file_recipe: str, model_recipe: str,
                                                                 message: str):
     ref = {"hrda": hrda_reference, "cluda": lambda: hrda_reference(cluda=True),
@@ -353,12 +369,12 @@ def test_weights_that_the_file_lacks_are_refused(tmp_path: Path):
 
 # ------------------------------------------------------------------------------------------------- DeepLabV2
 def deeplabv2_model() -> Segmenter:
-    """DeepLabV2's Segmenter with a shallow caffe ResNet (the layers' widths are ResNet-101's)."""
     model = Segmenter("deeplabv2_r101", 5, decoder="deeplabv2", input_norm="caffe", aux_weight=0.1)
-    model.backbone = DeepLabV2ResNet(SMALL)
+    assert model.backbone.depths == SMALL
     return model.eval()
 
 
+@pytest.mark.usefixtures("shallow_resnets")
 def test_advent_state_dict_routes_through_the_deeplabv2_loader(tmp_path: Path):
     net = reference_backbone(SMALL)
     randomize(net, torch.Generator().manual_seed(10))
@@ -434,11 +450,95 @@ def test_udaray_checkpoint_loads_student_or_teacher_and_added_parts_are_noted(tm
         load_released(hrda_model(), folder)
 
 
-def test_sdca_and_unknown_files_are_refused_with_what_they_are(tmp_path: Path):
-    torch.save({"feature_extractor": {"module.backbone.conv1.weight": torch.zeros(1)},
-                "classifier": {"module.conv.weight": torch.zeros(1)}}, tmp_path / "sdca.pth")
-    with pytest.raises(CheckpointError, match=r"sdca\.pth: this is an SDCA checkpoint"):
-        load_released(daformer_model(), tmp_path / "sdca.pth")
+class SDCAFrozenBatchNorm2d(nn.Module):
+    """SDCA's ``core/models/layers.py``: four buffers, no ε."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((n,), value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * self.running_var.rsqrt()
+        return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
+
+
+class ResnetFeatureExtractor(nn.Module):
+    """SDCA's ``resnet_feature_extractor``: torchvision's ResNet dilated [False, True, True] behind an
+    ``IntermediateLayerGetter`` that returns layer4 (shallow here)."""
+
+    def __init__(self, frozen: bool):
+        super().__init__()
+        net = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, list(SMALL),
+                                               replace_stride_with_dilation=[False, True, True],
+                                               norm_layer=SDCAFrozenBatchNorm2d if frozen else nn.BatchNorm2d)
+        self.backbone = IntermediateLayerGetter(net, return_layers={"layer4": "out"})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)["out"]
+
+
+class ASPPClassifierV2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(nn.Conv2d(2048, K, 3, padding=d, dilation=d) for d in (6, 12, 18, 24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(conv(x) for conv in self.conv2d_list)
+
+
+def sdca_file(path: Path, frozen: bool, seed: int) -> tuple[ResnetFeatureExtractor, ASPPClassifierV2]:
+    """``train_sdca.py``'s file: iteration, both networks under DataParallel's ``module.``, optimiser states."""
+    g = torch.Generator().manual_seed(seed)
+    extractor, classifier = ResnetFeatureExtractor(frozen).eval(), ASPPClassifierV2().eval()
+    randomize(extractor, g)
+    randomize(classifier, g)
+    with torch.no_grad():
+        for m in extractor.modules():
+            if isinstance(m, SDCAFrozenBatchNorm2d):
+                m.weight.copy_(0.5 + 0.5 * torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    torch.save({"iteration": 40000, "optimizer_fea": {"state": {}, "param_groups": []}, "optimizer_cls": {},
+                "feature_extractor": {f"module.{k}": v for k, v in extractor.state_dict().items()},
+                "classifier": {f"module.{k}": v for k, v in classifier.state_dict().items()}}, path)
+    return extractor, classifier
+
+
+def sdca_model(frozen: bool) -> Segmenter:
+    model = Segmenter("deeplabv2_tv_r101" if frozen else "deeplabv2_tv_r101_bn", K, decoder="deeplabv2")
+    assert model.backbone.depths == SMALL and model.backbone.frozen_bn == frozen
+    return model.eval()
+
+
+@pytest.mark.usefixtures("shallow_resnets")
+@pytest.mark.parametrize("frozen", [True, False])
+def test_sdca_checkpoint_gives_the_reference_logits(tmp_path: Path, frozen: bool):
+    """FrozenBatchNorm2d (source-only / SDCA stage) and BatchNorm2d (self-training stage, r101_g2c_best.pth)."""
+    extractor, classifier = sdca_file(tmp_path / "model_iter040000.pth", frozen, seed=30)
+    model = sdca_model(frozen)
+    notes = load_released(model, tmp_path / "model_iter040000.pth")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(31))
+    img = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)  # SDCA's INPUT.PIXEL_MEAN / PIXEL_STD on RGB in [0, 1]
+    with torch.no_grad():
+        expected = classifier(extractor(img))
+        assert expected.abs().mean() > 0.1
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-4)
+    assert any("iteration 40000" in n for n in notes) and not any("differ by BatchNorm" in n for n in notes)
+    # the file's BatchNorm kind decides the hint; the other backbone loads with a note
+    other = sdca_model(not frozen)
+    notes = load_released(other, tmp_path / "model_iter040000.pth")
+    assert any("differ by BatchNorm's ε" in n for n in notes)
+    assert any("skipped" in n and "num_batches_tracked" in n for n in notes) == (not frozen)
+    backbone = "deeplabv2_tv_r101" if frozen else "deeplabv2_tv_r101_bn"
+    with pytest.raises(CheckpointError, match=rf"model_iter040000\.pth: this is an SDCA checkpoint .*"
+                                              rf"sdca_deeplabv2_gta2cs\.yaml with model\.backbone={backbone} "):
+        load_released(deeplabv2_model(), tmp_path / "model_iter040000.pth")
+
+
+def test_unknown_files_are_refused_with_what_they_are(tmp_path: Path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "junk.pth")
     with pytest.raises(CheckpointError, match=re.escape("not a released model uda-ray knows")):
         load_released(daformer_model(), tmp_path / "junk.pth")

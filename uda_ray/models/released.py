@@ -10,6 +10,11 @@ for the files uda-ray writes itself (``model.init_from`` starts a run from eithe
   ``decode_head.*``), bare or under ``state_dict``.
 - ADVENT-family DeepLabV2 state dicts (``load_deeplabv2_checkpoint``: backbone, and the classifiers that fit), bare
   or under ``state_dict`` (PixMatch/EHTDI's training files), keys with or without DataParallel's ``module.``.
+- SDCA's ``{"feature_extractor": …, "classifier": …}`` (keys with DataParallel's ``module.``): its torchvision
+  ResNet-101 (``backbone.<torchvision name>`` → ``backbone.<same>``, ``model.backbone: deeplabv2_tv_r101`` for the
+  FrozenBatchNorm2d of its source-only and SDCA stages, ``deeplabv2_tv_r101_bn`` for its self-training stage, whose
+  BatchNorm2d counters tell the two apart) and ``ASPP_Classifier_V2`` (``conv2d_list.<i>`` →
+  ``decoder.classifier.conv2d_list.<i>``).
 - uda-ray's training checkpoints (``checkpoint.pt`` or the folder holding it, ``uda_ray.train.checkpoint``):
   ``student`` for ``weights="model"``, ``teacher`` for ``"ema_model"``.
 
@@ -50,6 +55,7 @@ from torch import Tensor, nn
 
 from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet, load_deeplabv2_checkpoint
 from uda_ray.models.backbones.mit import MIT_VARIANTS, MixTransformer
+from uda_ray.models.backbones.torchvision_resnet import TorchvisionResNet
 from uda_ray.models.ema import unwrap
 from uda_ray.models.errors import CheckpointError, listing
 from uda_ray.models.hrda import HRDASegmenter
@@ -100,13 +106,8 @@ def load_released(model: nn.Module, path: str | Path, *, weights: str = "model")
     if isinstance(obj, dict) and "student" in obj and "config" in obj:
         return _load_udaray(model, obj, file, weights)
     if isinstance(obj, dict) and {"feature_extractor", "classifier"} <= set(obj):
-        raise CheckpointError(f"{file}: this is an SDCA checkpoint ('feature_extractor', 'classifier'), a "
-                              "torchvision ResNet-101 with SDCA's classifier; uda-ray does not build that backbone "
-                              "yet (model.backbone: deeplabv2_r101 is the caffe-style DeepLab ResNet, whose weights "
-                              "it cannot take)")
-    state = _tensors(obj, file)
-    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+        return _load_sdca(model, obj, file, weights)
+    state = _without_module(_tensors(obj, file))
     if "conv1.weight" in state or "Scale.conv1.weight" in state:
         return _load_deeplabv2(model, state, file, weights)
     if any(k.split(".", 1)[0] in ("backbone", "decode_head", *UDA_SKIPPED) for k in state):
@@ -145,6 +146,13 @@ def _read(file: Path) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{file}: cannot be read with torch.load(weights_only=True): {e}") from e
+
+
+def _without_module(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without the ``module.`` prefix of a file saved from a DataParallel wrapper (every key has it)."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _tensors(obj: Any, file: Path) -> dict[str, Tensor]:
@@ -290,7 +298,7 @@ def _load_mmseg(model: nn.Module, state: dict[str, Tensor], file: Path, weights:
     return notes + _load_checked(model, mapped, source, unexpected, file, hint, built)
 
 
-# ------------------------------------------------------------------------------------- uda-ray and DeepLabV2
+# ------------------------------------------------------------------------------- uda-ray, DeepLabV2 and SDCA
 def _load_udaray(model: nn.Module, obj: dict[str, Any], file: Path, weights: str) -> list[str]:
     which = "student" if weights == "model" else "teacher"
     state = _tensors(obj.get(which), file)
@@ -322,6 +330,46 @@ def _load_deeplabv2(model: nn.Module, state: dict[str, Tensor], file: Path, weig
     notes += [f"{file}: {k}* keeps its initialisation: {what} is not part of a DeepLabV2 file"
               for k, what in ADDED_PARTS.items() if getattr(model, k[:-1], None) is not None]
     return notes
+
+
+def _load_sdca(model: nn.Module, obj: dict[str, Any], file: Path, weights: str) -> list[str]:
+    extractor, classifier = (_without_module(_tensors(obj[k], file)) for k in ("feature_extractor", "classifier"))
+    trained_bn = any(k.endswith("num_batches_tracked") for k in extractor)
+    backbone = "deeplabv2_tv_r101_bn" if trained_bn else "deeplabv2_tv_r101"
+    stage = "BatchNorm2d: its self-training stage" if trained_bn else "FrozenBatchNorm2d: a source-only or SDCA stage"
+    hint = (f"an SDCA checkpoint ('feature_extractor', 'classifier'; {stage}): use {RECIPES}sdca_deeplabv2_gta2cs.yaml "
+            f"with model.backbone={backbone} model.input_norm=imagenet")
+    built = describe_model(model)
+    net = getattr(model, "backbone", None)
+    if not isinstance(net, TorchvisionResNet) or getattr(model, "decoder_name", None) != "deeplabv2":
+        raise CheckpointError(f"{file}: this is {hint}; the config builds another network ({built})")
+    if weights != "model":
+        raise CheckpointError(f"{file}: an SDCA checkpoint holds one network: weights={weights!r} needs a file with "
+                              "an EMA teacher")
+    own = model.state_dict()
+    mapped: dict[str, Tensor] = {}
+    source: dict[str, tuple[str, tuple[int, ...]]] = {}
+    unexpected: list[str] = []
+    counters = 0
+    for part, sub, target in (("feature_extractor", extractor, ""), ("classifier", classifier, "decoder.classifier.")):
+        for key, tensor in sub.items():
+            name = target + key
+            if part == "feature_extractor" and not key.startswith("backbone."):
+                unexpected.append(f"{part}.{key}")
+            elif key.endswith("num_batches_tracked") and name not in own:
+                counters += 1  # BatchNorm2d's counter: a FrozenBatchNorm2d has none
+            else:
+                mapped[name], source[name] = tensor, (f"{part}.{key}", tuple(tensor.shape))
+    notes = [f"{file}: loaded SDCA's feature_extractor into backbone.* and its classifier into decoder.classifier.* "
+             f"(iteration {obj.get('iteration')})"]
+    if counters:
+        notes.append(f"{file}: skipped {counters} BatchNorm counters (num_batches_tracked): the config's backbone has "
+                     "frozen BatchNorm")
+    if trained_bn == net.frozen_bn:
+        notes.append(f"{file}: trained with {stage.split(':')[0]}, but the config builds "
+                     f"{'FrozenBatchNorm2d (ε 0)' if net.frozen_bn else 'BatchNorm2d (ε 1e-5)'}: the outputs differ "
+                     f"by BatchNorm's ε; model.backbone={backbone} is the file's network")
+    return notes + _load_checked(model, mapped, source, unexpected, file, hint, built)
 
 
 # -------------------------------------------------------------------------------------------------- checking
