@@ -25,6 +25,7 @@ from uda_ray.config import Config, to_dict
 from uda_ray.data.holdout import holdout_split, image_groups
 from uda_ray.data.labels import eval_class_ids
 from uda_ray.data.loaders import build_train_loader, build_val_loader
+from uda_ray.data.offline_labels import use_offline_labels
 from uda_ray.data.rcs import RareClassSpec, build_rcs
 from uda_ray.data.readers import SegmentationDataset, build_dataset
 from uda_ray.data.synthetic import ensure_synthetic
@@ -151,6 +152,8 @@ def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
                                           keep_ratio=d.keep_ratio, pseudo_margins=d.target_pseudo_margins),
                            cache_in_memory=d.target == "synthetic", label_format=d.label_format,
                            resize_labels=d.resize_labels)
+    if d.target_pseudo_labels:  # self-training: the target's labels are a pseudo_labels stage's
+        tgt_ds = use_offline_labels(tgt_ds, tgt_root, Path(d.target_pseudo_labels))
     start = start_iteration * d.batch_size
     common = dict(batch_size=d.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
                   num_workers=d.loader_workers, start=start)
@@ -240,7 +243,8 @@ def step_settings(cfg: Config, device: torch.device) -> StepSettings:
                         grad_clip=cfg.optim.grad_clip,
                         autocast_dtype=torch.bfloat16 if cfg.run.precision == "bf16" else None,
                         aux_bn_update=cfg.model.aux_pass_bn_update, teacher_bn_batch=t.bn_mode == "batch",
-                        mix_entropy_crop_after=lo.cluda.entropy_crop_after)
+                        mix_entropy_crop_after=lo.cluda.entropy_crop_after,
+                        target_labels=bool(cfg.data.target_pseudo_labels))
 
 
 def seed_everything(seed: int, rank: int) -> torch.Generator:

@@ -47,6 +47,7 @@ class StepSettings:
     aux_bn_update: bool = True  # auxiliary student passes update BatchNorm running statistics
     teacher_bn_batch: bool = False  # the teacher's BatchNorm normalises with the target batch's statistics
     mix_entropy_crop_after: int = 0  # HRDA: after this iteration the mixed pass's detail window follows the entropy
+    target_labels: bool = False  # the target batch's labels are offline pseudo-labels (data.target_pseudo_labels)
 
 
 class DivergedError(RuntimeError):
@@ -99,7 +100,7 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     losses: dict[str, Tensor] = {f"src{part}": s.source_weight * loss
                                  for part, loss in model.seg_loss(out_src, y_src).items()}
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
-                      tgt_valid=tgt.get("valid"),
+                      tgt_valid=tgt.get("valid"), y_tgt=tgt["label"] if s.target_labels else None,
                       pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
                                                ignore_top=s.ignore_top, ignore_bottom=s.ignore_bottom),
                       generator=generator, autocast=autocast, num_classes=s.num_classes,
