@@ -91,3 +91,26 @@ def test_the_screenshot_is_the_report_not_a_blank_page(report_page: Path, tmp_pa
     palette = [c for c in colorize(np.arange(len(CLASSES), dtype=np.uint8)[None])[0] if not c[0] == c[1] == c[2]]
     areas = [int((pixels == c).all(axis=1).sum()) for c in palette]
     assert sum(a > 50 for a in areas) >= 6, f"no prediction grid is visible in the screenshot: {areas}"
+
+
+def test_full_page_screenshot_holds_the_whole_page(report_page: Path, tmp_path: Path) -> None:
+    """docs/screenshot.py (how README's docs/report.png is made): one capture of the whole page, from the title to
+    the last prediction grid at its end, cut below the page's last row."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("screenshot", ROOT / "docs" / "screenshot.py")
+    shot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shot)
+    browser = _browser()
+    out = tmp_path / "report.png"
+    width, height = shot.full_page(report_page, out, width=1000, height=12000, exe=browser)
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    assert pixels.shape[:2] == (height, width) and 1500 < height < 12000 - shot.MARGIN
+    assert shot.page_end(pixels) == height - 1 - shot.MARGIN  # cut just below the page's last drawn row
+    palette = [c for c in colorize(np.arange(len(CLASSES), dtype=np.uint8)[None])[0] if not c[0] == c[1] == c[2]]
+    bottom = pixels[int(0.8 * height):].reshape(-1, 3)
+    assert sum(int((bottom == c).all(axis=1).sum()) > 50 for c in palette) >= 4, "the page's end (grids) is cut"
+    with pytest.raises(RuntimeError, match="taller than"):
+        shot.full_page(report_page, tmp_path / "short.png", width=1000, height=800, exe=browser)
