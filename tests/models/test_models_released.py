@@ -363,8 +363,9 @@ def test_weights_that_the_file_lacks_are_refused(tmp_path: Path):
         load_released(daformer_model(), tmp_path / "student_only.pth", weights="ema_model")
     with pytest.raises(ValueError, match="weights = 'teacher'"):
         load_released(daformer_model(), tmp_path / "student_only.pth", weights="teacher")
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
-        load_released(daformer_model(), tmp_path / "absent.pth")
+    for absent in (tmp_path / "absent.pth", (tmp_path / "absent.pth").as_uri()):
+        with pytest.raises(FileNotFoundError, match="absent.pth: no such file"):
+            load_released(daformer_model(), absent)
 
 
 # ------------------------------------------------------------------------------------------------- DeepLabV2
@@ -430,9 +431,9 @@ def test_udaray_checkpoint_loads_student_or_teacher_and_added_parts_are_noted(tm
     student = perturb_(daformer_model(), 14)
     teacher = perturb_(copy.deepcopy(student), 15)
     folder = udaray_checkpoint(tmp_path / "iter_0000007", student, teacher).parent
-    for weights, source in (("model", student), ("ema_model", teacher)):
+    for weights, source, where in (("model", student, folder), ("ema_model", teacher, folder.as_uri())):
         model = daformer_model()
-        notes = load_released(model, folder, weights=weights)
+        notes = load_released(model, where, weights=weights)  # a local path or a pyarrow.fs URI
         assert any(f"loaded the {'student' if weights == 'model' else 'teacher'} of a uda-ray" in n for n in notes)
         with torch.no_grad():
             assert torch.equal(model(X).logits, source(X).logits)

@@ -18,6 +18,9 @@ for the files uda-ray writes itself (``model.init_from`` starts a run from eithe
 - uda-ray's training checkpoints (``checkpoint.pt`` or the folder holding it, ``uda_ray.train.checkpoint``):
   ``student`` for ``weights="model"``, ``teacher`` for ``"ema_model"``.
 
+Every file is read with ``torch.load(weights_only=True)`` (numpy scalars in mmcv's ``meta`` allowed), from a local
+path or a ``pyarrow.fs`` URI (a chain's checkpoint cached on ``s3://``).
+
 mmseg → uda-ray keys (mmcv's ``ConvModule`` holds ``conv`` and ``bn``; H is ``decode_head`` for DAFormer and
 ``decode_head.head`` for HRDA, whose ``decode_head.scale_attention`` and CLUDA's ``decode_head.feat_weighter`` are
 DAFormer heads with a 1×1 fusion):
@@ -44,12 +47,14 @@ the predictions.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch import Tensor, nn
 
@@ -101,8 +106,7 @@ def load_released(model: nn.Module, path: str | Path, *, weights: str = "model")
     if weights not in WEIGHTS:
         raise ValueError(f"load_released: weights = {weights!r}: expected one of {', '.join(WEIGHTS)}")
     model = unwrap(model)
-    file = resolve_released(path)
-    obj = _read(file)
+    file, obj = read_released(path)
     if isinstance(obj, dict) and "student" in obj and "config" in obj:
         return _load_udaray(model, obj, file, weights)
     if isinstance(obj, dict) and {"feature_extractor", "classifier"} <= set(obj):
@@ -117,15 +121,26 @@ def load_released(model: nn.Module, path: str | Path, *, weights: str = "model")
                           f"{listing([repr(k) for k in state], limit=5)}")
 
 
-def resolve_released(path: str | Path) -> Path:
-    """The file ``path`` names: itself, or the ``checkpoint.pt`` inside a uda-ray checkpoint folder."""
+def read_released(path: str | Path) -> tuple[str, Any]:
+    """(the file's name, its contents) of ``path``: a file, or a uda-ray checkpoint folder's ``checkpoint.pt``; a
+    local path or a ``pyarrow.fs`` URI (``s3://``, ``gs://``, ``file://``: a chain's cached checkpoint stage)."""
+    text = str(path)
+    missing = (f"{text}: no such file (a released model file, or a uda-ray checkpoint folder holding "
+               f"{TRAINING_CHECKPOINT})")
+    if "://" in text:
+        fs, where = pafs.FileSystem.from_uri(text)
+        if fs.get_file_info(where).type == pafs.FileType.Directory:
+            where, text = f"{where.rstrip('/')}/{TRAINING_CHECKPOINT}", f"{text.rstrip('/')}/{TRAINING_CHECKPOINT}"
+        if fs.get_file_info(where).type != pafs.FileType.File:
+            raise FileNotFoundError(missing)
+        with fs.open_input_file(where) as f:
+            return text, _load(io.BytesIO(f.read()), text)
     file = Path(path).expanduser()
     if file.is_dir():
         file = file / TRAINING_CHECKPOINT
     if not file.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a released model file, or a uda-ray checkpoint folder "
-                                f"holding {TRAINING_CHECKPOINT})")
-    return file
+        raise FileNotFoundError(missing)
+    return str(file), _load(file, str(file))
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -140,10 +155,10 @@ def _numpy_globals() -> list[Any]:
     return allowed
 
 
-def _read(file: Path) -> Any:
+def _load(source: Path | io.BytesIO, file: str) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{file}: cannot be read with torch.load(weights_only=True): {e}") from e
 
@@ -155,7 +170,7 @@ def _without_module(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def _tensors(obj: Any, file: Path) -> dict[str, Tensor]:
+def _tensors(obj: Any, file: str) -> dict[str, Tensor]:
     """The ``{key: tensor}`` mapping of a file: itself, or under ``state_dict`` (mmcv), or under a lone ``model``."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -226,7 +241,7 @@ def _mit_variant(net: dict[str, Tensor]) -> str:
     return f"a MiT of embed dims {embed_dims} and depths {depths}"
 
 
-def _pick_network(state: dict[str, Tensor], file: Path, weights: str) -> tuple[dict[str, Tensor], str, list[str]]:
+def _pick_network(state: dict[str, Tensor], file: str, weights: str) -> tuple[dict[str, Tensor], str, list[str]]:
     """The chosen segmentor of a UDA wrapper's state dict (``weights``.*), or a plain segmentor's state dict; its
     prefix in the file; notes."""
     tops = sorted({k.split(".", 1)[0] for k in state})
@@ -262,7 +277,7 @@ def _map_head_key(rest: str, tensor: Tensor) -> tuple[str, Tensor] | None:
     return None
 
 
-def _load_mmseg(model: nn.Module, state: dict[str, Tensor], file: Path, weights: str) -> list[str]:
+def _load_mmseg(model: nn.Module, state: dict[str, Tensor], file: str, weights: str) -> list[str]:
     net, top, notes = _pick_network(state, file, weights)
     found = read_mmseg_network(net)
     hint, built = found.hint(), describe_model(model)
@@ -299,7 +314,7 @@ def _load_mmseg(model: nn.Module, state: dict[str, Tensor], file: Path, weights:
 
 
 # ------------------------------------------------------------------------------- uda-ray, DeepLabV2 and SDCA
-def _load_udaray(model: nn.Module, obj: dict[str, Any], file: Path, weights: str) -> list[str]:
+def _load_udaray(model: nn.Module, obj: dict[str, Any], file: str, weights: str) -> list[str]:
     which = "student" if weights == "model" else "teacher"
     state = _tensors(obj.get(which), file)
     saved = obj["config"].get("model", {}) if isinstance(obj["config"], dict) else {}
@@ -312,7 +327,7 @@ def _load_udaray(model: nn.Module, obj: dict[str, Any], file: Path, weights: str
     return notes + _load_checked(model, state, source, [], file, hint, describe_model(model))
 
 
-def _load_deeplabv2(model: nn.Module, state: dict[str, Tensor], file: Path, weights: str) -> list[str]:
+def _load_deeplabv2(model: nn.Module, state: dict[str, Tensor], file: str, weights: str) -> list[str]:
     hint = (f"an ADVENT-family DeepLabV2 checkpoint (keys conv1.*, layer1.* … layer4.*, classifiers layer5/layer6): "
             f"use {RECIPES}deeplabv2_gta2cs.yaml or another *deeplabv2*.yaml recipe")
     if not isinstance(getattr(model, "backbone", None), DeepLabV2ResNet):
@@ -323,7 +338,7 @@ def _load_deeplabv2(model: nn.Module, state: dict[str, Tensor], file: Path, weig
     # the DeepLabV2 loader checks its classifiers after copying the backbone: put everything back if it refuses
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        notes = load_deeplabv2_checkpoint(model.backbone, model.decoder, str(file), state=state)
+        notes = load_deeplabv2_checkpoint(model.backbone, model.decoder, file, state=state)
     except CheckpointError as e:
         model.load_state_dict(before)
         raise CheckpointError(f"{e}. This is {hint}") from e
@@ -332,7 +347,7 @@ def _load_deeplabv2(model: nn.Module, state: dict[str, Tensor], file: Path, weig
     return notes
 
 
-def _load_sdca(model: nn.Module, obj: dict[str, Any], file: Path, weights: str) -> list[str]:
+def _load_sdca(model: nn.Module, obj: dict[str, Any], file: str, weights: str) -> list[str]:
     extractor, classifier = (_without_module(_tensors(obj[k], file)) for k in ("feature_extractor", "classifier"))
     trained_bn = any(k.endswith("num_batches_tracked") for k in extractor)
     backbone = "deeplabv2_tv_r101_bn" if trained_bn else "deeplabv2_tv_r101"
@@ -388,7 +403,7 @@ def describe_model(model: nn.Module) -> str:
 
 
 def _load_checked(model: nn.Module, mapped: dict[str, Tensor], source: dict[str, tuple[str, tuple[int, ...]]],
-                  unexpected: list[str], file: Path, hint: str, built: str) -> list[str]:
+                  unexpected: list[str], file: str, hint: str, built: str) -> list[str]:
     """Load ``mapped`` (model key → tensor; ``source``: each one's key and shape in the file) into ``model``
     strictly, after every check; ``unexpected``: file keys that have no place in the network."""
     own = model.state_dict()
