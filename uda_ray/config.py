@@ -309,7 +309,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    holdout: bool = _f(False, doc="split the target val split (by city for Cityscapes) into a selection half (val/*: "
+    holdout: bool = _f(False, doc="split the target val split (by city for Cityscapes; by image, seeded, when every "
+                       "val image is in one city, as on the built-in synthetic pair) into a selection half (val/*: "
                        "what ASHA, Optuna and the best trial see) and a report half (holdout/*: what retrain and the "
                        "final tables report); off by default, for comparability with papers")
     holdout_seed: int = _f(0, ge=0, doc="seed of the cut; the same for every trial of a search (not run.seed)")

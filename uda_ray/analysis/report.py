@@ -67,9 +67,12 @@ def split_note(trials: pd.DataFrame) -> Text:
     col = "config/eval.holdout"
     holdout = col in trials.columns and trials[col].fillna(False).astype(bool).any()
     if holdout:
+        target = set(trials["config/data.target"].dropna()) if "config/data.target" in trials.columns else set()
+        basis = ("by image, seeded (the synthetic pair's val images are all in one city)" if target == {"synthetic"}
+                 else "by city, seeded (by image where the val split holds a single city; the run's log says so)")
         return Text("Splits: val/* is the selection half of the target val split (what ASHA, Optuna and the choice "
                     "of the best trial saw); holdout/* is the report half, never used to choose anything: report "
-                    "holdout/* numbers.")
+                    f"holdout/* numbers. The split is cut {basis}: the same cut for every trial.")
     return Text("Splits: val/* is the whole target val split, which the search also chose on, so the best trial's "
                 "number is optimistic (it is partly the noise of that split). Set eval.holdout: true to select on "
                 "one half and report on the other.", kind="note")
