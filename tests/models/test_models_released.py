@@ -409,6 +409,9 @@ def test_advent_state_dict_routes_through_the_deeplabv2_loader(tmp_path: Path):
     assert unchanged(model, before)
     with pytest.raises(CheckpointError, match=r"this is an ADVENT-family DeepLabV2 checkpoint .*deeplabv2_gta2cs"):
         load_released(daformer_model(), tmp_path / "advent.pth")
+    torch.save({**backbone_state(net), "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "resnet101.pth")
+    with pytest.raises(CheckpointError, match=r"this is an ImageNet classification ResNet .*model\.pretrained_path"):
+        load_released(daformer_model(), tmp_path / "resnet101.pth")
 
 
 # ----------------------------------------------------------------------------------------- uda-ray and others

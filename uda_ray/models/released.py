@@ -117,8 +117,8 @@ def load_released(model: nn.Module, path: str | Path, *, weights: str = "model")
     if any(k.split(".", 1)[0] in ("backbone", "decode_head", *UDA_SKIPPED) for k in state):
         return _load_mmseg(model, state, file, weights)
     raise CheckpointError(f"{file}: not a released model uda-ray knows (an mmseg checkpoint of DAFormer, HRDA, MIC or "
-                          "CLUDA, an ADVENT-family DeepLabV2 state dict, or a uda-ray checkpoint.pt); first keys: "
-                          f"{listing([repr(k) for k in state], limit=5)}")
+                          "CLUDA, an ADVENT-family DeepLabV2 state dict, SDCA's {feature_extractor, classifier}, or a "
+                          f"uda-ray checkpoint.pt); first keys: {listing([repr(k) for k in state], limit=5)}")
 
 
 def read_released(path: str | Path) -> tuple[str, Any]:
@@ -330,6 +330,9 @@ def _load_udaray(model: nn.Module, obj: dict[str, Any], file: str, weights: str)
 def _load_deeplabv2(model: nn.Module, state: dict[str, Tensor], file: str, weights: str) -> list[str]:
     hint = (f"an ADVENT-family DeepLabV2 checkpoint (keys conv1.*, layer1.* … layer4.*, classifiers layer5/layer6): "
             f"use {RECIPES}deeplabv2_gta2cs.yaml or another *deeplabv2*.yaml recipe")
+    if "fc.weight" in state:
+        hint = ("an ImageNet classification ResNet (key fc.weight), not a trained segmentation model: an ImageNet "
+                "initialisation belongs in model.pretrained_path")
     if not isinstance(getattr(model, "backbone", None), DeepLabV2ResNet):
         raise CheckpointError(f"{file}: this is {hint}; the config builds another network ({describe_model(model)})")
     if weights != "model":
