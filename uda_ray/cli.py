@@ -185,7 +185,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
     out = run_retrain(args.results, top=args.top, seeds=args.seeds, iterations=args.iterations, address=args.address,
                       workers=args.workers, storage=args.storage, metric=args.metric, mode=args.mode,
-                      resume=args.resume)
+                      resume=args.resume, reuse_stages=args.reuse_stages)
     print("\n" + format_retrain(out))
     if out.interrupted:
         return _interrupted("retrain", args.results, args, None)
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metric", default="val/miou", help="ranking metric (default val/miou)")
     r.add_argument("--mode", default="max", choices=("max", "min"))
     r.add_argument("--resume", action="store_true", help="continue the newest interrupted retrain of RESULTS")
+    r.add_argument("--reuse-stages", action="store_true",
+                   help="a chain of stages: new seeds for its final stage only, reusing the source trial's earlier "
+                        "stages (default: every stage gets the seed, so each seed retrains the whole chain)")
     r.set_defaults(func=_cmd_retrain)
     return p
 

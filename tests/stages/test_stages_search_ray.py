@@ -18,7 +18,9 @@ import yaml
 from tests.conftest import ROOT
 from tests.stages.test_stages_run import write_chain
 from uda_ray.results.store import load_metrics, load_trials
-from uda_ray.stages.cache import StageCache, stages_root
+from uda_ray.analysis import analyze
+from uda_ray.stages.cache import StageCache, stage_keys, stages_root
+from uda_ray.tune.retrain import plan_retrain, run_retrain
 from uda_ray.tune.search import run_search
 
 pytestmark = pytest.mark.ray
@@ -61,6 +63,21 @@ def test_a_search_over_the_final_stage_computes_the_shared_stage_once(ray_local,
     assert set(trials["config/model.init_from"]) == {"stage://source/best.pt"}
     chain = json.loads(trials["chain"].iloc[0])
     assert [s["name"] for s in chain["stages"]] == ["source", "adapt"]
+
+    # analyze reads a chain's experiment like any other
+    tables = analyze(out.experiment.uri, out_dir=str(tmp_path / "report"))
+    assert len(tables["top"]) == 4
+    # retrain: by default each seed retrains the whole chain; --reuse-stages keeps the source trial's stages
+    _, default_runs = plan_retrain(trials, top=1, seeds=[5], iterations=None, metric="val/miou", mode="max")
+    assert stage_keys(default_runs[0].chain)["source"] != entry["key"]
+    again = run_retrain(out.experiment.uri, top=1, seeds=[5], reuse_stages=True)
+    assert again.runs["status"].tolist() == ["TERMINATED"]
+    retrained = load_trials(again.experiment.uri)
+    assert retrained["stage/source/key"].tolist() == [entry["key"]]
+    assert retrained["config/run.seed"].tolist() == [5]
+    [entry_after] = cache.entries()
+    assert [r["status"] for r in cache.runs("source", entry["key"])] == ["done"]  # reused, not computed again
+    assert len(entry_after["used_by"]) == 5
 
 
 def test_a_failing_stage_fails_the_trials_that_need_it_and_no_other(ray_local, tmp_path: Path,

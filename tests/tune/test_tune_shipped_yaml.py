@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from uda_ray.config import load_config
+from uda_ray.stages import load_run
 from uda_ray.tune.ablation import cell_config, expand, grid, load_ablation
 from uda_ray.tune.space import build_sampler, define_by_run, load_space, trial_config
 from uda_ray.tune.spec_yaml import base_config
@@ -43,7 +43,7 @@ def test_the_shipped_files_are_there() -> None:
 def test_shipped_yaml_validates(path: Path) -> None:
     command = _command(path)
     if command == "train":
-        load_config(path)
+        load_run(path)  # a run config or a chain of stages
     elif command == "tune":
         spec = load_space(path)
         study = optuna.create_study(sampler=build_sampler(spec), directions=["maximize"] * (

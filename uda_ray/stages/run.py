@@ -96,9 +96,9 @@ class ChainRun:
         if cached is not None:
             self.log(f"[stage {name}] reusing {cached}")
             uri = cached
-        elif name in self.rerun:
+        elif name in self.rerun or not self.chain.cache:  # nothing to share with other runs
             uri = self._compute(name)
-            self.rerun = self.rerun - {name}  # once per run
+            self.rerun = self.rerun - {name}  # once per run (a stage is computed at most once per ChainRun)
         else:
             uri = self.coordinate(name, key, lambda: self.cache.lookup(name, key) or self._compute(name))
         self.cache.note_use(uri, self.who)

@@ -213,23 +213,25 @@ def trial_resources(scaling: Scaling) -> dict[str, float]:
 
 
 def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scaling, experiment: Experiment,
-                   chain_of: Callable[[dict[str, Any]], Chain | None] | None = None
+                   chain_of: Callable[[dict[str, Any]], Chain | None] | None = None, stage_storage: str | None = None
                    ) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable: one UDA run per trial. Its prediction grids go to
     ``<experiment>/trial_<id>/images/``, beside the trial's Tune folder. A trial whose run is a chain of stages
     (``chain_of``) first gets every stage its final stage needs from the cache under ``<storage>/stages``, computing
     the missing ones (once across the search's concurrent trials: ``uda_ray.tune.stage_coordinator``), then trains
-    the final stage as its reported run."""
+    the final stage as its reported run. ``stage_storage``: the results root whose ``stages/`` holds the cache
+    (default: the experiment's root)."""
     experiment_uri = experiment.uri
+    stage_root = stage_storage or experiment.root
 
     def trainable(tune_config: dict[str, Any]) -> None:
         try:
             trial_id = tune.get_context().get_trial_id()
             chain = chain_of(tune_config) if chain_of is not None else None
             if chain is not None:
-                runner = ChainRun(chain, experiment.root, who=f"{experiment.name}/{trial_id}",
+                runner = ChainRun(chain, stage_root, who=f"{experiment.name}/{trial_id}",
                                   coordinate=coordinate_with(experiment.name),
-                                  train_fn=stage_trainer(scaling, experiment.root) if scaling.num_workers else None)
+                                  train_fn=stage_trainer(scaling, stage_root) if scaling.num_workers else None)
                 cfg = runner.prepare().config
             else:
                 cfg = config_of(tune_config)
@@ -267,6 +269,7 @@ class ExperimentSpec:
     scheduler: Any = None
     on_lost: Callable[[list[str]], None] | None = None  # told the ids of trials a killed driver lost (on resume)
     chain_of: Callable[[dict[str, Any]], Chain | None] | None = None  # a trial's chain of stages, when it runs one
+    stage_storage: str | None = None  # the results root of the stage cache; None = the experiment's root
     loggers: tuple[str, ...] = ()  # extra trial loggers: "mlflow"
 
 
@@ -336,7 +339,7 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> ExperimentR
     objs = objectives(spec.metric, spec.mode)
     first_metric, first_mode = objs[0]
     trainable = tune.with_resources(
-        make_trainable(spec.config_of, spec.scaling, exp, spec.chain_of),
+        make_trainable(spec.config_of, spec.scaling, exp, spec.chain_of, spec.stage_storage),
         trial_resources(spec.scaling))
     # held until the experiment ends: an actor lives as long as a handle to it
     coordinator = start_coordinator(exp.name) if spec.chain_of is not None else None  # noqa: F841

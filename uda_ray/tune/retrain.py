@@ -45,6 +45,9 @@ from uda_ray.config import Config, apply_overrides
 from uda_ray.preflight import preflight
 from uda_ray.results.schema import is_percent_metric, metric_value_text
 from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
+from uda_ray.stages.chain import Chain
+from uda_ray.stages.check import preflight_chain
+from uda_ray.stages.run import stage_columns
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo
 from uda_ray.tune.driver import (
@@ -65,12 +68,14 @@ SUMMARY_FILE = "summary.csv"
 
 @dataclass(frozen=True)
 class RetrainRun:
-    """One planned run: a source trial's config with one seed (and the schedule) set."""
+    """One planned run: a source trial's config with one seed (and the schedule) set; for a trial that ran a chain of
+    stages, that chain with the seed set (``config`` is its final stage's)."""
 
     source_trial_id: str
     seed: int
     config: Config
     overrides: dict[str, Any]
+    chain: Chain | None = None
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,14 @@ def _check_request(top: int, seeds: Sequence[int], iterations: int | None, worke
 
 
 def plan_retrain(trials: pd.DataFrame, *, top: int, seeds: Sequence[int], iterations: int | None, metric: str,
-                 mode: str, source: str = "<trials>") -> tuple[pd.DataFrame, list[RetrainRun]]:
-    """The chosen source rows and the runs (source trial × seed, best source first) — no Ray involved."""
+                 mode: str, source: str = "<trials>", reuse_stages: bool = False
+                 ) -> tuple[pd.DataFrame, list[RetrainRun]]:
+    """The chosen source rows and the runs (source trial × seed, best source first) — no Ray involved.
+
+    A trial that ran a chain of stages (its ``chain`` column) is retrained as that chain: by default the seed is set
+    in every stage (each seed gets its own warm-up, statistics, labels, …: the variance of the whole recipe); with
+    ``reuse_stages`` only in the final stage, whose earlier stages are then the source trial's own, reused from the
+    cache (the variance of the last stage alone). ``iterations`` is the final stage's schedule."""
     _check_request(top, seeds, iterations, None)
     if trials.empty:
         raise ValueError(f"{source}: the trials table is empty; nothing to retrain")
@@ -132,17 +143,27 @@ def plan_retrain(trials: pd.DataFrame, *, top: int, seeds: Sequence[int], iterat
     if chosen.empty:
         counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
         raise ValueError(f"{source}: no TERMINATED trial with a finite {metric} to retrain (trials: {counts})")
+    chains = {str(r["trial_id"]): Chain.from_json(r["chain"]) for _, r in chosen.iterrows()
+              if isinstance(r.get("chain"), str) and r["chain"]}
+    if reuse_stages and not chains:
+        raise ValueError(f"{source}: --reuse-stages: the chosen trials ran no chain of stages (only a chain has "
+                         "earlier stages to reuse)")
     runs = []
     for _, row in chosen.iterrows():
         tid = str(row["trial_id"])
-        cfg = config_from_row(row)
+        chain = chains.get(tid)
+        cfg = chain.final_config if chain is not None else config_from_row(row)
         n = iterations if iterations is not None else cfg.run.iterations
         recorded = row.get("overrides")
         base = json.loads(recorded) if isinstance(recorded, str) and recorded else {}
         for s in seeds:
             changes = {"run.seed": s, "run.iterations": n}
-            runs.append(RetrainRun(tid, s, apply_overrides(cfg, changes, source=f"{source} trial {tid} seed {s}"),
-                                   {**base, **changes}))
+            where = f"{source} trial {tid} seed {s}"
+            if chain is None:
+                runs.append(RetrainRun(tid, s, apply_overrides(cfg, changes, source=where), {**base, **changes}))
+                continue
+            seeded = (chain if reuse_stages else chain.with_seed(s)).with_overrides(changes, source=where)
+            runs.append(RetrainRun(tid, s, seeded.final_config, {**base, **changes}, seeded))
     return chosen, runs
 
 
@@ -194,16 +215,21 @@ def retrain_scaling(workers: int | None) -> Scaling:
 
 def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1, 2), iterations: int | None = None,
                 address: str | None = None, workers: int | None = None, storage: str | None = None,
-                metric: str = "val/miou", mode: str = "max", resume: bool = False) -> RetrainOutcome:
-    """Retrain the best ``top`` trials of ``results_path`` for every seed (see the module docstring)."""
+                metric: str = "val/miou", mode: str = "max", resume: bool = False,
+                reuse_stages: bool = False) -> RetrainOutcome:
+    """Retrain the best ``top`` trials of ``results_path`` for every seed (see the module docstring; chains of
+    stages and ``reuse_stages``: ``plan_retrain``)."""
     seeds = list(seeds)
     _check_request(top, seeds, iterations, workers)
     source = source_uri(results_path, storage)
     chosen, runs = plan_retrain(load_trials(source), top=top, seeds=seeds, iterations=iterations, metric=metric,
-                                mode=mode, source=source)  # everything is validated before Ray starts
+                                mode=mode, source=source, reuse_stages=reuse_stages)  # validated before Ray starts
     exp = choose_retrain(source, resume=resume)
-    preflight([r.config for r in runs], storage=source, storage_option="the source experiment")
-    request = _request(source, metric, mode, runs)
+    stage_storage = source.rsplit("/", 1)[0]  # the search's results root: its stages/ holds the cache
+    preflight([r.config for r in runs if r.chain is None], storage=source, storage_option="the source experiment")
+    for chain in {r.chain.to_json(): r.chain for r in runs if r.chain is not None}.values():
+        preflight_chain(chain)
+    request = {**_request(source, metric, mode, runs), "reuse_stages": reuse_stages}
     if resume:
         _check_resume_request(exp, request)
     else:
@@ -220,13 +246,17 @@ def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
         r = run_of(tune_config)
-        return TrialInfo(config=r.config, overrides=r.overrides, seed=r.seed, source_trial_id=r.source_trial_id)
+        return TrialInfo(config=r.config, overrides=r.overrides, seed=r.seed, source_trial_id=r.source_trial_id,
+                         chain=r.chain.to_json() if r.chain else None,
+                         stages=stage_columns(r.chain, stage_storage) if r.chain else None)
 
     entries = [{"source_trial_id": r.source_trial_id, "seed": r.seed} for r in runs]
     run = run_experiment(ExperimentSpec(
         experiment=exp, kind="retrain", metric=metric, mode=mode, config_of=lambda c: run_of(c).config,
         trial_info=trial_info, scaling=retrain_scaling(workers), num_samples=1, max_concurrent=len(runs),
-        param_space={"trial": tune.grid_search(entries)}, scheduler=FIFOScheduler()), resume=resume)
+        param_space={"trial": tune.grid_search(entries)}, scheduler=FIFOScheduler(),
+        chain_of=(lambda c: run_of(c).chain) if any(r.chain for r in runs) else None, stage_storage=stage_storage),
+        resume=resume)
 
     rows = load_trials(exp.uri) if status_counts(exp.uri) else pd.DataFrame(columns=["trial_id", "status"])
     cols = ("trial_id", "source_trial_id", "seed", "status", "iterations", f"last/{metric}",
