@@ -121,7 +121,9 @@ class HRDAConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = _f("resnet18", doc="mit_b0 … mit_b5 (SegFormer's Mix Transformer), deeplabv2_r101 (DeepLabV2's "
-                       "caffe-style ResNet-101) or any timm model that supports features_only")
+                       "caffe-style ResNet-101), deeplabv2_tv_r101 / deeplabv2_tv_r101_bn (SDCA's torchvision "
+                       "ResNet-101 at output stride 8, BatchNorm frozen / trainable; torchvision's "
+                       "resnet101-5d3b4d8f.pth as pretrained_path) or any timm model that supports features_only")
     decoder: str = _f("mlp", choices=("mlp", "daformer", "deeplabv2"),
                       doc="mlp: multi-level fusion with a 1x1 fusion (SegFormer-style); daformer: DAFormer's head "
                       "(separable ASPP fusion); deeplabv2: the ASPP classifier on layer4 (deeplabv2_r101 only)")
@@ -156,6 +158,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    kind: str = _f("ema", choices=("ema", "nearest_centroid"),
+                   doc="where target labels come from: ema = the EMA teacher's pseudo-labels; nearest_centroid = "
+                   "CFContra's get_pseudo_labels: each target pixel of the student's projection takes its nearest "
+                   "source-bank centroid (Euclidean), ignored where the two nearest are within loss.cfcontra.margin "
+                   "(serves loss.cfcontra only; the EMA teacher then labels nothing)")
     alpha: float = _f(0.999, ge=0.0, lt=1.0, doc="EMA: alpha_t = min(1 - 1/(t+1), alpha)")
     pseudo_threshold: float = _f(0.968, ge=0.0, le=1.0)
     weighting: str = _f("scalar", choices=("scalar", "pixel", "batch"),
@@ -215,6 +222,10 @@ class CFContraConfig:
     momentum: float = _f(0.9, ge=0.0, le=1.0)
     margin: float = _f(0.05, ge=0.0)
     proj_dim: int = _f(128, ge=1)
+    init_centroids: str = _f("", doc="a centroids.pt of a centroids stage (uda_ray.train.offline.save_centroids): the "
+                             "two banks start from its source and target centroids, as CFContra loads "
+                             "src/tgt_center_minent_20.pkl (layer4 centroids into banks of projected features, as "
+                             "there: needs proj_dim = their width, 2048 on DeepLabV2); empty = the banks start empty")
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,9 @@ class SDCAConfig:
     weight_out: float = _f(0.0, ge=0.0, doc="logit level")
     tau: float = _f(100.0, gt=0.0)
     delta: float = _f(0.9, ge=0.0, le=1.0, doc="target pixels need this teacher confidence")
+    init_stats: str = _f("", doc="a class_stats.pt of a class_stats stage (SDCA's semantic_dist_init.py; "
+                         "uda_ray.train.offline.save_class_statistics): the feature and output statistics start from "
+                         "it, as SDCA's CV_DIR; empty = they start empty")
 
 
 @dataclass(frozen=True)
@@ -309,6 +323,11 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    model: str = _f("student", choices=("student", "ema"),
+                    doc="the network evaluated (and saved for uda-ray evaluate): the student, or an EMA copy of it "
+                    "updated every iteration with eval.ema_alpha (EHTDI evaluates a 0.999 EMA of its network)")
+    ema_alpha: float = _f(0.999, ge=0.0, lt=1.0, doc="eval.model ema: alpha_t = min(1 - 1/(t+1), ema_alpha), the "
+                          "teacher's EMA rule (uda_ray.models.ema)")
     holdout: bool = _f(False, doc="split the target val split (by city for Cityscapes; by image, seeded, when every "
                        "val image is in one city, as on the built-in synthetic pair) into a selection half (val/*: "
                        "what ASHA, Optuna and the best trial see) and a report half (holdout/*: what retrain and the "
@@ -503,6 +522,7 @@ def _check_cross(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: key 'loss.self_training.weight' = {cfg.loss.self_training.weight} and "
                           f"'data.target_pseudo_labels' = {d.target_pseudo_labels!r}: self-training needs both (the "
                           "offline labels and a weight > 0), or neither")
+    _check_teacher_kind(cfg, source)
     if cfg.loss.entropy.aux_weight > 0 and cfg.model.aux_weight == 0:
         raise ConfigError(f"{source}: key 'loss.entropy.aux_weight' = {cfg.loss.entropy.aux_weight} needs the "
                           "auxiliary classifier: set model.aux_weight > 0 (model.decoder: deeplabv2)")
@@ -530,6 +550,25 @@ def _check_cross(cfg: Config, source: str) -> None:
         if getattr(d, side) != "synthetic" and not getattr(d, f"{side}_root"):
             raise ConfigError(f"{source}: key 'data.{side}_root' is empty but 'data.{side}' = "
                               f"{getattr(d, side)!r} needs the dataset folder")
+
+
+def _check_teacher_kind(cfg: Config, source: str) -> None:
+    """teacher.kind = nearest_centroid labels CFContra's target pixels and nothing else."""
+    if cfg.teacher.kind != "nearest_centroid":
+        return
+    lo = cfg.loss
+    if lo.cfcontra.weight == 0:
+        raise ConfigError(f"{source}: key 'teacher.kind' = 'nearest_centroid' labels the target pixels of CFContra's "
+                          "contrast by the nearest source-bank centroid: set loss.cfcontra.weight > 0")
+    users = {"loss.mix_weight": lo.mix_weight, "loss.sdca.weight_feat": lo.sdca.weight_feat,
+             "loss.sdca.weight_out": lo.sdca.weight_out, "loss.cross_view.pixel_weight": lo.cross_view.pixel_weight,
+             "loss.cross_view.proto_weight": lo.cross_view.proto_weight, "loss.mic.weight": lo.mic.weight,
+             "mix.target_to_source.enabled": cfg.mix.target_to_source.enabled}
+    on = [k for k, v in users.items() if v]
+    if on:
+        raise ConfigError(f"{source}: key 'teacher.kind' = 'nearest_centroid' serves CFContra only, but "
+                          f"{', '.join(on)} use the EMA teacher's pseudo-labels: set teacher.kind = 'ema' or switch "
+                          "them off (0 / false)")
 
 
 def _check_hrda(cfg: Config, source: str) -> None:

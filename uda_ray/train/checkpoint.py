@@ -36,8 +36,9 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 def save_checkpoint(directory: str | Path, *, iteration: int, student: nn.Module, teacher: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, terms: nn.ModuleList,
-                    generator: torch.Generator, config: dict[str, Any]) -> Path:
-    """Write ``<directory>/checkpoint.pt`` atomically and return its path."""
+                    generator: torch.Generator, config: dict[str, Any], eval_ema: nn.Module | None = None) -> Path:
+    """Write ``<directory>/checkpoint.pt`` atomically and return its path; ``eval_ema`` (``eval.model: ema``'s EMA
+    copy of the student) is saved as ``eval_ema`` when given."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -50,6 +51,8 @@ def save_checkpoint(directory: str | Path, *, iteration: int, student: nn.Module
         "rng": rng_state(generator),
         "config": config,
     }
+    if eval_ema is not None:
+        state["eval_ema"] = eval_ema.state_dict()
     path = directory / FILENAME
     tmp = directory / f".{FILENAME}.tmp-{os.getpid()}"
     torch.save(state, tmp)

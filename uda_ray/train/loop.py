@@ -30,7 +30,7 @@ from uda_ray.data.rcs import RareClassSpec, build_rcs
 from uda_ray.data.readers import SegmentationDataset, build_dataset
 from uda_ray.data.synthetic import ensure_synthetic
 from uda_ray.data.transforms import EvalTransform, TrainTransform
-from uda_ray.models import build_segmenter, make_teacher, unwrap
+from uda_ray.models import build_segmenter, ema_update, make_teacher, unwrap
 from uda_ray.models.hrda import HRDASegmenter
 from uda_ray.models.released import load_released
 from uda_ray.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
@@ -309,6 +309,7 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
             log.info("model.init_from: %s", note)
     student = student.to(device)
     teacher = make_teacher(student)
+    eval_ema = make_teacher(student) if cfg.eval.model == "ema" else None  # an EMA copy that is evaluated (EHTDI)
     student.generator = generator  # draws of the training passes (HRDA's detail box); saved with the checkpoints
     optimizer = build_optimizer(cfg, student)
     scheduler = build_scheduler(cfg, optimizer)
@@ -320,6 +321,8 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         terms.load_state_dict(state["terms"])
+        if eval_ema is not None:
+            eval_ema.load_state_dict(state["eval_ema"])
         start = int(state["iteration"])
     if di.world_size > 1:
         if cfg.model.sync_bn:
@@ -341,7 +344,7 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
         set_rng_state(state["rng"], generator)
     class_ids = eval_class_ids(cfg.data.protocol)
     infer = eval_infer(cfg)
-    model_for_eval = unwrap(student)
+    model_for_eval = eval_ema if eval_ema is not None else unwrap(student)
     resolved = to_dict(cfg)
     window, last = _Window(), {}
     bar = _progress_bar(start, cfg.run.iterations) if progress and di.rank == 0 else None
@@ -355,6 +358,8 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
             tgt = _to_device(next(tgt_it), device)
             metrics = step(student, teacher, optimizer, scheduler, src, tgt, iteration, settings=settings,
                            terms=terms, generator=generator)
+            if eval_ema is not None:
+                ema_update(eval_ema, student, iteration, cfg.eval.ema_alpha)
             iteration += 1
             metrics["time/iter_s"] = time.perf_counter() - t0
             window.add(metrics)
@@ -382,7 +387,7 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
                 if di.rank == 0:
                     save_checkpoint(ckpt_dir, iteration=iteration, student=student, teacher=teacher,
                                     optimizer=optimizer, scheduler=scheduler, terms=terms, generator=generator,
-                                    config=resolved)
+                                    config=resolved, eval_ema=eval_ema)
                     _prune_checkpoints(ckpt_root, keep=ckpt_dir)
                 else:
                     ckpt_dir = None

@@ -1,4 +1,5 @@
-"""``uda-ray evaluate``: mIoU of a saved checkpoint's student (or teacher) on a target split.
+"""``uda-ray evaluate``: mIoU of a saved checkpoint's student (or teacher, or ``eval.model: ema``'s EMA copy) on a
+target split.
 
 The evaluation is the one training runs (``uda_ray.train.loop.build_val`` and ``evaluate`` with the checkpoint's own
 config: inference size, image limit, precision, the held-out report half), so evaluating the checkpoint behind a
@@ -35,12 +36,14 @@ from uda_ray.train.loop import (
     step_settings,
 )
 
+CHECKPOINT_NETWORKS = {"student": "student", "teacher": "teacher", "ema": "eval_ema"}  # evaluated → checkpoint key
+
 
 @dataclass(frozen=True)
 class CheckpointEvaluation:
     """What was evaluated (model, split, images per half, the checkpoint's iteration) and the metrics."""
 
-    model: str  # "student" | "teacher"
+    model: str  # "student" | "teacher" | "ema" (the EMA copy of eval.model: ema)
     split: str
     iteration: int
     num_images: int
@@ -59,7 +62,8 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bo
                         ) -> CheckpointEvaluation:
     """Evaluate a training checkpoint's student (or teacher) as the run evaluated it (same inference mode, size,
     precision and thread count); with ``save_images`` also write the coloured prediction of every evaluated image
-    to ``<save_images>/<image name>.png`` (the Cityscapes palette, ``uda_ray.train.images``)."""
+    to ``<save_images>/<image name>.png`` (the Cityscapes palette, ``uda_ray.train.images``). A run with
+    ``eval.model: ema`` evaluated its EMA copy, so that copy is what is evaluated (unless ``use_teacher``)."""
     state = load_checkpoint(path)
     cfg: Config = from_dict(state["config"], source=f"{path} (saved config)")
     if overrides:
@@ -67,8 +71,12 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "val", use_teacher: bo
     device = resolve_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or DEFAULT_THREADS)  # as the run's own evaluations: the same sums
     model = build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
-    which = "teacher" if use_teacher else "student"
-    model.load_state_dict(state[which])
+    which = "teacher" if use_teacher else cfg.eval.model
+    key = CHECKPOINT_NETWORKS[which]
+    if key not in state:
+        raise KeyError(f"{path}: checkpoint has no {key!r} weights, which eval.model = {which!r} evaluates (a run "
+                       "with eval.model: ema saves them)")
+    model.load_state_dict(state[key])
     metrics, num_images, n_report = _evaluate_model(cfg, model, device, split, save_images)
     return CheckpointEvaluation(which, split, int(state["iteration"]), num_images, n_report, metrics)
 

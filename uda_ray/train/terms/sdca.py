@@ -2,7 +2,8 @@
 
 Applied at two levels, the deepest backbone features and the logits, each with its own running class
 statistics estimated from source pixels; source pixels use GT labels, target pixels the teacher's pseudo-labels
-where its confidence is at least ``delta``.
+where its confidence is at least ``delta``. With ``loss.sdca.init_stats`` both statistics start from a class_stats
+stage's file (SDCA's ``semantic_dist_init.py`` over the source split, loaded through ``CV_DIR``) instead of empty.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from uda_ray.config import Config
 from uda_ray.losses import sdca_loss
 from uda_ray.models import Segmenter
 from uda_ray.train.context import StepContext, resize_labels
+from uda_ray.train.offline import load_class_statistics
 
 IGNORE = 255
 
@@ -61,5 +63,11 @@ def build_sdca(cfg: Config, model: Segmenter) -> SDCATerm | None:
     c = cfg.loss.sdca
     if c.weight_feat == 0 and c.weight_out == 0:
         return None
-    return SDCATerm(num_classes=num_classes, feat_dim=feat_dim, weight_feat=c.weight_feat, weight_out=c.weight_out,
+    term = SDCATerm(num_classes=num_classes, feat_dim=feat_dim, weight_feat=c.weight_feat, weight_out=c.weight_out,
                     tau=c.tau, delta=c.delta)
+    if c.init_stats:
+        feat, out = load_class_statistics(c.init_stats, key="loss.sdca.init_stats", num_classes=num_classes,
+                                          feat_dim=feat_dim)
+        term.stats_feat.load_state_dict(feat)
+        term.stats_out.load_state_dict(out)
+    return term
