@@ -49,8 +49,8 @@ def _done(cache: StageCache, name: str, key: str) -> int:
     return sum(r["status"] == "done" for r in cache.runs(name, key))
 
 
-def test_a_three_stage_chain_trains_end_to_end_and_later_runs_reuse_its_stages(tmp_path: Path,
-                                                                               synthetic_cache: Path) -> None:
+def test_a_three_stage_chain_trains_end_to_end_and_later_runs_reuse_its_stages(
+        tmp_path: Path, synthetic_cache: Path, capsys: pytest.CaptureFixture) -> None:
     chain_file = three_stages(tmp_path / "chain.yaml", synthetic_cache)
     results = tmp_path / "results"
     assert main(["train", str(chain_file), "--output-dir", str(results), "--name", "r1", "--no-progress"]) == 0
@@ -83,6 +83,15 @@ def test_a_three_stage_chain_trains_end_to_end_and_later_runs_reuse_its_stages(t
     assert main(["train", str(chain_file), "--rerun-stage", "labels", "--output-dir", str(results), "--name", "r3",
                  "--no-progress"]) == 0
     assert {n: _done(cache, n, k) for n, k in keys.items()} == {"source": 1, "adapt": 1, "labels": 2}
+
+    # uda-ray stages lists them with their users, and --remove deletes one
+    capsys.readouterr()
+    assert main(["stages", str(results)]) == 0
+    listing = capsys.readouterr().out
+    assert all(keys[n] in listing for n in keys) and "used by: train/r1, train/r2, train/r3" in listing
+    assert main(["stages", str(results), "--remove", keys["labels"]]) == 0
+    assert sorted(e["name"] for e in cache.entries()) == ["adapt", "source"]
+    assert main(["stages", str(results), "--remove", keys["labels"]]) == 2
 
 
 def _same(metrics: dict[str, float]) -> dict[str, str]:
