@@ -271,10 +271,13 @@ THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # traffic light/sign, pe
 @dataclass(frozen=True)
 class FeatureDistanceConfig:
     weight: float = _f(0.0, ge=0.0, doc="ImageNet Feature Distance on the source (DAFormer: 0.005); 0 removes it; "
-                       "meant for pretrained backbones")
+                       "needs the ImageNet weights it is defined against (model.pretrained_path or model.pretrained)")
     classes: tuple[int, ...] = _f(THING_CLASSES, ge=0, le=18, doc="train ids whose features are kept close")
     scale_min_ratio: float = _f(0.75, gt=0.0, le=1.0, doc="a feature cell takes its label's majority class only "
                                 "when it covers this share of the cell")
+    without_pretrained: bool = _f(False, doc="allow FD with no ImageNet weights loaded: its reference is then a "
+                                  "frozen copy of the randomly initialised backbone, which is not DAFormer's FD "
+                                  "(toy runs and tests only)")
 
 
 @dataclass(frozen=True)
@@ -527,6 +530,8 @@ def _check_cross(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: key 'loss.entropy.aux_weight' = {cfg.loss.entropy.aux_weight} needs the "
                           "auxiliary classifier: set model.aux_weight > 0 (model.decoder: deeplabv2)")
     _check_hrda(cfg, source)
+    _check_fd(cfg, source)
+    _check_margins(cfg, source)
     e = cfg.eval
     if e.mode == "slide":
         if e.crop[0] > d.val_resize[0] or e.crop[1] > d.val_resize[1]:
@@ -569,6 +574,38 @@ def _check_teacher_kind(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: key 'teacher.kind' = 'nearest_centroid' serves CFContra only, but "
                           f"{', '.join(on)} use the EMA teacher's pseudo-labels: set teacher.kind = 'ema' or switch "
                           "them off (0 / false)")
+
+
+def _check_fd(cfg: Config, source: str) -> None:
+    """FD keeps features close to the ImageNet-pretrained backbone: without those weights it silently means
+    something else (closeness to a random network), so that takes an explicit opt-in."""
+    fd, m = cfg.loss.fd, cfg.model
+    if fd.weight > 0 and not (m.pretrained or m.pretrained_path) and not fd.without_pretrained:
+        raise ConfigError(f"{source}: key 'loss.fd.weight' = {fd.weight} keeps features close to the ImageNet-"
+                          "pretrained backbone, but neither 'model.pretrained_path' nor 'model.pretrained' loads "
+                          "ImageNet weights: FD would pull towards a frozen copy of a randomly initialised network. "
+                          "Set model.pretrained_path (DAFormer: pretrained/mit_b5.pth), or loss.fd.weight=0, or "
+                          "loss.fd.without_pretrained=true to run it so anyway (toy runs)")
+
+
+def _check_margins(cfg: Config, source: str) -> None:
+    """The pseudo-label margins leave something of what they apply to: teacher.ignore_top/bottom count rows of the
+    target crop; data.target_pseudo_margins pixels of the target image as loaded (known here for the synthetic
+    pair, whose images are data.synthetic.height x width)."""
+    d, t = cfg.data, cfg.teacher
+    key, crop = ("data.target_crop", d.target_crop) if d.target_crop[0] else ("data.crop", d.crop)
+    if t.ignore_top + t.ignore_bottom >= crop[0]:
+        raise ConfigError(f"{source}: keys 'teacher.ignore_top' = {t.ignore_top} and 'teacher.ignore_bottom' = "
+                          f"{t.ignore_bottom} leave none of the {crop[0]} rows of the target crop '{key}' = "
+                          f"{list(crop)}: the margins count rows of the crop (DAFormer: 15 and 120 of 512); for "
+                          "margins of the whole image use data.target_pseudo_margins")
+    top, bottom, left, right = d.target_pseudo_margins
+    if d.target == "synthetic" and any(d.target_pseudo_margins):
+        h, w = d.synthetic.height, d.synthetic.width
+        if top + bottom >= h or left + right >= w:
+            raise ConfigError(f"{source}: key 'data.target_pseudo_margins' = {list(d.target_pseudo_margins)} "
+                              f"(top, bottom, left, right) leaves nothing of the synthetic target images as loaded, "
+                              f"'data.synthetic.height' x 'data.synthetic.width' = {h} x {w}")
 
 
 def _check_hrda(cfg: Config, source: str) -> None:

@@ -24,6 +24,7 @@ DAFORMER_TOY = {
     "data.cat_max_ratio": 0.75, "data.keep_ratio": True,
     # at 32×32 crops MiT's last stage is one cell per image: every class counts and a 10 % majority suffices
     "loss.fd.weight": 0.005, "loss.fd.classes": list(range(19)), "loss.fd.scale_min_ratio": 0.1,
+    "loss.fd.without_pretrained": True,  # no ImageNet file at toy scale: FD against the random initialisation
     "teacher.bn_mode": "batch", "teacher.weighting": "batch",
     "teacher.ignore_top": 2, "teacher.ignore_bottom": 4,
 }

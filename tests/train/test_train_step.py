@@ -24,7 +24,8 @@ TERM_ON = {
     "target_mix": ({"mix.target_to_source.enabled": True, "mix.target_to_source.t_max": 0.0},
                    ["train/loss_t2s"]),
     # 32×32 crops give a 1×1 last stage: every class, a 10 % majority
-    "fd": ({"loss.fd.weight": 0.005, "loss.fd.classes": list(range(19)), "loss.fd.scale_min_ratio": 0.1},
+    "fd": ({"loss.fd.weight": 0.005, "loss.fd.classes": list(range(19)), "loss.fd.scale_min_ratio": 0.1,
+            "loss.fd.without_pretrained": True},  # no ImageNet weights in a unit test
            ["train/loss_fd"]),
     "mic": ({"loss.mic.weight": 1.0, "loss.mic.block_size": 8}, ["train/loss_mic"]),
     "lovasz": ({"loss.lovasz.weight": 0.75}, ["train/loss_lovasz"]),
