@@ -346,7 +346,7 @@ def test_auto_detects_ids_and_refuses_both_kinds(tmp_path, name):
 def test_format_errors_name_the_path(tmp_path):
     make_gta5(tmp_path)
     with pytest.raises(DatasetError, match=r"images/00000\.png: image has no label \(expected .*labels/"
-                                           r"00000_labelTrainIds\.png\)"):
+                                           r"00000_labelTrainIds\.png, data\.label_format=train_ids\)"):
         build_dataset("gta5", tmp_path, "train", EvalTransform((H, W)), label_format="train_ids")
     with pytest.raises(DatasetError, match=r"label_format 'trainids' is unknown"):
         build_dataset("gta5", tmp_path, "train", EvalTransform((H, W)), label_format="trainids")

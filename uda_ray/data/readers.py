@@ -67,15 +67,22 @@ def _existing_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _pair_up(images: list[Path], label_of: Callable[[Path], Path], where: str) -> list[Pair]:
+def _pair_up(images: list[Path], label_of: Callable[[str], Callable[[Path], Path]], fmt: str,
+             where: str) -> list[Pair]:
+    """``(image, label)`` pairs, the label named by ``label_of(fmt)``. When labels are missing and the other
+    format's files are there instead, the error says which ``data.label_format`` reads them."""
     if not images:
         raise DatasetError(f"{where}: no images found (empty split)")
-    pairs = [(img, label_of(img)) for img in images]
+    pairs = [(img, label_of(fmt)(img)) for img in images]
     missing = [(img, lab) for img, lab in pairs if not lab.is_file()]
     if missing:
         img, lab = missing[0]
-        raise DatasetError(f"{img}: image has no label (expected {lab}); {len(missing)} of {len(pairs)} images "
-                           f"in {where} lack a label")
+        other = "ids" if fmt == "train_ids" else "train_ids"
+        present = label_of(other)(img)
+        hint = (f"; {present.name} is there: these are {'label ids' if other == 'ids' else 'train ids'}, which "
+                f"data.label_format={other} reads (or auto)" if present.is_file() else "")
+        raise DatasetError(f"{img}: image has no label (expected {lab}, data.label_format={fmt}); {len(missing)} "
+                           f"of {len(pairs)} images in {where} lack a label{hint}")
     return pairs
 
 
@@ -113,8 +120,11 @@ def gta5_pairs(root: str | Path, label_format: str = "ids") -> list[Pair]:
     img_dir = _existing_dir(root / "images", "GTA5 images")
     lab_dir = root / "labels"
     fmt = _resolve_format(label_format, lab_dir, "*.png", lambda n: True)
-    suffix = TRAIN_IDS_SUFFIX if fmt == "train_ids" else ".png"
-    return _pair_up(sorted(img_dir.glob("*.png")), lambda p: lab_dir / (p.stem + suffix), str(img_dir / "*.png"))
+
+    def label_of(kind: str) -> Callable[[Path], Path]:
+        return lambda p: lab_dir / (p.stem + (TRAIN_IDS_SUFFIX if kind == "train_ids" else ".png"))
+
+    return _pair_up(sorted(img_dir.glob("*.png")), label_of, fmt, str(img_dir / "*.png"))
 
 
 def cityscapes_pairs(root: str | Path, split: str, label_format: str = "ids") -> list[Pair]:
@@ -125,12 +135,12 @@ def cityscapes_pairs(root: str | Path, split: str, label_format: str = "ids") ->
     lab_dir = root / "gtFine" / split
     suffix = "_leftImg8bit.png"
     fmt = _resolve_format(label_format, lab_dir, "*/*_gtFine_*.png", lambda n: n.endswith("_gtFine_labelIds.png"))
-    lab_suffix = "_gtFine" + (TRAIN_IDS_SUFFIX if fmt == "train_ids" else "_labelIds.png")
 
-    def label_of(p: Path) -> Path:
-        return lab_dir / p.parent.name / (p.name[: -len(suffix)] + lab_suffix)
+    def label_of(kind: str) -> Callable[[Path], Path]:
+        lab_suffix = "_gtFine" + (TRAIN_IDS_SUFFIX if kind == "train_ids" else "_labelIds.png")
+        return lambda p: lab_dir / p.parent.name / (p.name[: -len(suffix)] + lab_suffix)
 
-    return _pair_up(sorted(img_dir.glob(f"*/*{suffix}")), label_of, str(img_dir / f"<city>/*{suffix}"))
+    return _pair_up(sorted(img_dir.glob(f"*/*{suffix}")), label_of, fmt, str(img_dir / f"<city>/*{suffix}"))
 
 
 def synthia_pairs(root: str | Path, label_format: str = "ids") -> list[Pair]:
@@ -140,8 +150,11 @@ def synthia_pairs(root: str | Path, label_format: str = "ids") -> list[Pair]:
     img_dir = _existing_dir(root / "RGB", "SYNTHIA RGB")
     lab_dir = root / "GT" / "LABELS"
     fmt = _resolve_format(label_format, lab_dir, "*.png", lambda n: True)
-    suffix = TRAIN_IDS_SUFFIX if fmt == "train_ids" else ".png"
-    return _pair_up(sorted(img_dir.glob("*.png")), lambda p: lab_dir / (p.stem + suffix), str(img_dir / "*.png"))
+
+    def label_of(kind: str) -> Callable[[Path], Path]:
+        return lambda p: lab_dir / (p.stem + (TRAIN_IDS_SUFFIX if kind == "train_ids" else ".png"))
+
+    return _pair_up(sorted(img_dir.glob("*.png")), label_of, fmt, str(img_dir / "*.png"))
 
 
 # ------------------------------------------------------------------------------------------------------ sizes
