@@ -11,18 +11,13 @@ same files serve ``ids`` and ``train_ids`` datasets. ``load_class_stats`` reads 
 sit there (prepared for DAFormer); otherwise it computes them once and writes them into the root or, when the root is
 not writable, into ``~/.cache/uda-ray/rcs/<hash of root and label format>/``, saying which.
 
-Probabilities. n_c = Σ_images n_c, f_c = n_c / Σ_k n_k, ``P(c) = softmax_c((1 − f_c) / T)`` over the classes that
-occur in the statistics, listed as DAFormer's ``get_rcs_class_probs`` lists them (a stable sort by n_c ascending:
-ties keep the order in which the classes first appear in the file). Computed in float64 (DAFormer: float32 torch).
-
-Sampling, per global stream position g, from ``np.random.default_rng([seed, g, 2])`` only: c ~ P; an image uniformly
-among those with more than ``min_pixels`` pixels of c (DAFormer: 3000); a sample seed for the augmentation. The
-crop is then re-drawn inside the transform until it holds more than ``min_pixels · min_crop_ratio`` pixels of c
-(``TrainTransform(rcs_min_crop_pixels=...)``: 10 re-draws of crop + flip, the last kept when none passes, as DAFormer's
-``get_rare_class_sample``). The stream layout over ranks and ``start`` are those of ``stream.py``.
-
-A class without any eligible image (DAFormer asserts) is dropped from the sampling with a warning naming it, and
-the probabilities of the other classes are renormalised.
+Fingerprint. Statistics that uda-ray writes carry, in ``rcs_fingerprint.json`` beside them, a fingerprint of the
+label files they describe (``label_fingerprint``: the SHA-256 of every label file's name, byte size and
+modification time, in the dataset's order). When the labels change (files added, removed, regenerated, another
+label format) the fingerprint no longer matches and the statistics are computed again and rewritten; the run says
+which files it read or wrote and why. DAFormer's own files have no fingerprint: they are read as they are and
+checked against the dataset's labels by name (``rcs_spec_from_stats``: a file the dataset lacks, or a label the
+file lacks, is an error).
 """
 
 from __future__ import annotations
@@ -45,6 +40,7 @@ from uda_ray.data.stream import check_stream_args, global_position
 
 STATS_FILE = "sample_class_stats.json"
 SAMPLES_FILE = "samples_with_class.json"
+FINGERPRINT_FILE = "rcs_fingerprint.json"
 Stats = list[dict[str, int | str]]
 
 
@@ -95,11 +91,38 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)  # readers never see a partial file; concurrent writers write the same content
 
 
-def write_class_stats(folder: Path, stats: Stats) -> None:
-    """``sample_class_stats.json`` and ``samples_with_class.json`` in DAFormer's format, each written atomically."""
+def label_fingerprint(label_paths: Sequence[Path]) -> str:
+    """SHA-256 over every label file's name, byte size and modification time (whole seconds), in order: it changes
+    when a label is added, removed or rewritten, or the label format changes the names. Reading every label to hash
+    its pixels would cost as much as computing the statistics; a copy that does not keep modification times
+    (``cp`` without ``-p``) makes them be computed once more."""
+    h = hashlib.sha256()
+    for p in label_paths:
+        st = Path(p).stat()
+        h.update(f"{Path(p).name}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()
+
+
+def write_class_stats(folder: Path, stats: Stats, fingerprint: str | None = None) -> None:
+    """``sample_class_stats.json`` and ``samples_with_class.json`` in DAFormer's format, each written atomically,
+    and with ``fingerprint`` the ``rcs_fingerprint.json`` of the labels they describe (written last)."""
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / STATS_FILE, stats)
     _write_json(folder / SAMPLES_FILE, samples_with_class(stats))
+    if fingerprint is not None:
+        _write_json(folder / FINGERPRINT_FILE, {"fingerprint": fingerprint, "labels": len(stats),
+                                                "of": "sha256 of every label file's name, byte size and mtime (s)"})
+
+
+def stored_fingerprint(folder: Path) -> dict | None:
+    """``rcs_fingerprint.json`` of ``folder`` (None: statistics without one, e.g. DAFormer's own)."""
+    path = folder / FINGERPRINT_FILE
+    if not path.is_file():
+        return None
+    record = _read_json(path, dict)
+    if not isinstance(record.get("fingerprint"), str):
+        raise DatasetError(f"{path}: expected {{\"fingerprint\": <sha256>, ...}}, got {str(record)[:200]}")
+    return record
 
 
 def _read_json(path: Path, kind: type) -> object:
@@ -149,29 +172,45 @@ def load_class_stats(dataset: SegmentationDataset, root: str | Path, *, workers:
                      progress: bool = True) -> tuple[Stats, dict[str, list] | None, Path]:
     """The source's class statistics, their folder, and ``samples_with_class`` when read from a file (else None).
 
-    Order of preference: DAFormer's files in ``root``; a previous computation in ``cache_dir`` (default
-    ``default_cache_dir``); else computed from the dataset's labels and written into ``root`` when writable, else
-    into ``cache_dir``. One line says where they came from.
+    Order of preference: the files in ``root`` (DAFormer's, or uda-ray's whose fingerprint matches the dataset's
+    labels); a previous computation in ``cache_dir`` (default ``default_cache_dir``) whose fingerprint matches;
+    else computed from the dataset's labels and written, with their fingerprint, into ``root`` when writable,
+    else into ``cache_dir``. Statistics whose fingerprint does not match are passed over (and overwritten where
+    they are rewritten). One line says what was read or written, and why.
     """
     root = Path(root).expanduser()
     fmt = label_format_of(dataset.pairs)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(root, fmt)
-    for folder in (root, cache):
-        if (folder / STATS_FILE).is_file():
-            stats, samples = read_class_stats(folder)
-            print(f"[uda-ray] RCS: class statistics read from {folder / STATS_FILE}", flush=True)
-            return stats, samples, folder
+    labels = [lab for _, lab in dataset.pairs]
     try:
-        stats = compute_class_stats([lab for _, lab in dataset.pairs], dataset.decode_label, workers=workers,
-                                    progress=progress)
+        current = label_fingerprint(labels)
+    except OSError:
+        current = None  # a missing label: no statistics of ours can match, and computing them names the file
+    stale = []
+    for folder in (root, cache):
+        if not (folder / STATS_FILE).is_file():
+            continue
+        record = stored_fingerprint(folder)
+        if record is not None and record["fingerprint"] != current:
+            stale.append(f"{folder / STATS_FILE} (written for {record.get('labels', '?')} labels)")
+            continue
+        stats, samples = read_class_stats(folder)
+        why = ("their fingerprint matches the dataset's labels" if record is not None else
+               "DAFormer's files carry no fingerprint: checked against the dataset's labels by name")
+        print(f"[uda-ray] RCS: class statistics read from {folder / STATS_FILE} ({why})", flush=True)
+        return stats, samples, folder
+    try:
+        stats = compute_class_stats(labels, dataset.decode_label, workers=workers, progress=progress)
     except DatasetError as e:
         raise DatasetError(f"RCS: {root} holds no {STATS_FILE} and its labels cannot be read to compute one: "
                            f"{e}") from e
     folder = root if _writable(root) else cache
-    write_class_stats(folder, stats)
+    write_class_stats(folder, stats, current)
     where = "the source root" if folder == root else "the cache (the source root is not writable)"
-    print(f"[uda-ray] RCS: class statistics computed from {len(stats)} labels and written to {folder} ({where})",
-          flush=True)
+    because = (f"; the labels changed since {', '.join(stale)} was computed (its fingerprint differs)"
+               if stale else "")
+    print(f"[uda-ray] RCS: class statistics computed from {len(stats)} labels and written to {folder} ({where})"
+          f"{because}", flush=True)
     return stats, None, folder
 
 
