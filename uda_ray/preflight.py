@@ -2,7 +2,8 @@
 file or the results storage is reported at once, naming the key and the path, instead of as one failed trial after
 another once the search is running.
 
-What is checked, for every distinct run config a command will launch:
+Every problem found is reported at once (a missing source root, target root and pretrained file are three lines of
+one error), not one per attempt. What is checked, for every distinct run config a command will launch:
 - each local dataset root (``data.source_root``, ``data.target_root``): the folder, its published layout, that the
   splits training needs pair every image with a label, and that the first pair of each split decodes;
 - ``model.pretrained_path``: the file exists;
@@ -37,22 +38,32 @@ def _reader_name(name: str, side: str) -> str:
     return {"synthetic": "gta5" if side == "source" else "cityscapes"}.get(name, name)
 
 
-def check_data(cfg: Config) -> None:
-    d = cfg.data
+def data_problems(cfg: Config) -> list[str]:
+    """What is wrong with each local dataset root (the source's and the target's, each checked)."""
+    d, problems = cfg.data, []
     for side, splits in (("source", ("train",)), ("target", ("train", "val"))):
         name, root = getattr(d, side), getattr(d, f"{side}_root")
         if name == "synthetic" or not _local(root):
             continue
         key = f"data.{side}_root"
         if not Path(root).expanduser().is_dir():
-            raise PreflightError(f"{key} = {root!r}: no such folder (resolved: {Path(root).expanduser().resolve()}); "
-                                 f"put the {name} data there or set {key}=/path/to/{name}")
+            problems.append(f"{key} = {root!r}: no such folder (resolved: {Path(root).expanduser().resolve()}); "
+                            f"put the {name} data there or set {key}=/path/to/{name}")
+            continue
         for split in splits:
             try:
                 ds = build_dataset(_reader_name(name, side), root, split, EvalTransform(d.val_resize))
                 ds.load(0)
             except DatasetError as e:
-                raise PreflightError(f"{key} = {root!r} ({name}, split {split!r}): {e}") from e
+                problems.append(f"{key} = {root!r} ({name}, split {split!r}): {e}")
+                break  # the next split of a broken root would only repeat it
+    return problems
+
+
+def check_data(cfg: Config) -> None:
+    problems = data_problems(cfg)
+    if problems:
+        raise PreflightError(joined(problems))
 
 
 def check_pretrained(cfg: Config) -> None:
@@ -87,17 +98,35 @@ def check_storage(root: str, what: str = "--storage") -> None:
         raise PreflightError(f"{what} = {root!r}: results cannot be written there ({e})") from e
 
 
+def joined(problems: list[str]) -> str:
+    """One problem as it is; several as a count and one line each."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems, to fix before anything runs:\n  - " + "\n  - ".join(problems)
+
+
 def preflight(configs: Iterable[Config], *, storage: str | None = None, storage_option: str = "--storage") -> None:
-    """Every check of the module docstring for each distinct config, then the storage; raises ``PreflightError``."""
+    """Every check of the module docstring for each distinct config, then the storage; raises one
+    ``PreflightError`` listing every problem found."""
     seen: set[tuple] = set()
+    problems: list[str] = []
     for cfg in configs:
         key = (cfg.data.source, cfg.data.source_root, cfg.data.target, cfg.data.target_root,
                cfg.model.pretrained_path, cfg.model.init_from, cfg.data.val_resize)
         if key in seen:
             continue
         seen.add(key)
-        check_data(cfg)
-        check_pretrained(cfg)
-        check_init_from(cfg)
+        problems += data_problems(cfg)
+        for check in (check_pretrained, check_init_from):
+            try:
+                check(cfg)
+            except PreflightError as e:
+                problems.append(str(e))
     if storage is not None:
-        check_storage(storage, storage_option)
+        try:
+            check_storage(storage, storage_option)
+        except PreflightError as e:
+            problems.append(str(e))
+    problems = list(dict.fromkeys(problems))  # configs that share a root share its problem
+    if problems:
+        raise PreflightError(joined(problems))

@@ -258,12 +258,36 @@ def _retrains(path: str, trials: pd.DataFrame, tables: dict[str, pd.DataFrame]) 
     return sections
 
 
+RUN_STATUS = "status.json"  # a `uda-ray train` run folder's status (uda_ray.train.run.STATUS_FILE)
+
+
+class NotAnExperiment(ValueError):
+    """The folder is one ``uda-ray train`` run, not an experiment; the message says what it holds."""
+
+
+def _refuse_a_train_run(path: str) -> None:
+    """A ``uda-ray train`` run folder has no trials table: say what it is (and its status) instead of "no such
+    folder <path>/trials"."""
+    status_uri = store.join(path, RUN_STATUS)
+    if store.exists(store.join(path, store.TRIALS_DIR)) or not (
+            store.exists(status_uri) or store.exists(store.join(path, "metrics.parquet"))):
+        return
+    state = json.loads(store.read_bytes(status_uri)) if store.exists(status_uri) else {}
+    status = state.get("status", "unknown: no status.json")
+    detail = "".join(f"; {k}: {state[k]}" for k in ("error", "resume") if state.get(k))
+    raise NotAnExperiment(f"{path} is one `uda-ray train` run (status {status}{detail}), not an experiment: "
+                          "analyze reads the trials of `uda-ray tune`, `ablate` and `retrain`. This run's metrics are "
+                          f"in {store.join(path, 'metrics.parquet')}, its prediction grids in "
+                          f"{store.join(path, 'images')}; `uda-ray evaluate` scores a checkpoint of it")
+
+
 def analyze(path: str, *, metric: str = "val/miou", mode: str = "max", top: int = 10,
             out_dir: str | None = None) -> dict[str, pd.DataFrame]:
     """Tables (returned, printed as markdown, written as CSV) and plots of the experiment folder ``path``, with
     ``report.md`` and the self-contained ``index.html``; ``out_dir`` defaults to ``<path>/report``. Keys: status,
     top, and by trial kind history and importance (search), ablation and curves (ablation), retrain (retrain).
     Raises ``NoFinishedTrials`` (after writing the status report) when no trial finished."""
+    _refuse_a_train_run(path)
     trials = store.load_trials(path)
     if trials.empty:
         raise ValueError(f"{path}: the experiment has no trial files under {store.join(path, store.TRIALS_DIR)}")

@@ -4,11 +4,21 @@
     <output_dir>/<name>/provenance.json    git revision, package versions, seed, command-line overrides
     <output_dir>/<name>/metrics.parquet    one row per report (rewritten atomically at each report)
     <output_dir>/<name>/checkpoints/iter_<k>/checkpoint.pt
+    <output_dir>/<name>/status.json        RUNNING, then TERMINATED, DIVERGED or ERROR (with the error and the
+                                           command that resumes it), as in the trials table
+
+A run that fails (or is interrupted) before its first checkpoint leaves no folder behind: one that this command
+created and that holds nothing to resume from is removed, so no half-made folder looks like a result. A later
+failure keeps the folder, marked ERROR in ``status.json``, and ``--resume`` continues it from its newest checkpoint
+(``uda-ray analyze`` on such a folder says what it is). A run folder that already holds checkpoints is never
+trained into again without ``--resume``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +29,19 @@ from uda_ray.config import Config, save_config
 from uda_ray.results.provenance import git_revision, package_versions
 from uda_ray.results.store import metrics_table, write_parquet
 from uda_ray.train.loop import FitResult, fit
+
+STATUS_FILE = "status.json"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked; the message says why and what to pass instead."""
+
+
+def write_status(run_dir: Path, status: str, **details: Any) -> None:
+    """``status.json``: the run's status (the trials table's words: RUNNING, TERMINATED, DIVERGED, ERROR)."""
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps({"status": status, **details}, indent=1))
+    tmp.replace(run_dir / STATUS_FILE)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -38,11 +61,17 @@ def provenance(cfg: Config, overrides: list[str] | dict[str, Any] | None = None)
 
 def train_local(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                 overrides: list[str] | None = None) -> FitResult:
-    """Run ``fit`` in this process, writing the run folder; ``resume`` continues from its newest checkpoint."""
+    """Run ``fit`` in this process, writing the run folder; ``resume`` continues from its newest checkpoint. A
+    failure before the first checkpoint removes the folder this call created; a later one marks it ERROR
+    (module docstring)."""
     run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = latest_checkpoint(run_dir)
     if resume and ckpt is None:
         raise FileNotFoundError(f"{run_dir}: --resume given but no checkpoint under {run_dir / 'checkpoints'}")
+    if not resume and ckpt is not None:
+        raise RunFolderError(f"{run_dir} already holds a run (checkpoints up to {ckpt.name}): pass --resume to "
+                             "continue it, or choose another --name for a new run")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "provenance.json").write_text(json.dumps(provenance(cfg, overrides), indent=2))
@@ -61,4 +90,22 @@ def train_local(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
         rows.append(dict(metrics))
         write_parquet(metrics_table(run_dir.name, run_dir.name, rows), str(metrics_path))
 
-    return fit(cfg, work_dir=run_dir, report=report, resume_from=ckpt, progress=progress)
+    resume_hint = (f"uda-ray train {run_dir / 'config.yaml'} --output-dir {run_dir.parent} --name {run_dir.name} "
+                   "--resume")
+    write_status(run_dir, "RUNNING", started_at=time.time())
+    try:
+        result = fit(cfg, work_dir=run_dir, report=report, resume_from=ckpt, progress=progress)
+    except BaseException as e:
+        saved = latest_checkpoint(run_dir)
+        if created and saved is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"uda-ray train: the run stopped before its first checkpoint; {run_dir} was removed (nothing to "
+                  "resume from)", file=sys.stderr)
+        else:
+            error = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            write_status(run_dir, "ERROR", error=error[:2000], checkpoint=str(saved) if saved else None,
+                         resume=resume_hint if saved else None, ended_at=time.time())
+        raise
+    write_status(run_dir, "TERMINATED" if result.status == "completed" else "DIVERGED", iteration=result.iteration,
+                 error=result.error or None, ended_at=time.time())
+    return result
