@@ -150,6 +150,9 @@ class ModelConfig:
                            doc="norm of the decoder and projection head; group = per sample (batch-split invariant)")
     sync_bn: bool = _f(False, doc="SyncBatchNorm under DDP (CUDA only)")
     hrda: HRDAConfig = _sub(HRDAConfig)
+    align_corners: bool = _f(False, doc="logits resized to a label or image bilinearly with align_corners=True (the "
+                             "DeepLab-family code: ADVENT, SDCA, PixMatch/EHTDI): the supervised loss, the teacher's "
+                             "pseudo-labels and the evaluation; false = align_corners False (mmseg: DAFormer, HRDA)")
     aux_pass_bn_update: bool = _f(True, doc="student passes other than the source and the mixed batch (the plain "
                                   "target batch, the target-mix and strong-view batches) update BatchNorm running "
                                   "statistics, as the methods' code does; false: they leave them to the source and "
@@ -322,6 +325,8 @@ class OptimConfig:
     poly_iters: int = _f(0, ge=0, doc="length T of the poly schedule (1 - t/T)^power; 0 = run.iterations (ADVENT "
                          "decays over 250000 iterations and stops at 120000)")
     grad_clip: float = _f(0.0, ge=0.0, doc="max gradient norm; 0 = off")
+    norm_decay: bool = _f(False, doc="weight decay on normalisation parameters and position embeddings too (the "
+                          "DeepLab-family code's SGD over every parameter); false = none on them (DAFormer)")
 
 
 @dataclass(frozen=True)
@@ -529,6 +534,9 @@ def _check_cross(cfg: Config, source: str) -> None:
     if cfg.loss.entropy.aux_weight > 0 and cfg.model.aux_weight == 0:
         raise ConfigError(f"{source}: key 'loss.entropy.aux_weight' = {cfg.loss.entropy.aux_weight} needs the "
                           "auxiliary classifier: set model.aux_weight > 0 (model.decoder: deeplabv2)")
+    if cfg.model.align_corners and cfg.model.hrda.enabled:
+        raise ConfigError(f"{source}: key 'model.align_corners' = true with model.hrda.enabled: HRDA's fusion and "
+                          "windows resize with align_corners False (mmseg); set model.align_corners = false")
     _check_hrda(cfg, source)
     _check_fd(cfg, source)
     _check_margins(cfg, source)

@@ -133,8 +133,10 @@ class Segmenter(nn.Module):
     def __init__(self, backbone: str, num_classes: int = 19, *, pretrained: bool = False, pretrained_path: str = "",
                  out_indices: tuple[int, ...] = (), embed_dim: int = 256, dropout: float = 0.1, proj_dim: int = 0,
                  decoder_norm: str = "batch", decoder: str = "mlp", input_norm: str = "imagenet",
-                 drop_path_rate: float = 0.1, aux_weight: float = 0.0, fuse_channels: int = 0):
+                 drop_path_rate: float = 0.1, aux_weight: float = 0.0, fuse_channels: int = 0,
+                 align_corners: bool = False):
         super().__init__()
+        self.align_corners = align_corners  # logits → label/image size: bilinear with align_corners (DeepLab code)
         if pretrained and pretrained_path:
             raise ValueError(f"Segmenter({backbone!r}): pretrained=True and pretrained_path={pretrained_path!r} are "
                              "both set: choose timm's weights or the local file, not both")
@@ -221,10 +223,10 @@ class Segmenter(nn.Module):
         """The supervised loss of a training pass against (B, H, W) labels with optional (B, H, W) pixel weights,
         as named parts: ``""`` = CE of the logits upsampled to the labels, ``"_aux"`` = ``aux_weight`` × CE of the
         auxiliary prediction (DeepLabV2's multi-level loss) when there is one. HRDA overrides this."""
-        size = labels.shape[-2:]
-        parts = {"": cross_entropy(upsample(out.logits.float(), size), labels, weights)}
+        size, corners = labels.shape[-2:], self.align_corners
+        parts = {"": cross_entropy(upsample(out.logits.float(), size, corners), labels, weights)}
         if self.aux_weight > 0 and out.aux is not None:
-            parts["_aux"] = self.aux_weight * cross_entropy(upsample(out.aux.float(), size), labels, weights)
+            parts["_aux"] = self.aux_weight * cross_entropy(upsample(out.aux.float(), size, corners), labels, weights)
         return parts
 
     def forward(self, x: torch.Tensor, detail: str = "random") -> SegOutput:
@@ -255,14 +257,16 @@ class Segmenter(nn.Module):
         """(group name, modules, lr multiplier) of every part with its own learning rate."""
         return [("backbone", [self.backbone], 1.0), ("head", self.head_modules(), head_lr_mult)]
 
-    def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float, *,
+                     norm_decay: bool = False) -> list[dict[str, Any]]:
         """AdamW/SGD parameter groups over every trainable parameter, each exactly once.
 
         Groups ``backbone``, ``backbone_no_decay``, ``head``, ``head_no_decay`` (empty ones are left out), each with
-        ``lr`` (× head_lr_mult for the head), ``weight_decay`` (0 for norm layers and position embeddings), and the
-        extra keys ``name`` and ``lr_mult`` that a schedule can use.
+        ``lr`` (× head_lr_mult for the head), ``weight_decay`` (0 for norm layers and position embeddings, unless
+        ``norm_decay``: every parameter decays, as the DeepLab-family code's SGD over all parameters), and the extra
+        keys ``name`` and ``lr_mult`` that a schedule can use.
         """
-        no_decay = _no_decay_parameter_ids(self)
+        no_decay = set() if norm_decay else _no_decay_parameter_ids(self)
         groups: list[dict[str, Any]] = []
         for name, modules, mult in self.param_parts(head_lr_mult):
             params = [p for m in modules for p in m.parameters() if p.requires_grad]

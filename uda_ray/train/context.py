@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uda_ray.adaptation import pseudo_labels
-from uda_ray.models import SegOutput
+from uda_ray.models import SegOutput, unwrap
 from uda_ray.models.segmenter import upsample
 
 # The student's passes of an iteration that several losses may read (``Term.reads``): the source batch
@@ -59,7 +59,8 @@ class StepContext:
         if self._pseudo is None:
             with torch.no_grad(), self.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn_batch):
                 logits = self.teacher(self.x_tgt).logits
-            logits = upsample(logits.float(), self.x_tgt.shape[-2:])  # (B, C, H, W)
+            corners = getattr(unwrap(self.teacher), "align_corners", False)  # model.align_corners
+            logits = upsample(logits.float(), self.x_tgt.shape[-2:], corners)  # (B, C, H, W)
             pseudo = self.pseudo_fn(logits)
             if self.tgt_valid is not None:  # HRDA: the confidence weight times its valid_pseudo_mask
                 pseudo = PseudoLabels(pseudo.labels, pseudo.weights * self.tgt_valid.to(pseudo.weights.dtype),

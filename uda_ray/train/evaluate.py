@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from uda_ray.data.labels import CLASSES
+from uda_ray.models import unwrap
 from uda_ray.train.context import upsample
 from uda_ray.train.infer import slide_logits
 
@@ -56,10 +57,12 @@ def predict_labels(model: nn.Module, x: Tensor, size: Sequence[int], *,
                    infer: Callable[[nn.Module, Tensor], Tensor] | None = None,
                    autocast_dtype: torch.dtype | None = None) -> Tensor:
     """Argmax train ids (B, H, W) at ``size`` of images x (B, 3, h, w): logits from ``infer(model, x)`` (default one
-    whole-image pass) under autocast with ``autocast_dtype`` (None: full precision), upsampled bilinearly."""
+    whole-image pass) under autocast with ``autocast_dtype`` (None: full precision), upsampled bilinearly (with
+    align_corners as the model's ``model.align_corners`` says)."""
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         logits = infer(model, x) if infer is not None else model(x).logits
-    return upsample(logits.float(), tuple(size)).argmax(dim=1)
+    corners = getattr(unwrap(model), "align_corners", False)
+    return upsample(logits.float(), tuple(size), corners).argmax(dim=1)
 
 
 @torch.no_grad()

@@ -200,7 +200,7 @@ def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
     common = dict(pretrained=pretrained, pretrained_path=path, out_indices=m.out_indices, embed_dim=m.embed_dim,
                   dropout=m.dropout, proj_dim=cf.proj_dim if cf.weight > 0 else 0, decoder_norm=m.decoder_norm,
                   decoder=m.decoder, input_norm=m.input_norm, drop_path_rate=m.drop_path_rate,
-                  aux_weight=m.aux_weight, fuse_channels=m.fuse_channels)
+                  aux_weight=m.aux_weight, fuse_channels=m.fuse_channels, align_corners=m.align_corners)
     h, cl = m.hrda, cfg.loss.cluda
     if h.enabled:
         return HRDASegmenter(m.backbone, NUM_CLASSES, context_scale=h.context_scale, detail_crop=h.detail_crop,
@@ -212,7 +212,7 @@ def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = model.param_groups(o.lr, o.head_lr_mult, o.weight_decay)
+    groups = model.param_groups(o.lr, o.head_lr_mult, o.weight_decay, norm_decay=o.norm_decay)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
