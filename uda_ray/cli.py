@@ -28,6 +28,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     name = cfg.run.name or default_run_name(args.config)
     run_dir = Path(cfg.run.output_dir) / name
     preflight([cfg], storage=cfg.run.output_dir, storage_option="run.output_dir")
+    if args.check:
+        print(f"uda-ray train --check: {args.config} is valid ({cfg.run.iterations} iterations); the data, files and "
+              f"folder it needs are in place. It would write {run_dir}.")
+        return 0
     print(f"uda-ray train: {args.config} → {run_dir}")
     result = train_local(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                          overrides=args.overrides)
@@ -53,6 +57,10 @@ def _train_chain(args: argparse.Namespace) -> int:
     name = args.name or chain.final_config.run.name or f"{chain.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(output_dir) / name
     preflight_chain(chain, storage=output_dir, storage_option="run.output_dir")
+    if args.check:
+        print(f"uda-ray train --check: chain {args.config} ({' → '.join(chain.names)}) is valid; the data and files "
+              f"its stages need are in place. It would write {run_dir}.")
+        return 0
     print(f"uda-ray train: chain {args.config} ({' → '.join(chain.names)}) → {run_dir}; stages cached under "
           f"{Path(output_dir) / 'stages'}")
     result = train_chain(chain, run_dir, storage=str(Path(output_dir).resolve()), resume=args.resume,
@@ -156,7 +164,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from uda_ray.tune.search import run_search
 
     out = run_search(args.space, address=args.address, storage=args.storage, name=args.name, resume=args.resume,
-                     num_samples=args.num_samples, overrides=args.overrides)
+                     num_samples=args.num_samples, overrides=args.overrides, check=args.check)
+    if args.check:
+        print(f"uda-ray tune --check: {out.plan}")
+        return 0
     _print_outcome(out.experiment.uri, out.best, out.metrics)
     print(f"optuna study: {out.study_storage} (study '{out.experiment.name}'; open with optuna-dashboard "
           f"{out.study_storage})")
@@ -173,7 +184,10 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from uda_ray.tune.ablate import format_ablation, run_ablation
 
     out = run_ablation(args.spec, address=args.address, storage=args.storage, name=args.name, resume=args.resume,
-                       overrides=args.overrides)
+                       overrides=args.overrides, check=args.check)
+    if args.check:
+        print(f"uda-ray ablate --check: {out.plan}")
+        return 0
     print("\n" + format_ablation(out))
     if out.interrupted:
         return _interrupted("ablate", args.spec, args, out.experiment.name)
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="parent folder of the run (default: run.output_dir)")
     t.add_argument("--resume", action="store_true", help="continue the named run from its newest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _check_arg(t)
     t.add_argument("--rerun-stage", action="append", metavar="NAME",
                    help="a chain: compute stage NAME again even when its output is cached (repeatable)")
     t.set_defaults(func=_cmd_train)
@@ -314,6 +329,13 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="experiment folder name (default: <experiment>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment (--name, or the newest one of this YAML)")
+    _check_arg(p)
+
+
+def _check_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true",
+                   help="validate everything the command would run (config, space, every trial's config, data roots, "
+                        "pretrained files, storage), print the plan and exit: nothing is written or started")
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")

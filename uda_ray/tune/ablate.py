@@ -48,6 +48,7 @@ class AblationOutcome:
     summary: pd.DataFrame
     statuses: dict[str, int]
     interrupted: bool = False
+    plan: str = ""  # with ``check``: what the ablation would run (nothing ran)
 
 
 def _entry(tune_config: dict[str, Any]) -> dict[str, Any]:
@@ -89,21 +90,31 @@ def _check_resume_spec(exp: Experiment, spec_path: Path) -> None:
 
 
 def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: str | None = None,
-                 name: str | None = None, resume: bool = False, overrides: list[str] | None = None
-                 ) -> AblationOutcome:
+                 name: str | None = None, resume: bool = False, overrides: list[str] | None = None,
+                 check: bool = False) -> AblationOutcome:
     """Run (or with ``resume`` continue) the ablation of ``spec_path``; returns where it went and its summary.
     ``overrides`` (``key=value``) change the base config of every cell, or the spec's own settings (``'seeds=[0]'``,
-    ``max_concurrent=1``; ``uda_ray.tune.spec_yaml.read_header``); a resume keeps the launch's."""
+    ``max_concurrent=1``; ``uda_ray.tune.spec_yaml.read_header``); a resume keeps the launch's. With ``check``
+    every cell's config, data, files and storage are validated and the plan returned; nothing is written or
+    started."""
     spec_path = Path(spec_path)
     spec = naming_spec_overrides(lambda: load_ablation(spec_path, overrides), overrides)  # before Ray starts
     exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
-    launched = launch_overrides(exp, overrides, resume)
+    launched = list(overrides or []) if check else launch_overrides(exp, overrides, resume)
     if launched != list(overrides or []):
         spec = naming_spec_overrides(lambda: load_ablation(spec_path, launched), launched)
     entries = grid(spec)
     # every run config is built (and validated) here, so trials never read the YAML files on cluster nodes
     configs: dict[tuple[str, int], Config] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}
     preflight(configs.values(), storage=exp.root)
+    if check:
+        cells = expand(spec)
+        iterations = sorted({c.run.iterations for c in configs.values()})
+        plan = (f"{spec_path}: valid. {len(cells)} cell(s) ({', '.join(c.name for c in cells)}) x "
+                f"{len(spec.seeds)} seed(s) = {len(entries)} run(s) of {'/'.join(map(str, iterations))} iterations, "
+                f"{spec.max_concurrent} at a time; the data, files and storage they need are in place. It would write "
+                f"{exp.uri}.")
+        return AblationOutcome(exp, spec, ablation_summary(pd.DataFrame(), spec), {}, plan=plan)
     if resume:
         _check_resume_spec(exp, spec_path)
     else:

@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 from ray.tune.schedulers import FIFOScheduler
 
+from uda_ray.config import Config
 from uda_ray.preflight import preflight
 from uda_ray.results.store import join, write_bytes
 from uda_ray.stages.chain import Chain, final_config
@@ -52,6 +53,7 @@ class SearchOutcome:
     metrics: tuple[str, ...] = ("val/miou",)  # the search's metric(s)
     interrupted: bool = False  # stopped by SIGINT before the search ended: `--resume` continues it
     statuses: dict[str, int] = dataclasses.field(default_factory=dict)  # trials by status
+    plan: str = ""  # with ``check``: what the search would run (nothing ran)
 
 
 def scaling_of(spec: Any) -> Scaling:
@@ -78,16 +80,30 @@ def fail_lost_trials(study_url: str, study_name: str, trial_ids: list[str]) -> N
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
+def describe_search(spec: SearchSpec, base: Config, exp: Experiment) -> str:
+    """What a search would run, in one paragraph (``uda-ray tune --check``)."""
+    r, s = spec.resources, spec.scheduler
+    where = f"{r.workers} Train worker(s) per trial" if r.workers else "in-process trials"
+    stop = (f"ASHA stopping trials at iterations {s.grace_period}..{s.max_t} (reduction factor {s.reduction_factor:g})"
+            if s.type == "asha" else "no early stopping")
+    return (f"{spec.path}: valid. {spec.num_samples} trial(s) of {base.run.iterations} iterations, "
+            f"{spec.max_concurrent} at a time ({where}, {r.cpus_per_worker:g} CPU and {r.gpus_per_worker:g} GPU "
+            f"each), {spec.sampler} sampler, {stop}; the data, files and storage they need are in place. It would "
+            f"write {exp.uri}.")
+
+
 def run_search(space_path: str | Path, *, address: str | None = None, storage: str | None = None,
                name: str | None = None, resume: bool = False, num_samples: int | None = None,
-               overrides: list[str] | None = None) -> SearchOutcome:
+               overrides: list[str] | None = None, check: bool = False) -> SearchOutcome:
     """Run (or with ``resume`` continue) the search of ``space_path``; ``overrides`` (``key=value``) change its base
     config, as ``uda-ray train`` does, or the space's own settings (``num_samples=4``, ``scheduler.max_t=100``;
-    ``uda_ray.tune.spec_yaml.read_header``). A resumed search keeps the overrides it was launched with."""
+    ``uda_ray.tune.spec_yaml.read_header``). A resumed search keeps the overrides it was launched with. With
+    ``check`` everything is validated (the space, every trial's config, the data, files and storage it needs) and
+    the plan returned, and nothing is written or started."""
     # validated before Ray starts
     spec: SearchSpec = naming_spec_overrides(lambda: load_space(space_path, overrides), overrides)
     exp = choose_experiment(storage_root(storage), spec.experiment, name=name, resume=resume)
-    launched = launch_overrides(exp, overrides, resume)
+    launched = list(overrides or []) if check else launch_overrides(exp, overrides, resume)
     if launched != list(overrides or []):
         spec = naming_spec_overrides(lambda: load_space(space_path, launched), launched)
     if num_samples is not None:
@@ -99,6 +115,8 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         preflight_chain(base, storage=exp.root)
     else:
         preflight([base], storage=exp.root)
+    if check:
+        return SearchOutcome(exp, None, "", plan=describe_search(spec, final_config(base), exp))
     if not resume:
         write_bytes(Path(space_path).read_bytes(), join(exp.uri, "search_space.yaml"))
     study_url = study_storage(exp)
