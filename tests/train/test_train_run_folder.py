@@ -74,3 +74,17 @@ def test_preflight_lists_every_missing_input_at_once(tmp_path: Path, capsys: pyt
     for key in ("data.source_root", "data.target_root", "model.pretrained_path"):
         assert f"  - {key} = '{tmp_path}" in err, err
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_resume_with_other_settings_is_refused(synthetic_cache: Path, tmp_path: Path) -> None:
+    from uda_ray.config import apply_overrides
+
+    run = tmp_path / "r"
+    cfg = apply_overrides(_cfg(synthetic_cache), {"run.iterations": 3})
+    train_local(cfg, run, progress=False)
+    changed = r"other settings \(loss\.cluda\.weight: 0\.0 → 1\.0; loss\.cluda\.fm_size: \d+ → 9\)"
+    with pytest.raises(RunFolderError, match=changed):
+        train_local(apply_overrides(cfg, {"loss.cluda.weight": 1.0, "loss.cluda.fm_size": 9}), run, resume=True,
+                    progress=False)
+    longer = train_local(apply_overrides(cfg, {"run.iterations": 6}), run, resume=True, progress=False)
+    assert longer.status == "completed" and longer.iteration == 6  # training longer is a resume

@@ -11,7 +11,8 @@ A run that fails (or is interrupted) before its first checkpoint leaves no folde
 created and that holds nothing to resume from is removed, so no half-made folder looks like a result. A later
 failure keeps the folder, marked ERROR in ``status.json``, and ``--resume`` continues it from its newest checkpoint
 (``uda-ray analyze`` on such a folder says what it is). A run folder that already holds checkpoints is never
-trained into again without ``--resume``.
+trained into again without ``--resume``, and a resume with other settings than the run's (other than where the data
+is, how it reports and how long it trains: ``RESUMABLE``) is refused, naming each changed key.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from typing import Any
 
 import torch
 
-from uda_ray.config import Config, save_config
+from uda_ray.config import Config, flatten, load_config, save_config
 from uda_ray.results.provenance import git_revision, package_versions
 from uda_ray.results.store import metrics_table, write_parquet
 from uda_ray.train.loop import FitResult, fit
 
 STATUS_FILE = "status.json"
+# what a resumed run may change: where things are, how it runs and reports, and how long it trains
+RESUMABLE = ("run.iterations", "run.eval_every", "run.checkpoint_every", "run.log_every", "run.threads",
+             "run.device", "run.output_dir", "run.name", "run.save_images", "run.image_count", "data.source_root",
+             "data.target_root", "data.loader_workers", "data.synthetic.cache_dir", "data.rcs.stats_dir")
 
 
 class RunFolderError(ValueError):
@@ -42,6 +47,18 @@ def write_status(run_dir: Path, status: str, **details: Any) -> None:
     tmp = run_dir / f".{STATUS_FILE}.tmp"
     tmp.write_text(json.dumps({"status": status, **details}, indent=1))
     tmp.replace(run_dir / STATUS_FILE)
+
+
+def _check_same_run(run_dir: Path, cfg: Config) -> None:
+    """A resumed run is the run it continues: only the ``RESUMABLE`` keys may differ from its saved config."""
+    saved = flatten(load_config(run_dir / "config.yaml"))
+    now = flatten(cfg)
+    changed = [f"{k}: {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k]
+               and k not in RESUMABLE]
+    if changed:
+        raise RunFolderError(f"--resume: {run_dir} was trained with other settings ({'; '.join(changed)}); resume "
+                             "with the config and overrides it was started with, or start a new run with another "
+                             f"--name (its resolved config: {run_dir / 'config.yaml'})")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -71,6 +88,8 @@ def train_local(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     if not resume and ckpt is not None:
         raise RunFolderError(f"{run_dir} already holds a run (checkpoints up to {ckpt.name}): pass --resume to "
                              "continue it, or choose another --name for a new run")
+    if resume and (run_dir / "config.yaml").is_file():
+        _check_same_run(run_dir, cfg)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
