@@ -3,12 +3,17 @@
     source CE  +  ClassMix CE weighted by the teacher's confidence  +  Σ terms
     → backward → clip → optimiser and schedule step → EMA teacher update
 
-Everything the iteration measured comes back as one flat metrics dict.
+The losses are backpropagated in groups, each as soon as no loss still to come reads a pass it reads
+(``_Backward``; a term declares the passes it reads, ``Term.reads``): the source CE with the terms that read only
+the source pass (computed right after it), then the mixed pass with its terms, then the other terms, so that on one
+device only the graphs of the passes still needed are alive, as in DAFormer's own loop; the gradients are those of
+one backward of the sum. Everything the iteration measured comes back as one flat metrics dict.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +25,7 @@ from torch import Tensor, nn
 from uda_ray.adaptation import classmix_masks, mix
 from uda_ray.data.photometric import jitter_then_blur
 from uda_ray.models import ema_update, unwrap
-from uda_ray.train.context import StepContext, make_pseudo_fn
+from uda_ray.train.context import MIX, SRC, StepContext, make_pseudo_fn
 from uda_ray.train.terms import Term
 
 
@@ -85,7 +90,8 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     (B, H, W); ``tgt`` may hold ``valid`` (B, H, W) bool, the pixels whose pseudo-labels may count
     (``data.target_pseudo_margins``). ``generator`` (CPU) drives ClassMix and the photometric augmentation, so a
     seed fixes them.
-    Raises ``DivergedError`` before any weight changes if a loss is not finite.
+    Raises ``DivergedError`` before any weight changes if a loss is not finite (the losses are backpropagated
+    before the check, which only fills ``.grad``).
     """
     s = settings
     student.train()
@@ -96,9 +102,6 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     with autocast():
         out_src = student(x_src)
     model = unwrap(student)
-    # the model's own supervised loss: CE (+ DeepLabV2's auxiliary CE, or HRDA's fused and detail CE)
-    losses: dict[str, Tensor] = {f"src{part}": s.source_weight * loss
-                                 for part, loss in model.seg_loss(out_src, y_src).items()}
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
                       tgt_valid=tgt.get("valid"), y_tgt=tgt["label"] if s.target_labels else None,
                       pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
@@ -106,13 +109,27 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
                       generator=generator, autocast=autocast, num_classes=s.num_classes,
                       aux_bn_update=s.aux_bn_update, teacher_bn_batch=s.teacher_bn_batch)
 
+    # (name, passes read, losses) in the order they are computed; the model's own supervised loss is CE (+
+    # DeepLabV2's auxiliary CE, or HRDA's fused and detail CE)
+    source_only = [t for t in terms if t.reads == {SRC}]
+    stages: list[tuple[str, frozenset[str], Callable[[], dict[str, Tensor]]]] = [
+        ("src", frozenset({SRC}), lambda: {f"src{part}": s.source_weight * loss
+                                           for part, loss in model.seg_loss(out_src, y_src).items()}),
+        *((t.name, t.reads, functools.partial(t, ctx)) for t in source_only)]
     if s.mix_weight > 0:
-        losses.update({f"mix{part}": s.mix_weight * loss
-                       for part, loss in _classmix_loss(ctx, s, iteration).items()})
-    for term in terms:
-        losses.update(term(ctx))
+        stages.append(("mix", frozenset({MIX}), lambda: {f"mix{part}": s.mix_weight * loss
+                                                         for part, loss in _classmix_loss(ctx, s, iteration).items()}))
+    stages += [(t.name, t.reads, functools.partial(t, ctx)) for t in terms if t not in source_only]
+    backward = _Backward([reads for _, reads, _ in stages],
+                         sequential=not isinstance(student, nn.parallel.DistributedDataParallel))
+    computed: dict[str, dict[str, Tensor]] = {}
+    for name, _, compute in stages:
+        computed[name] = compute()
+        backward.add(computed[name])
+    # reported in the order of the sum: source, mix, terms
+    losses = {k: v for name in ["src", "mix", *(t.name for t in terms)] for k, v in computed.get(name, {}).items()}
 
-    total = sum(losses.values())
+    total = sum(v.detach() for v in losses.values())
     names = ["train/loss"] + [f"train/loss_{name}" for name in losses]
     values = [total] + list(losses.values())
     if ctx.has_pseudo:
@@ -123,7 +140,6 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     if _any_rank(not all(math.isfinite(v) for v in metrics.values()), stacked.device):
         raise DivergedError(iteration, metrics)
 
-    total.backward()
     if s.grad_clip > 0:
         metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip))
     metrics["train/lr"] = optimizer.param_groups[0]["lr"]
@@ -131,6 +147,41 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     scheduler.step()
     ema_update(teacher, unwrap(student), iteration, s.ema_alpha)
     return metrics
+
+
+class _Backward:
+    """Backpropagates an iteration's losses in groups. Given the passes each stage's losses read (in the order the
+    stages are computed), a computed loss waits while a pass it reads is still to be read by a stage to come, or by
+    a waiting loss that shares a pass with it; the others are summed and backpropagated at once, which frees their
+    passes' graphs (a term's own passes, read by no other loss, go with its losses). Under DDP (``sequential``
+    False) everything waits for one backward at the end: DDP reduces the gradients in the backward that follows its
+    forward passes and expects every parameter those passes used to get a gradient there."""
+
+    def __init__(self, reads: list[frozenset[str]], *, sequential: bool) -> None:
+        self._to_come = list(reads)
+        self._waiting: list[tuple[frozenset[str], Tensor]] = []
+        self._sequential = sequential
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        """The losses of the next stage (every stage is added, in order; the last one flushes everything)."""
+        reads = self._to_come.pop(0)
+        if losses:
+            self._waiting.append((reads, sum(losses.values())))
+        if not self._sequential and self._to_come:
+            return
+        blocked: set[str] = set().union(*self._to_come)
+        grew = True
+        while grew:  # a waiting loss keeps every pass it reads alive: those block the losses that read them too
+            grew = False
+            for r, _ in self._waiting:
+                if r & blocked and not r <= blocked:
+                    blocked |= r
+                    grew = True
+        ready = [loss for r, loss in self._waiting if not r & blocked]
+        self._waiting = [(r, loss) for r, loss in self._waiting if r & blocked]
+        total = sum(ready)
+        if isinstance(total, Tensor) and total.requires_grad:
+            total.backward()
 
 
 def _classmix_loss(ctx: StepContext, s: StepSettings, iteration: int) -> dict[str, Tensor]:

@@ -31,6 +31,10 @@ from uda_ray.train.terms.target_mix import build_target_mix
 
 class Term(Protocol):
     name: str
+    # the step's passes its losses read (context.SRC, MIX, TGT): the step backpropagates a loss once no loss still
+    # to come reads them, and computes a term that reads only the source pass right after it, before the mixed pass
+    # (so such a term draws nothing from the generator and runs no student pass)
+    reads: frozenset[str]
 
     def __call__(self, ctx: StepContext) -> dict[str, Tensor]: ...
 

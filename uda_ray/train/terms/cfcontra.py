@@ -29,7 +29,7 @@ from uda_ray.adaptation.centroids import nearest_centroid_labels
 from uda_ray.config import Config
 from uda_ray.losses import bank_class_means, prototype_contrast
 from uda_ray.models import Segmenter
-from uda_ray.train.context import StepContext, resize_labels
+from uda_ray.train.context import SRC, TGT, StepContext, resize_labels
 from uda_ray.train.offline import load_centroids
 
 IGNORE = 255
@@ -65,6 +65,7 @@ class CFContraTerm(nn.Module):
     """
 
     name = "cfcontra"
+    reads = frozenset({SRC, TGT})
 
     def __init__(self, *, num_classes: int, proj_dim: int, weight: float, temperature: float, bank_size: int,
                  momentum: float, margin: float, target_labels: TargetLabels = teacher_labels) -> None:

@@ -20,7 +20,7 @@ from uda_ray.config import Config
 from uda_ray.losses import multires_pixel_contrast, pixel_contrast
 from uda_ray.models import Segmenter, SegOutput
 from uda_ray.models.hrda import OUTPUT_STRIDE, paste_boxes, scale_box
-from uda_ray.train.context import StepContext, resize_labels, upsample
+from uda_ray.train.context import MIX, SRC, StepContext, resize_labels, upsample
 
 
 class CludaTerm(nn.Module):
@@ -31,6 +31,7 @@ class CludaTerm(nn.Module):
     """
 
     name = "cluda"
+    reads = frozenset({SRC, MIX})
 
     def __init__(self, *, weight: float, temperature: float, fm_size: int, on_source: bool, on_mix: bool,
                  chunk_size: int, multires: bool = False, official_resizing: bool = False) -> None:

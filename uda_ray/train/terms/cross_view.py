@@ -14,11 +14,12 @@ from uda_ray.adaptation import strong_view
 from uda_ray.config import Config
 from uda_ray.losses import class_prototypes, cross_view_contrast, cross_view_prototype_contrast
 from uda_ray.models import Segmenter
-from uda_ray.train.context import StepContext, resize_labels, upsample
+from uda_ray.train.context import TGT, StepContext, resize_labels, upsample
 
 
 class CrossViewTerm(nn.Module):
     name = "cross_view"
+    reads = frozenset({TGT})
 
     def __init__(self, *, num_classes: int, pixel_weight: float, proto_weight: float, pixel_temperature: float,
                  proto_temperature: float, grid_size: int) -> None:

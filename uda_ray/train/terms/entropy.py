@@ -8,11 +8,12 @@ from torch import Tensor, nn
 from uda_ray.config import Config
 from uda_ray.losses import entropy_loss
 from uda_ray.models import Segmenter
-from uda_ray.train.context import StepContext
+from uda_ray.train.context import TGT, StepContext
 
 
 class EntropyTerm(nn.Module):
     name = "entropy"
+    reads = frozenset({TGT})
 
     def __init__(self, *, weight: float, aux_weight: float = 0.0) -> None:
         super().__init__()

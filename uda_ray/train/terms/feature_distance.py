@@ -23,11 +23,12 @@ from uda_ray.config import Config
 from uda_ray.data.labels import NUM_CLASSES
 from uda_ray.losses import feature_distance
 from uda_ray.models import Segmenter, unwrap
-from uda_ray.train.context import StepContext
+from uda_ray.train.context import SRC, StepContext
 
 
 class FeatureDistanceTerm(nn.Module):
     name = "fd"
+    reads = frozenset({SRC})
 
     def __init__(self, imagenet_backbone: nn.Module, *, weight: float, classes: tuple[int, ...],
                  scale_min_ratio: float, num_classes: int) -> None:

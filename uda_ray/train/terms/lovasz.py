@@ -9,7 +9,7 @@ from uda_ray.config import Config
 from uda_ray.losses import lovasz_softmax
 from uda_ray.models import Segmenter
 from uda_ray.models.segmenter import upsample
-from uda_ray.train.context import StepContext
+from uda_ray.train.context import SRC, StepContext
 
 
 class LovaszTerm(nn.Module):
@@ -18,6 +18,7 @@ class LovaszTerm(nn.Module):
     ``train_sdca.py``: to the input size, which is the label's)."""
 
     name = "lovasz"
+    reads = frozenset({SRC})
 
     def __init__(self, *, weight: float) -> None:
         super().__init__()

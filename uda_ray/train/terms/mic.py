@@ -26,6 +26,7 @@ from uda_ray.train.context import StepContext
 
 class MICTerm(nn.Module):
     name = "mic"
+    reads: frozenset[str] = frozenset()  # its own pass only
 
     def __init__(self, *, weight: float, mask_ratio: float, block_size: int, jitter_strength: float,
                  jitter_prob: float, blur_prob: float, blur_sigma: tuple[float, float]) -> None:

@@ -15,7 +15,7 @@ from uda_ray.adaptation import ClassStatistics
 from uda_ray.config import Config
 from uda_ray.losses import sdca_loss
 from uda_ray.models import Segmenter
-from uda_ray.train.context import StepContext, resize_labels
+from uda_ray.train.context import SRC, TGT, StepContext, resize_labels
 from uda_ray.train.offline import load_class_statistics
 
 IGNORE = 255
@@ -29,6 +29,7 @@ def _pixels(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 class SDCATerm(nn.Module):
     name = "sdca"
+    reads = frozenset({SRC, TGT})
 
     def __init__(self, *, num_classes: int, feat_dim: int, weight_feat: float, weight_out: float, tau: float,
                  delta: float) -> None:

@@ -13,6 +13,7 @@ from uda_ray.train.context import StepContext, upsample
 
 class TargetMixTerm(nn.Module):
     name = "t2s"
+    reads: frozenset[str] = frozenset()  # its own pass only
 
     def __init__(self, *, t_max: float, weight: float) -> None:
         super().__init__()
