@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from uda_ray.config import flatten, load_config
+from uda_ray.config import Config, flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 THINGS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
@@ -152,8 +152,11 @@ CFCONTRA = [
      "loss.cfcontra.margin", 0.05),
     ("HybridMemory(num_features, NUM_CLASSES): one centroid per class", 1, "loss.cfcontra.bank_size", 1),
     ("deeplabv2.py feat_dim (head_mode moco: 2048 → 2048 → 2048 on layer4)", 2048, "loss.cfcontra.proj_dim", 2048),
-    ("train_UDA.py: target labels from the trained network itself, no EMA model", 0.0, "teacher.alpha", 0.0),
+    ("TRAIN.pseudolabel_cluster + ignore_instances, normEuclid False: get_pseudo_labels(src_memory.features, …)",
+     True, "teacher.kind", "nearest_centroid"),
+    ("train_UDA.py: no EMA model", 0.0, "teacher.alpha", 0.0),
     ("train_UDA.py: model.train() for every pass (BN on the batch)", "train", "teacher.bn_mode", "batch"),
+    ("interp / interp_target: nn.Upsample(align_corners=True)", True, "model.align_corners", True),
     ("README <root_dir>/data/GTA5 (config.py: ../data/GTA5)", "data/GTA5", "data.source_root", "data/GTA5"),
     ("README <root_dir>/data/Cityscapes (config.py: ../data/cityscapes)", "data/Cityscapes", "data.target_root",
      "data/Cityscapes"),
@@ -173,6 +176,8 @@ CFCONTRA = [
     ("TRAIN.MOMENTUM", 0.9, "optim.momentum", 0.9),
     ("TRAIN.WEIGHT_DECAY", 0.0005, "optim.weight_decay", 0.0005),
     ("optim_parameters: classifiers at 10 × lr", 10, "optim.head_lr_mult", 10.0),
+    ("optim.SGD(model.optim_parameters(…), weight_decay=…): decay on every optimised parameter", True,
+     "optim.norm_decay", True),
     ("no warm-up", 0, "optim.warmup_iters", 0),
     ("TRAIN.POWER", 0.9, "optim.poly_power", 0.9),
     ("TRAIN.MAX_ITERS (the poly schedule's length)", 250000, "optim.poly_iters", 250000),
@@ -184,17 +189,19 @@ CFCONTRA = [
 # SDCA (BIT-DA/SDCA): configs/deeplabv2_r101_sdca.yaml on core/configs/defaults.py; train_sdca.py,
 # core/datasets/build.py, core/datasets/dataset_path_catalog.py, core/models/build.py, test.py
 SDCA = [
-    ("MODEL.NAME deeplab_resnet101 (torchvision ResNet-101, dilated: the caffe one is the nearest here)",
-     "deeplab_resnet101", "model.backbone", "deeplabv2_r101"),
+    ("MODEL.NAME deeplab_resnet101 + FREEZE_BN True (torchvision ResNet-101, dilated, FrozenBatchNorm2d)",
+     "deeplab_resnet101", "model.backbone", "deeplabv2_tv_r101"),
     ("build_classifier: ASPP_Classifier_V2(2048, [6, 12, 18, 24]), summed", "ASPP_Classifier_V2", "model.decoder",
      "deeplabv2"),
     ("one classifier (SOLVER.MULTI_LEVEL switches the logit-level contrast)", 0.0, "model.aux_weight", 0.0),
-    ("INPUT.PIXEL_MEAN / PIXEL_STD (ImageNet RGB; the DeepLab init below needs caffe input)", "imagenet",
-     "model.input_norm", "caffe"),
-    ("MODEL.WEIGHTS (torchvision; does not fit the caffe ResNet)",
+    ("INPUT.PIXEL_MEAN / PIXEL_STD (defaults.py: ImageNet, RGB)", ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+     "model.input_norm", "imagenet"),
+    ("MODEL.WEIGHTS (torchvision's ImageNet ResNet-101, loaded unchanged)",
      "https://download.pytorch.org/models/resnet101-5d3b4d8f.pth", "model.pretrained_path",
-     "pretrained_models/DeepLab_resnet_pretrained_imagenet.pth"),
+     "pretrained_models/resnet101-5d3b4d8f.pth"),
+    ("F.interpolate(..., align_corners=True): src_pred, test.py", True, "model.align_corners", True),
     ("loss_sup (CE) weight 1", 1.0, "loss.source_weight", 1.0),
+    ("SOLVER.LAMBDA_LOV", 0.75, "loss.lovasz.weight", 0.75),
     ("no mixing", 0.0, "loss.mix_weight", 0.0),
     ("no entropy term", 0.0, "loss.entropy.weight", 0.0),
     ("SOLVER.LAMBDA_FEAT", 1.0, "loss.sdca.weight_feat", 1.0),
@@ -222,6 +229,7 @@ SDCA = [
     ("SOLVER.MOMENTUM", 0.9, "optim.momentum", 0.9),
     ("SOLVER.WEIGHT_DECAY", 0.0005, "optim.weight_decay", 0.0005),
     ("optimizer_cls: BASE_LR * 10", 10, "optim.head_lr_mult", 10.0),
+    ("SGD(feature_extractor.parameters()): weight decay on every parameter", True, "optim.norm_decay", True),
     ("no warm-up", 0, "optim.warmup_iters", 0),
     ("SOLVER.LR_POWER", 0.9, "optim.poly_power", 0.9),
     ("SOLVER.MAX_ITER (the poly schedule's length)", 62500, "optim.poly_iters", 62500),
@@ -261,6 +269,9 @@ TARGET_MIX = [
     ("pred[2] of a 512 × 512 crop: 65 × 65 logits", 65, "loss.cross_view.grid_size", 65),
     ("pseudo-labels from self.model under no_grad (ema_decay 0.999 only for the evaluated copy)", 0.0,
      "teacher.alpha", 0.0),
+    ("train(): ema.apply_shadow() before validate(): the EMA copy is evaluated and saved", "ema", "eval.model", "ema"),
+    ("ema_decay", 0.999, "eval.ema_alpha", 0.999),
+    ("deeplab_multi.py: F.interpolate(..., align_corners=True)", True, "model.align_corners", True),
     ("self.model in train mode (BN on the batch)", "train", "teacher.bn_mode", "batch"),
     ("T = 0.0 (pseudolabel_threshold 0.0): every pixel", 0.0, "teacher.pseudo_threshold", 0.0),
     ("mask_1 = maxpred_1 > T: weight 1 per pixel", "pixel", "teacher.weighting", "pixel"),
@@ -282,6 +293,7 @@ TARGET_MIX = [
     ("opt.momentum", 0.9, "optim.momentum", 0.9),
     ("opt.weight_decay", 5e-4, "optim.weight_decay", 5e-4),
     ("poly_lr_scheduler: param_groups[1] at 10 × lr", 10, "optim.head_lr_mult", 10.0),
+    ("SGD(optim_parameters(…), weight_decay): decay on every optimised parameter", True, "optim.norm_decay", True),
     ("no warm-up", 0, "optim.warmup_iters", 0),
     ("opt.poly_power", 0.9, "optim.poly_power", 0.9),
     ("opt.iterations (the poly schedule's length)", 250000, "optim.poly_iters", 250000),
@@ -310,8 +322,11 @@ SYNTHIA_CHANGES = {
 }
 
 
-def _check(cfg_file: str, table: list[tuple], changes: dict, folder: Path = ROOT / "search_spaces" / "base") -> None:
-    flat = flatten(load_config(folder / cfg_file))
+def _check(cfg_file: str | Config, table: list[tuple], changes: dict,
+           folder: Path = ROOT / "search_spaces" / "base") -> None:
+    """Every row's key of ``cfg_file`` (a file in ``folder``, or a resolved config: a chain's stage) has its value, or
+    the value ``changes`` gives for it."""
+    flat = flatten(cfg_file if isinstance(cfg_file, Config) else load_config(folder / cfg_file))
     wrong = []
     for official_key, _official, ours, value in table:
         expected = changes.get(ours, value)
