@@ -15,9 +15,19 @@ Flip (mmseg ``RandomFlip``), then padding (mmseg ``Pad``) to the crop size at th
 image is smaller than the crop: labels with 255, images with the ImageNet mean — mmseg pads with 0 after
 normalisation, which is the mean colour before it.
 
+Random rescale before the crop (``scale`` = (lo, hi), SDCA's ``RandomScale``): the image (and label, nearest) is
+resized once, from the image as loaded, to ``(int(h·s), int(w·s))`` with (h, w) the resize size and s uniform in
+[lo, hi) (``lo + (hi − lo)·u``, SDCA's draw); then cropped, flipped and padded as above. SDCA scales the image as
+loaded, so its self-training stage (0.5–1.5 of the whole 2048×1024 Cityscapes image, a 1024×512 crop) is
+``resize`` = the full size; SDCA resizes with PIL's bicubic (image) and nearest (label) filters where uda-ray uses
+cv2's linear and nearest, and its ``RandomCrop(pad_if_needed)`` pads left and right (top and bottom) by the deficit
+with black / 255 and crops at random within, where uda-ray pads at the bottom and right with the mean colour (never
+reached by SDCA's settings: 0.5 · 1024×2048 is the crop). Per-image photometric ops (``photometric``, SDCA's and
+PixMatch's jitter, grayscale and blur: ``uda_ray.data.pil_photometric``) run after the flip, on the uint8 image only.
+
 Randomness comes only from the ``np.random.Generator`` passed in, so a sample's augmentation is fixed by its seed;
-without a generator the train transform is deterministic (centre crop, no flip, no re-draws). Colour jitter and blur
-run batched on the mixed image in the trainer (``uda_ray.data.photometric``).
+without a generator the train transform is deterministic (centre crop, no flip, no re-draws, no scale, no
+photometric ops). Colour jitter and blur of the mixed image run batched in the trainer (``uda_ray.data.photometric``).
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+
+from uda_ray.data.pil_photometric import Photometric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,12 +109,17 @@ class TrainTransform:
     crop, False where the pixel lay within the margins of the image as loaded (HRDA's ``crop_pseudo_margins``, its
     ``valid_pseudo_mask``: made before the resize and carried through resize, crop, flip and padding with the label).
 
-    Draw order from the generator, per attempt: crop top, crop left (repeated for each cat_max_ratio re-draw), flip.
+    ``scale`` = (lo, hi): the random rescale before the crop (module docstring); (1, 1) = off. ``photometric``: the
+    per-image photometric ops after the flip (``Photometric``); None or one that changes nothing = off.
+
+    Draw order from the generator: the scale (only when on); per attempt: crop top, crop left (repeated for each
+    cat_max_ratio re-draw), flip; then the photometric draws (only when on).
     """
 
     def __init__(self, resize: tuple[int, int], crop: tuple[int, int], flip: bool, *, keep_ratio: bool = False,
                  cat_max_ratio: float = 1.0, rcs_min_crop_pixels: float | None = None,
-                 pseudo_margins: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+                 pseudo_margins: tuple[int, int, int, int] = (0, 0, 0, 0), scale: tuple[float, float] = (1.0, 1.0),
+                 photometric: Photometric | None = None) -> None:
         if min(resize) < 1 or min(crop) < 1:
             raise ValueError(f"resize {tuple(resize)} / crop {tuple(crop)}: expected positive (height, width)")
         if not 0.0 < cat_max_ratio <= 1.0:
@@ -118,6 +135,10 @@ class TrainTransform:
         if len(pseudo_margins) != 4 or min(pseudo_margins) < 0:
             raise ValueError(f"pseudo_margins {tuple(pseudo_margins)}: expected (top, bottom, left, right) >= 0")
         self.pseudo_margins = tuple(int(m) for m in pseudo_margins)
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale {tuple(scale)}: expected a ratio range (lo, hi) with 0 < lo <= hi ((1, 1) = off)")
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.photometric = photometric if photometric is not None and photometric.enabled else None
 
     def _draw_box(self, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
         top = int(rng.integers(0, max(shape[0] - self.crop[0], 0) + 1))
@@ -150,6 +171,9 @@ class TrainTransform:
                  rcs_class: int | None = None) -> tuple[torch.Tensor, ...]:
         valid = self._valid(image.shape) if any(self.pseudo_margins) else None
         size = _target_size(image.shape, self.resize, self.keep_ratio)
+        if rng is not None and self.scale != (1.0, 1.0):
+            s = self.scale[0] + (self.scale[1] - self.scale[0]) * rng.random()  # SDCA's RandomScale
+            size = (max(1, int(size[0] * s)), max(1, int(size[1] * s)))
         image, label = resize_image(image, size), resize_label(label, size)
         if valid is not None:
             valid = resize_label(valid, size)
@@ -169,6 +193,8 @@ class TrainTransform:
         image, label = self._cut(image, box), self._cut(label, box)
         if flip:
             image, label = image[:, ::-1], label[:, ::-1]
+        if rng is not None and self.photometric is not None:
+            image = self.photometric(image, rng)
         img_t, lab_t = _pad(*_to_tensors(image, label), self.crop)
         if valid is None:
             return img_t, lab_t
