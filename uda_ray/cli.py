@@ -338,7 +338,7 @@ def _check_arg(p: argparse.ArgumentParser) -> None:
                         "pretrained files, storage), print the plan and exit: nothing is written or started")
 
 
-OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z0-9_]+|\*))*=")  # a chain's stages.*.<key> too
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

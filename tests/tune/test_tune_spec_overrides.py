@@ -24,6 +24,7 @@ COMPONENTS = ROOT / "search_spaces" / "ablations" / "components.yaml"
      ["a.b=1", "num_samples=4", "c=[1, 2]"]),
     (["train", "c.yaml", "--name", "my-run", "loss.cluda.weight=1.0"], ["loss.cluda.weight=1.0"]),
     (["ablate", "a.yaml", "--storage", "r", "seeds=[0]"], ["seeds=[0]"]),
+    (["train", "chain.yaml", "--no-progress", "stages.*.run.threads=1"], ["stages.*.run.threads=1"]),
     (["evaluate", "ckpt", "--split", "train", "data.target_root=/d"], ["data.target_root=/d"]),
 ])
 def test_overrides_after_options_are_overrides(argv: list[str], overrides: list[str]) -> None:
