@@ -1,5 +1,5 @@
-"""Seeded, shardable loaders: an infinite train stream (shuffled epochs, or Rare Class Sampling: ``rcs.py``) and a
-sharded, unpadded val loader.
+"""Seeded, shardable loaders: an infinite train stream (shuffled epochs, of the dataset or of SDCA's class-balanced
+list: ``class_balanced.py``; or Rare Class Sampling: ``rcs.py``) and a sharded, unpadded val loader.
 
 The train stream (``stream.py`` holds the rank layout both samplers share). Epoch e is a permutation ``perm_e`` of the
 dataset drawn from (seed, e), with one sample seed per position drawn from (seed, e) as well; the global stream is
@@ -18,27 +18,33 @@ same length per step; no sample is duplicated or dropped across ranks. ``start``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from uda_ray.data.class_balanced import ClassBalancedSpec
 from uda_ray.data.rcs import RareClassSampler, RareClassSpec
 from uda_ray.data.stream import check_rank, check_stream_args, global_position
 
 
 class InfiniteSampler(Sampler):
-    """Yields ``(index, sample_seed)`` forever for one rank (see the module docstring for the order)."""
+    """Yields ``(index, sample_seed)`` forever for one rank (see the module docstring for the order).
+
+    ``pool(seed, epoch)``: the (size,) dataset indices that epoch ``epoch`` permutes, instead of 0..size-1 (a list
+    drawn with repeats, e.g. SDCA's class-balanced list: ``class_balanced.py``).
+    """
 
     def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 start: int = 0, batch_size: int = 1) -> None:
+                 start: int = 0, batch_size: int = 1,
+                 pool: Callable[[int, int], np.ndarray] | None = None) -> None:
         if size < 1:
             raise ValueError(f"InfiniteSampler: dataset size {size}: expected at least 1 item")
         check_stream_args("InfiniteSampler", seed=seed, rank=rank, world_size=world_size, start=start,
                           batch_size=batch_size)
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.shuffle, self.start, self.batch_size = shuffle, start, batch_size
+        self.shuffle, self.start, self.batch_size, self.pool = shuffle, start, batch_size, pool
 
     def global_position(self, s: int) -> int:
         """Global stream position of this rank's stream position ``s``."""
@@ -48,6 +54,12 @@ class InfiniteSampler(Sampler):
         """(N,) dataset indices and (N,) int64 sample seeds of epoch ``epoch``, functions of (seed, epoch) only."""
         order = (np.random.default_rng([self.seed, epoch, 0]).permutation(self.size) if self.shuffle
                  else np.arange(self.size))
+        if self.pool is not None:
+            pool = np.asarray(self.pool(self.seed, epoch))
+            if pool.shape != (self.size,):
+                raise ValueError(f"InfiniteSampler: pool of epoch {epoch} has shape {pool.shape}, expected "
+                                 f"({self.size},)")
+            order = pool[order]
         seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**62, size=self.size, dtype=np.int64)
         return order, seeds
 
@@ -62,16 +74,23 @@ class InfiniteSampler(Sampler):
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                       num_workers: int = 0, start: int = 0,
-                       rcs: RareClassSpec | None = None) -> Iterator[dict[str, Any]]:
+                       num_workers: int = 0, start: int = 0, rcs: RareClassSpec | None = None,
+                       class_balanced: ClassBalancedSpec | None = None) -> Iterator[dict[str, Any]]:
     """Infinite iterator of collated batches ``{"image": (B, 3, h, w), "label": (B, h, w), "index": (B,)}``.
 
     ``start`` is the number of samples this rank has already consumed (iterations done × batch_size). With ``rcs``
     the images are drawn by Rare Class Sampling (``uda_ray.data.rcs``) instead of shuffled epochs; the dataset's
     transform must then carry the same crop requirement (``TrainTransform(rcs_min_crop_pixels=rcs.min_crop_pixels)``).
+    With ``class_balanced`` the shuffled epochs are passes over SDCA's class-balanced list (``class_balanced.py``).
     """
     sampler: Sampler
-    if rcs is None:
+    if rcs is not None and class_balanced is not None:
+        raise ValueError("build_train_loader: rcs and class_balanced are two samplers: give one")
+    if class_balanced is not None:
+        class_balanced.check_dataset(dataset)
+        sampler = InfiniteSampler(class_balanced.length, seed=seed, rank=rank, world_size=world_size, start=start,
+                                  batch_size=batch_size, pool=class_balanced.pool)
+    elif rcs is None:
         sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start,
                                   batch_size=batch_size)
     else:

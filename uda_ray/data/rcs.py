@@ -284,6 +284,21 @@ def _match(files: list[str], keys: dict[str, int], path: Path, complete: bool) -
                            + "; delete it (or regenerate it) so that it is recomputed")
 
 
+def counts_by_index(stats: Stats, label_paths: Sequence[Path], *,
+                    stats_path: Path = Path(STATS_FILE)) -> list[dict[int, int]]:
+    """``{train id: pixel count}`` (n > 0 only) of every dataset label, in the order of ``label_paths``; the
+    statistics must name exactly the dataset's labels (matched by base name, as ``rcs_spec_from_stats``)."""
+    keys = {label_key(p): i for i, p in enumerate(label_paths)}
+    if len(keys) != len(label_paths):
+        raise DatasetError(f"{stats_path}: the dataset's label base names are not unique ({len(label_paths)} "
+                           f"labels, {len(keys)} names): statistics cannot be matched to them")
+    _match([str(e["file"]) for e in stats], keys, stats_path, complete=True)
+    out: list[dict[int, int]] = [{} for _ in label_paths]
+    for entry in stats:
+        out[keys[label_key(str(entry["file"]))]] = {int(c): int(n) for c, n in entry.items() if c != "file" and n}
+    return out
+
+
 def rcs_spec_from_stats(stats: Stats, samples: dict[str, list] | None, label_paths: Sequence[Path], *,
                         temperature: float, min_pixels: int, min_crop_ratio: float,
                         stats_path: Path = Path(STATS_FILE)) -> RareClassSpec:
