@@ -41,7 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _print_result(result, run_dir: Path) -> int:
     miou = result.metrics.get("val/miou")
     print(f"status: {result.status} at iteration {result.iteration}"
-          + (f", val/miou {100 * miou:.2f}" if miou is not None else "")
+          + (f", val/miou {100 * miou:.2f}%" if miou is not None else "")
           + (f"\n{result.error}" if result.error else ""))
     print(f"run folder: {run_dir}")
     return 0 if result.status == "completed" else 3
