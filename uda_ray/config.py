@@ -63,6 +63,33 @@ class RareClassConfig:
 
 
 @dataclass(frozen=True)
+class PhotometricConfig:
+    """Per-image photometric augmentation of one domain's training images (``uda_ray.data.pil_photometric``): after
+    resize, crop and flip, on the uint8 image only, drawn from the sample's seed (exact on resume); jitter, then
+    grayscale, then blur. The defaults change nothing."""
+
+    brightness: float = _f(0.0, ge=0.0, doc="colour jitter (torchvision's ColorJitter on the PIL image, its four ops "
+                           "in a random order): brightness factor uniform in [max(0, 1 - x), 1 + x] (SDCA: 0.5); 0 = "
+                           "off")
+    contrast: float = _f(0.0, ge=0.0, doc="colour jitter: contrast factor, as brightness (SDCA: 0.5)")
+    saturation: float = _f(0.0, ge=0.0, doc="colour jitter: saturation factor, as brightness (SDCA: 0.5)")
+    hue: float = _f(0.0, ge=0.0, le=0.5, doc="colour jitter: hue shift uniform in [-x, x] turns (SDCA: 0.2)")
+    jitter_prob: float = _f(1.0, ge=0.0, le=1.0, doc="probability that an image is jittered (SDCA: always; its "
+                            "INPUT.RANDOMAPPLY is never read)")
+    grayscale_prob: float = _f(0.0, ge=0.0, le=1.0, doc="torchvision's RandomGrayscale (SDCA: 0.2); 0 = off")
+    blur_prob: float = _f(0.0, ge=0.0, le=1.0, doc="probability of a Gaussian blur (SDCA: 1.0; PixMatch/EHTDI's "
+                          "gaussian_blur: 0.5); 0 = off")
+    blur_kind: str = _f("torchvision", choices=("torchvision", "pil"),
+                        doc="torchvision: torchvision's gaussian_blur with a blur_kernel-sized kernel and reflect "
+                        "padding, truncated back to uint8 as torchvision 0.8.2 does it (SDCA's GaussianBlur); pil: "
+                        "PIL's ImageFilter.GaussianBlur(radius=sigma) (PixMatch/EHTDI)")
+    blur_kernel: int = _f(3, ge=1, doc="torchvision blur: the odd kernel size (SDCA: 3)")
+    blur_sigma_min: float = _f(0.1, ge=0.0, doc="sigma uniform in [blur_sigma_min, blur_sigma_max] (SDCA: 0.1 to "
+                               "2.0; PixMatch/EHTDI's PIL radius: 0.0 to 1.0); > 0 for the torchvision blur")
+    blur_sigma_max: float = _f(2.0, ge=0.0)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = _f("synthetic", choices=("synthetic", "gta5", "synthia"))
     target: str = _f("synthetic", choices=("synthetic", "cityscapes"))
@@ -98,6 +125,24 @@ class DataConfig:
                                    "labels/<image path relative to data.target_root>.png, train ids, 255 = ignore) "
                                    "that replace the target train split's labels, for loss.self_training; a chain "
                                    "sets it from a stage's target_labels input")
+    source_scale_min: float = _f(1.0, gt=0.0, doc="before the random crop the source image (and label, nearest) is "
+                                 "resized to source_resize times a ratio s uniform in [source_scale_min, "
+                                 "source_scale_max), (int(h*s), int(w*s)), and padded with the mean colour / ignore "
+                                 "where smaller than the crop (SDCA's RandomScale); 1 and 1 = off")
+    source_scale_max: float = _f(1.0, gt=0.0)
+    target_scale_min: float = _f(1.0, gt=0.0, doc="the same for the target (SDCA's self-training stage: 0.5 to 1.5 "
+                                 "of the whole 1024x2048 image before a 512x1024 crop)")
+    target_scale_max: float = _f(1.0, gt=0.0)
+    source_photometric: PhotometricConfig = _sub(PhotometricConfig)
+    target_photometric: PhotometricConfig = _sub(PhotometricConfig)
+    class_balanced: bool = _f(False, doc="SDCA's class-balanced source sampling (uda_ray.data.class_balanced): the "
+                              "source images are read, shuffled, from a list drawn so that every class is seen about "
+                              "equally often (classes from the RCS class statistics, cached as data.rcs.stats_dir "
+                              "says); not with data.rcs.enabled")
+    class_balanced_draws: int = _f(0, ge=0, doc="class_balanced: SDCA's max_iters, the list holds (int(draws / 3000) "
+                                   "+ 1) * 3000 images (SDCA: SOLVER.MAX_ITER x SOLVER.BATCH_SIZE, 500000 in its "
+                                   "SDCA stage, 250000 source-only); 0 = (optim.poly_iters or run.iterations) x the "
+                                   "source images per iteration over all workers")
     rcs: RareClassConfig = _sub(RareClassConfig)
     synthetic: SyntheticConfig = _sub(SyntheticConfig)
 
@@ -531,6 +576,7 @@ def _check_cross(cfg: Config, source: str) -> None:
                           f"'data.target_pseudo_labels' = {d.target_pseudo_labels!r}: self-training needs both (the "
                           "offline labels and a weight > 0), or neither")
     _check_teacher_kind(cfg, source)
+    _check_augmentation(cfg, source)
     if cfg.loss.entropy.aux_weight > 0 and cfg.model.aux_weight == 0:
         raise ConfigError(f"{source}: key 'loss.entropy.aux_weight' = {cfg.loss.entropy.aux_weight} needs the "
                           "auxiliary classifier: set model.aux_weight > 0 (model.decoder: deeplabv2)")
@@ -563,6 +609,30 @@ def _check_cross(cfg: Config, source: str) -> None:
         if getattr(d, side) != "synthetic" and not getattr(d, f"{side}_root"):
             raise ConfigError(f"{source}: key 'data.{side}_root' is empty but 'data.{side}' = "
                               f"{getattr(d, side)!r} needs the dataset folder")
+
+
+def _check_augmentation(cfg: Config, source: str) -> None:
+    """Ranges of the augmentation keys that involve two values, and one source sampler at a time."""
+    d = cfg.data
+    for side in ("source", "target"):
+        lo, hi = getattr(d, f"{side}_scale_min"), getattr(d, f"{side}_scale_max")
+        if lo > hi:
+            raise ConfigError(f"{source}: key 'data.{side}_scale_min' = {lo} exceeds 'data.{side}_scale_max' = {hi}")
+        p, key = getattr(d, f"{side}_photometric"), f"data.{side}_photometric"
+        if p.blur_kernel % 2 == 0:
+            raise ConfigError(f"{source}: key '{key}.blur_kernel' = {p.blur_kernel}: expected an odd kernel size")
+        if p.blur_sigma_min > p.blur_sigma_max:
+            raise ConfigError(f"{source}: key '{key}.blur_sigma_min' = {p.blur_sigma_min} exceeds "
+                              f"'{key}.blur_sigma_max' = {p.blur_sigma_max}")
+        if p.blur_sigma_min == 0 and p.blur_kind == "torchvision":
+            raise ConfigError(f"{source}: key '{key}.blur_sigma_min' = 0: torchvision's blur needs sigma > 0 (0 is "
+                              "allowed with blur_kind 'pil', PixMatch's radius)")
+    if d.class_balanced and d.rcs.enabled:
+        raise ConfigError(f"{source}: keys 'data.class_balanced' and 'data.rcs.enabled' are both true: they are two "
+                          "source samplers (SDCA's and DAFormer's): choose one")
+    if d.class_balanced_draws and not d.class_balanced:
+        raise ConfigError(f"{source}: key 'data.class_balanced_draws' = {d.class_balanced_draws} sizes SDCA's "
+                          "class-balanced list: set data.class_balanced = true, or 0")
 
 
 def _check_teacher_kind(cfg: Config, source: str) -> None:

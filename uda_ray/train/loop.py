@@ -15,17 +15,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from uda_ray.config import Config, to_dict
+from uda_ray.config import Config, PhotometricConfig, to_dict
+from uda_ray.data.class_balanced import ClassBalancedSpec, build_class_balanced
 from uda_ray.data.holdout import holdout_split, image_groups
 from uda_ray.data.labels import eval_class_ids
 from uda_ray.data.loaders import build_train_loader, build_val_loader
 from uda_ray.data.offline_labels import use_offline_labels
+from uda_ray.data.pil_photometric import Photometric
 from uda_ray.data.rcs import RareClassSpec, build_rcs
 from uda_ray.data.readers import SegmentationDataset, build_dataset
 from uda_ray.data.synthetic import ensure_synthetic
@@ -43,6 +46,7 @@ NUM_CLASSES = 19  # train ids; the protocol (19/16/13) selects the classes that 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any run changes it
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 ImageSink = Callable[[str, bytes], None]  # (file name, PNG bytes): where the prediction grids go
 
@@ -135,8 +139,9 @@ class Data:
 def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
     """The run's data, the iterators resuming at ``start_iteration``.
 
-    With ``data.rcs.enabled`` the source images are drawn by Rare Class Sampling; its class statistics are read
-    from (or computed into) the source root by rank 0 first, while the other ranks wait, then read by all.
+    With ``data.rcs.enabled`` the source images are drawn by Rare Class Sampling, with ``data.class_balanced`` by
+    SDCA's class-balanced list; their class statistics are read from (or computed into) the source root by rank 0
+    first, while the other ranks wait, then read by all.
     """
     d = cfg.data
     src_root, tgt_root = data_roots(cfg)
@@ -147,9 +152,12 @@ def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
     if d.rcs.enabled:
         rcs = _rare_class_spec(cfg, src_ds, src_root, dist_info)
         src_ds.transform = _source_transform(cfg, rcs.min_crop_pixels)
+    balanced = _class_balanced_spec(cfg, src_ds, src_root, dist_info) if d.class_balanced else None
     tgt_ds = build_dataset(_reader(d.target, "target"), tgt_root, "train",
                            TrainTransform(d.target_resize, d.target_crop if d.target_crop[0] else d.crop, d.flip,
-                                          keep_ratio=d.keep_ratio, pseudo_margins=d.target_pseudo_margins),
+                                          keep_ratio=d.keep_ratio, pseudo_margins=d.target_pseudo_margins,
+                                          scale=(d.target_scale_min, d.target_scale_max),
+                                          photometric=_photometric(d.target_photometric)),
                            cache_in_memory=d.target == "synthetic", label_format=d.label_format,
                            resize_labels=d.resize_labels)
     if d.target_pseudo_labels:  # self-training: the target's labels are a pseudo_labels stage's
@@ -158,7 +166,7 @@ def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
     common = dict(batch_size=d.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
                   num_workers=d.loader_workers, start=start)
     # distinct seeds per domain so source and target orders are not correlated
-    src_it = build_train_loader(src_ds, seed=cfg.run.seed, rcs=rcs, **common)
+    src_it = build_train_loader(src_ds, seed=cfg.run.seed, rcs=rcs, class_balanced=balanced, **common)
     tgt_it = build_train_loader(tgt_ds, seed=cfg.run.seed + 1_000_003, **common)
     return Data(src_it, tgt_it, tgt_ds, build_val(cfg, "val", dist_info, target_root=tgt_root))
 
@@ -166,21 +174,39 @@ def build_data(cfg: Config, dist_info: DistInfo, start_iteration: int) -> Data:
 def _source_transform(cfg: Config, rcs_min_crop_pixels: float | None) -> TrainTransform:
     d = cfg.data
     return TrainTransform(d.source_resize, d.crop, d.flip, keep_ratio=d.keep_ratio, cat_max_ratio=d.cat_max_ratio,
-                          rcs_min_crop_pixels=rcs_min_crop_pixels)
+                          rcs_min_crop_pixels=rcs_min_crop_pixels, scale=(d.source_scale_min, d.source_scale_max),
+                          photometric=_photometric(d.source_photometric))
+
+
+def _photometric(p: PhotometricConfig) -> Photometric:
+    return Photometric(jitter=(p.brightness, p.contrast, p.saturation, p.hue), jitter_prob=p.jitter_prob,
+                       grayscale_prob=p.grayscale_prob, blur_prob=p.blur_prob, blur_kind=p.blur_kind,
+                       blur_kernel=p.blur_kernel, blur_sigma=(p.blur_sigma_min, p.blur_sigma_max))
+
+
+def _class_balanced_spec(cfg: Config, src_ds: SegmentationDataset, src_root: Path,
+                         dist_info: DistInfo) -> ClassBalancedSpec:
+    """SDCA's class-balanced list; without data.class_balanced_draws it is as long as the run's schedule needs
+    ((optim.poly_iters or run.iterations) x the global source batch), as SDCA sizes it by SOLVER.MAX_ITER."""
+    d = cfg.data
+    draws = d.class_balanced_draws or (cfg.optim.poly_iters or cfg.run.iterations) * d.batch_size * \
+        dist_info.world_size
+    return _rank0_first(lambda: build_class_balanced(src_ds, src_root, draws=draws, cache_dir=d.rcs.stats_dir or None,
+                                                     progress=dist_info.rank == 0), dist_info)
 
 
 def _rare_class_spec(cfg: Config, src_ds: SegmentationDataset, src_root: Path, dist_info: DistInfo) -> RareClassSpec:
     r = cfg.data.rcs
-    distributed = dist.is_available() and dist.is_initialized() and dist_info.world_size > 1
+    return _rank0_first(lambda: build_rcs(src_ds, src_root, temperature=r.temperature, min_pixels=r.min_pixels,
+                                          min_crop_ratio=r.min_crop_ratio, cache_dir=r.stats_dir or None,
+                                          progress=dist_info.rank == 0), dist_info)
 
-    def build() -> RareClassSpec:
-        return build_rcs(src_ds, src_root, temperature=r.temperature, min_pixels=r.min_pixels,
-                         min_crop_ratio=r.min_crop_ratio, cache_dir=r.stats_dir or None,
-                         progress=dist_info.rank == 0)
 
-    if not distributed:
+def _rank0_first(build: Callable[[], T], dist_info: DistInfo) -> T:
+    """``build()`` on rank 0 first (it computes and writes the class statistics once), then on the other ranks."""
+    if not (dist.is_available() and dist.is_initialized() and dist_info.world_size > 1):
         return build()
-    spec = build() if dist_info.rank == 0 else None  # rank 0 computes and writes the statistics once
+    spec = build() if dist_info.rank == 0 else None
     dist.barrier()
     return spec if spec is not None else build()
 
