@@ -30,7 +30,13 @@ through ``torchvision.transforms.v2.functional`` (or PIL's own filter), with uda
      extended-box approximation of a Gaussian of standard deviation σ).
 
 Draws from the generator per image, a fixed number whatever the outcomes, and only for the ops that can change an
-image: jitter (apply u, a permutation of 4, factors b, c, s, h), grayscale (u), blur (u, σ).
+image: jitter (apply u, a permutation of 4, factors b, c, s, h), grayscale (u), blur (u, σ). The official code draws
+from Python's, numpy's and torch's global generators instead: the same distributions, other numbers.
+
+Remaining differences: SDCA builds its jitter only when ``INPUT.BRIGHTNESS > 0`` (here: when any of the four is),
+and only for datasets built with ``is_source=True`` (its SDCA stage's source, its self-training stage's pseudo-labelled
+Cityscapes; uda-ray sets each domain apart); the Pillow version of the official runs is not pinned (Pillow's
+``ImageEnhance`` and box-blur code have been stable for years, but the results are Pillow's).
 """
 
 from __future__ import annotations
