@@ -62,3 +62,13 @@ def test_readme_lists_every_trials_column() -> None:
     missing = [c for c in schema.TRIAL_COLUMNS if c not in words]
     assert not missing, f"README's trials-column list lacks {missing}"
     assert "fraction" in listing and "percent" in listing  # the one unit story, said where the columns are
+
+
+def test_tuple_config_keys_keep_their_element_type() -> None:
+    """A tuple of floats is a list of float64 (not int64, which would store 0.5 as 0), a tuple of ints of int64."""
+    import pyarrow as pa
+
+    from uda_ray.results.schema import _annotation_type
+
+    assert _annotation_type(tuple[float, float], "k") == pa.list_(pa.float64())
+    assert _annotation_type(tuple[int, ...], "k") == pa.list_(pa.int64())

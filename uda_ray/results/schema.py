@@ -108,10 +108,10 @@ def _annotation_type(tp: Any, key: str) -> pa.DataType:
         return pa.float64()
     if tp is str:
         return pa.string()
-    if getattr(tp, "__origin__", None) is tuple:
-        return pa.list_(pa.int64())
+    if getattr(tp, "__origin__", None) is tuple:  # tuple[int, int], tuple[float, ...]: a list of the element type
+        return pa.list_(_annotation_type(tp.__args__[0], key))
     raise TypeError(f"config key '{key}': annotation {tp} has no parquet type (expected bool, int, float, str or "
-                    "tuple[int, ...])")
+                    "a tuple of one of them)")
 
 
 @functools.cache
