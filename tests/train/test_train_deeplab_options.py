@@ -4,6 +4,8 @@ every parameter (optim.norm_decay)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,3 +56,30 @@ def test_align_corners_is_refused_under_hrda() -> None:
                                    "model.hrda.enabled": True, "model.hrda.detail_crop": 32,
                                    "model.hrda.detail_window_stride": 16, "model.align_corners": True,
                                    "data.crop": [64, 64], "data.val_resize": [64, 128]})
+
+
+def test_a_target_only_step_runs_no_source_pass() -> None:
+    """loss.source_weight 0 with no term of the source (SDCA's self-training stage trains on the target alone): the
+    step runs no source pass, so the source images neither cost a pass nor move BatchNorm's statistics."""
+    from tests.train.test_train_step import _batches, _cfg, _setup
+    from uda_ray.train.loop import step_settings
+    from uda_ray.train.step import step
+
+    cfg = _cfg({"loss.source_weight": 0.0, "loss.mix_weight": 0.0, "loss.entropy.weight": 0.1})
+    student, teacher, terms, opt, sched = _setup(cfg)
+    src, tgt = _batches()
+    seen = []
+    hook = student.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    metrics = step(student, teacher, opt, sched, src, tgt, 0, settings=step_settings(cfg, torch.device("cpu")),
+                   terms=terms, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert len(seen) == 1 and seen[0] is tgt["image"]  # the target pass of the entropy term only
+    assert "train/loss_src" not in metrics and math.isfinite(metrics["train/loss_entropy"])
+    with_source = _cfg({"loss.source_weight": 0.0, "loss.mix_weight": 0.0, "loss.lovasz.weight": 0.75})
+    student, teacher, terms, opt, sched = _setup(with_source)
+    seen.clear()
+    hook = student.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    step(student, teacher, opt, sched, src, tgt, 0, settings=step_settings(with_source, torch.device("cpu")),
+         terms=terms, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert seen and seen[0] is src["image"]  # a term of the source (Lovász) still gets its pass

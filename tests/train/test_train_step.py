@@ -29,6 +29,9 @@ TERM_ON = {
            ["train/loss_fd"]),
     "mic": ({"loss.mic.weight": 1.0, "loss.mic.block_size": 8}, ["train/loss_mic"]),
     "lovasz": ({"loss.lovasz.weight": 0.75}, ["train/loss_lovasz"]),
+    # the target batch's labels stand for a pseudo_labels stage's (the step reads them from the batch)
+    "self_training": ({"loss.self_training.weight": 1.0, "data.target_pseudo_labels": "offline-labels"},
+                      ["train/loss_self_training"]),
 }
 
 TINY = {"model.backbone": "resnet18", "model.embed_dim": 8, "model.dropout": 0.0, "optim.lr": 1e-3,
@@ -43,7 +46,7 @@ def _batches(seed: int = 0, b: int = 2, h: int = 32, w: int = 32):
     g = torch.Generator().manual_seed(seed)
     src = {"image": torch.rand(b, 3, h, w, generator=g), "label": torch.randint(0, 5, (b, h, w), generator=g)}
     src["label"][:, :2] = 255
-    tgt = {"image": torch.rand(b, 3, h, w, generator=g)}
+    tgt = {"image": torch.rand(b, 3, h, w, generator=g), "label": torch.randint(0, 5, (b, h, w), generator=g)}
     return src, tgt
 
 

@@ -40,7 +40,7 @@ class StepContext:
     x_src: Tensor  # (B, 3, H, W) in [0, 1]
     y_src: Tensor  # (B, H, W) train ids, 255 = ignore
     x_tgt: Tensor  # (B, 3, H, W) in [0, 1]
-    out_src: SegOutput
+    out_src: SegOutput | None  # None when nothing reads the source pass (the step then skips it)
     pseudo_fn: Callable[[Tensor], PseudoLabels]
     generator: torch.Generator
     autocast: Callable[[], torch.autocast]

@@ -99,8 +99,12 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     autocast = _autocast_factory(x_src.device, s.autocast_dtype)
     optimizer.zero_grad(set_to_none=True)
 
-    with autocast():
-        out_src = student(x_src)
+    # the source pass, unless nothing reads it (self-training on offline target labels alone: loss.source_weight 0
+    # and no term of the source), so that it neither costs a pass nor moves BatchNorm's statistics
+    out_src = None
+    if s.source_weight > 0 or any(SRC in t.reads for t in terms):
+        with autocast():
+            out_src = student(x_src)
     model = unwrap(student)
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
                       tgt_valid=tgt.get("valid"), y_tgt=tgt["label"] if s.target_labels else None,
@@ -113,8 +117,9 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
     # DeepLabV2's auxiliary CE, or HRDA's fused and detail CE)
     source_only = [t for t in terms if t.reads == {SRC}]
     stages: list[tuple[str, frozenset[str], Callable[[], dict[str, Tensor]]]] = [
-        ("src", frozenset({SRC}), lambda: {f"src{part}": s.source_weight * loss
-                                           for part, loss in model.seg_loss(out_src, y_src).items()}),
+        *([("src", frozenset({SRC}), lambda: {f"src{part}": s.source_weight * loss
+                                              for part, loss in model.seg_loss(out_src, y_src).items()})]
+          if out_src is not None else []),
         *((t.name, t.reads, functools.partial(t, ctx)) for t in source_only)]
     if s.mix_weight > 0:
         stages.append(("mix", frozenset({MIX}), lambda: {f"mix{part}": s.mix_weight * loss
