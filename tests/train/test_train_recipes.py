@@ -70,7 +70,8 @@ PAPER_TOYS = {
         "data.target_crop": [32, 64], "data.val_resize": [32, 64]}),
     "sdca_dlv2": ("sdca_deeplabv2_gta2cs.yaml", {
         "data.source_resize": [36, 64], "data.crop": [36, 64], "data.target_resize": [24, 48],
-        "data.target_crop": [24, 48], "data.val_resize": [24, 48]}),
+        "data.target_crop": [24, 48], "data.val_resize": [24, 48],
+        "data.class_balanced_draws": 8}),  # SDCA's class-balanced list: 500k draws, seconds per fit
     "target_mix_dlv2": ("target_mix_deeplabv2_gta2cs.yaml", {
         "data.source_resize": [36, 64], "data.target_resize": [32, 64], "data.crop": [32, 64],
         "data.val_resize": [32, 64], "loss.cross_view.grid_size": 16}),  # a size: 65 of a 512 crop

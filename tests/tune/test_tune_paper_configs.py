@@ -216,6 +216,26 @@ SDCA = [
     ("DATASETS.SOURCE_TRAIN gtav_train (gtav_train_list.txt, every frame)", "gtav_train", "data.source", "gta5"),
     ("INPUT.SOURCE_INPUT_SIZE_TRAIN (w, h)", (1280, 720), "data.source_resize", (720, 1280)),
     ("INPUT_SCALES_TRAIN (1.0, 1.0): Resize, no crop", (1280, 720), "data.crop", (720, 1280)),
+    ("gtav.py with max_iters: FADA's class-balanced list (gtav_label_info.p)", True, "data.class_balanced", True),
+    ("build_dataset: max_iters = SOLVER.MAX_ITER * SOLVER.BATCH_SIZE", 62500 * 8, "data.class_balanced_draws",
+     500000),
+    ("INPUT.BRIGHTNESS (transform.ColorJitter, source only)", 0.5, "data.source_photometric.brightness", 0.5),
+    ("INPUT.CONTRAST", 0.5, "data.source_photometric.contrast", 0.5),
+    ("INPUT.SATURATION", 0.5, "data.source_photometric.saturation", 0.5),
+    ("INPUT.HUE", 0.2, "data.source_photometric.hue", 0.2),
+    ("ColorJitter always (INPUT.RANDOMAPPLY 1.0 is never read)", 1.0, "data.source_photometric.jitter_prob", 1.0),
+    ("INPUT.GRAYSCALE (transform.RandomGrayscale)", 0.2, "data.source_photometric.grayscale_prob", 0.2),
+    ("INPUT.GAUSSIANBLUR: transform.GaussianBlur on every source image", True,
+     "data.source_photometric.blur_prob", 1.0),
+    ("GaussianBlur: torchvision's F.gaussian_blur", "torchvision", "data.source_photometric.blur_kind",
+     "torchvision"),
+    ("GaussianBlur(kernel_size=[3, 3])", 3, "data.source_photometric.blur_kernel", 3),
+    ("GaussianBlur sigma=(0.1, 2.0)", 0.1, "data.source_photometric.blur_sigma_min", 0.1),
+    ("GaussianBlur sigma=(0.1, 2.0)", 2.0, "data.source_photometric.blur_sigma_max", 2.0),
+    ("build_transform(is_source=False): no colour augmentation of the target", 0.0,
+     "data.target_photometric.brightness", 0.0),
+    ("build_transform(is_source=False)", 0.0, "data.target_photometric.grayscale_prob", 0.0),
+    ("build_transform(is_source=False)", 0.0, "data.target_photometric.blur_prob", 0.0),
     ("INPUT.TARGET_INPUT_SIZE_TRAIN (w, h), defaults.py", (1024, 512), "data.target_resize", (512, 1024)),
     ("INPUT_SCALES_TRAIN (1.0, 1.0): Resize, no crop", (1024, 512), "data.target_crop", (512, 1024)),
     ("transform.Resize to (h, w) exactly", False, "data.keep_ratio", False),
@@ -237,6 +257,17 @@ SDCA = [
     ("SOLVER.CHECKPOINT_PERIOD (test.py reports the best checkpoint)", 1000, "run.eval_every", 1000),
     ("SOLVER.CHECKPOINT_PERIOD", 1000, "run.checkpoint_every", 1000),
     ("no clipping", 0.0, "optim.grad_clip", 0.0),
+]
+
+# SDCA on SYNTHIA: what configs/deeplabv2_r101_sdca_synthia.yaml changes on configs/deeplabv2_r101_sdca.yaml
+SDCA_SYNTHIA = [
+    ("DATASETS.SOURCE_TRAIN synthia_train (synthia_train_list.txt, all 9400 frames, class-balanced)", "synthia_train",
+     "data.source", "synthia"),
+    ("DatasetCatalog synthia_train: datasets/synthia (ADVENT's layout here)", "datasets/synthia", "data.source_root",
+     "data/SYNTHIA"),
+    ("INPUT.SOURCE_INPUT_SIZE_TRAIN (w, h)", (1280, 760), "data.source_resize", (760, 1280)),
+    ("INPUT_SCALES_TRAIN (1.0, 1.0): Resize, no crop", (1280, 760), "data.crop", (760, 1280)),
+    ("MODEL.NUM_CLASSES (test.py: mIoU over the 16)", 16, "data.protocol", 16),
 ]
 
 # The high-quality target information method, EHTDI (ljjcoder/EHTDI): configs/gta5.yaml with train.sh's
@@ -284,6 +315,16 @@ TARGET_MIX = [
      (640, 1280)),
     ("PIL resize to the size exactly", False, "data.keep_ratio", False),
     ("random_mirror", True, "data.flip", True),
+    ("source gaussian_blur True: PIL GaussianBlur(radius=random.random()) with p 0.5", 0.5,
+     "data.source_photometric.blur_prob", 0.5),
+    ("ImageFilter.GaussianBlur (PIL)", "pil", "data.source_photometric.blur_kind", "pil"),
+    ("radius=random.random(): U(0, 1)", 0.0, "data.source_photometric.blur_sigma_min", 0.0),
+    ("radius=random.random(): U(0, 1)", 1.0, "data.source_photometric.blur_sigma_max", 1.0),
+    ("target gaussian_blur True (the same transform)", 0.5, "data.target_photometric.blur_prob", 0.5),
+    ("ImageFilter.GaussianBlur (PIL)", "pil", "data.target_photometric.blur_kind", "pil"),
+    ("radius=random.random(): U(0, 1)", 0.0, "data.target_photometric.blur_sigma_min", 0.0),
+    ("radius=random.random(): U(0, 1)", 1.0, "data.target_photometric.blur_sigma_max", 1.0),
+    ("no colour jitter in the loaders", 0.0, "data.source_photometric.brightness", 0.0),
     ("source_loader / target_loader batch_size", 2, "data.batch_size", 2),
     ("num_workers", 4, "data.loader_workers", 4),
     ("target val: City_Dataset(split='val') resized to crop_size", (1280, 640), "data.val_resize", (640, 1280)),
@@ -363,6 +404,11 @@ def test_cfcontra_deeplabv2_gta2cs_equals_the_official_config() -> None:
 
 def test_sdca_deeplabv2_gta2cs_equals_the_official_config() -> None:
     _check("sdca_deeplabv2_gta2cs.yaml", SDCA, {})
+
+
+def test_sdca_deeplabv2_synthia2cs_equals_the_official_config() -> None:
+    _check("sdca_deeplabv2_synthia2cs.yaml", SDCA, {ours: value for _, _, ours, value in SDCA_SYNTHIA})
+    _check("sdca_deeplabv2_synthia2cs.yaml", SDCA_SYNTHIA, {})
 
 
 def test_target_mix_deeplabv2_gta2cs_equals_the_official_config() -> None:
