@@ -5,20 +5,17 @@ during a shared stage resumes with the stage computed once and no duplicated row
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
 from tests.stages.test_stages_run import write_chain
-from uda_ray.results.store import load_metrics, load_trials
+from tests.tune.test_tune_search_ray import _cli
 from uda_ray.analysis import analyze
+from uda_ray.results.store import load_metrics, load_trials
 from uda_ray.stages.cache import StageCache, stage_keys, stages_root
 from uda_ray.tune.retrain import plan_retrain, run_retrain
 from uda_ray.tune.search import run_search
@@ -48,21 +45,31 @@ def chain_space(tmp_path: Path, cache: Path, *, params: dict, num_samples: int =
     return path
 
 
-def test_a_search_over_the_final_stage_computes_the_shared_stage_once(ray_local, tmp_path: Path,
-                                                                      synthetic_cache: Path) -> None:
-    space = chain_space(tmp_path, synthetic_cache, params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}})
+def test_a_search_shares_its_stages_and_a_failing_stage_fails_only_its_trials(ray_local, tmp_path: Path,
+                                                                             synthetic_cache: Path) -> None:
+    """6 trials, 2 at a time (the random sampler's seed 49 draws a good source-only learning rate four times, then a
+    bad one twice): the four good trials share one source-only stage, computed once although the first two needed
+    it at the same time; the bad one diverges once and fails both trials that need it, named in their error; then
+    analyze and retrain read the chain's trials."""
+    space = chain_space(tmp_path, synthetic_cache, num_samples=6, seed=49,
+                        params={"stages.source.optim.lr": {"choice": [1.0e-3, 1.0e+12]},
+                                "teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}})
     out = run_search(space, storage=str(tmp_path / "results"))
-    trials = load_trials(out.experiment.uri)
-    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    trials = load_trials(out.experiment.uri).sort_values("started_at").reset_index(drop=True)
+    bad = trials["overrides"].str.contains("1000000000000")
+    assert bad.tolist() == [False, False, False, False, True, True], trials[["overrides", "status"]]
+    good = trials[~bad]
+    assert set(good["status"]) == {"TERMINATED"} and set(trials.loc[bad, "status"]) == {"ERROR"}
+    assert trials.loc[bad, "error"].str.contains("stage 'source'").all(), trials.loc[bad, "error"].tolist()
     cache = StageCache(stages_root(str(tmp_path / "results")))
-    [entry] = cache.entries()  # the two trials that started together did not both compute it
+    [entry] = cache.entries()  # the good source-only stage; the failed one published nothing
     assert entry["name"] == "source"
     assert [r["status"] for r in cache.runs("source", entry["key"])] == ["done"]
-    assert entry["used_by"] == sorted(f"{out.experiment.name}/{t}" for t in trials["trial_id"])
-    assert set(trials["stage/source/key"]) == {entry["key"]} and set(trials["stage/source/uri"]) == {entry["uri"]}
+    assert [r["status"] for r in cache.runs("source", trials.loc[bad, "stage/source/key"].iloc[0])] == ["failed"]
+    assert entry["used_by"] == sorted(f"{out.experiment.name}/{t}" for t in good["trial_id"])
+    assert set(good["stage/source/key"]) == {entry["key"]} and set(good["stage/source/uri"]) == {entry["uri"]}
     assert set(trials["config/model.init_from"]) == {"stage://source/best.pt"}
-    chain = json.loads(trials["chain"].iloc[0])
-    assert [s["name"] for s in chain["stages"]] == ["source", "adapt"]
+    assert [s["name"] for s in json.loads(trials["chain"].iloc[0])["stages"]] == ["source", "adapt"]
 
     # analyze reads a chain's experiment like any other
     tables = analyze(out.experiment.uri, out_dir=str(tmp_path / "report"))
@@ -73,40 +80,14 @@ def test_a_search_over_the_final_stage_computes_the_shared_stage_once(ray_local,
     again = run_retrain(out.experiment.uri, top=1, seeds=[5], reuse_stages=True)
     assert again.runs["status"].tolist() == ["TERMINATED"]
     retrained = load_trials(again.experiment.uri)
-    assert retrained["stage/source/key"].tolist() == [entry["key"]]
-    assert retrained["config/run.seed"].tolist() == [5]
-    [entry_after] = cache.entries()
+    assert retrained["stage/source/key"].tolist() == [entry["key"]] and retrained["config/run.seed"].tolist() == [5]
     assert [r["status"] for r in cache.runs("source", entry["key"])] == ["done"]  # reused, not computed again
-    assert len(entry_after["used_by"]) == 5
-
-
-def test_a_failing_stage_fails_the_trials_that_need_it_and_no_other(ray_local, tmp_path: Path,
-                                                                    synthetic_cache: Path) -> None:
-    space = chain_space(tmp_path, synthetic_cache, num_samples=4, seed=7,  # lr 1e12, 1e12, then 1e-3, 1e-3
-                        params={"stages.source.optim.lr": {"choice": [1.0e-3, 1.0e+12]}})
-    out = run_search(space, storage=str(tmp_path / "results"))
-    trials = load_trials(out.experiment.uri)
-    bad = trials[trials["overrides"].str.contains("1000000000000")]
-    good = trials.drop(bad.index)
-    assert len(bad) and len(good), trials[["overrides", "status"]]
-    assert set(good["status"]) == {"TERMINATED"} and set(bad["status"]) == {"ERROR"}
-    assert bad["error"].str.contains("stage 'source'").all(), bad["error"].tolist()
-    cache = StageCache(stages_root(str(tmp_path / "results")))
-    assert [e["name"] for e in cache.entries()] == ["source"]  # the good one; the failed one published nothing
-    bad_key = bad["stage/source/key"].iloc[0]
-    assert [r["status"] for r in cache.runs("source", bad_key)] == ["failed"]  # computed once, failed once
-
-
-def _cli(*args: str, cwd: Path, records: Path) -> subprocess.Popen:
-    env = {**os.environ, "UDA_RAY_LOCAL_RAY_RECORDS": str(records), "PYTHONPATH": str(ROOT),
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "uda_ray.cli", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert len(cache.entries()[0]["used_by"]) == 5
 
 
 def test_kill9_during_a_shared_stage_then_resume_computes_it_once(tmp_path: Path, synthetic_cache: Path) -> None:
     space = chain_space(tmp_path, synthetic_cache, params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
-                        source={"run.iterations": 24, "run.eval_every": 4, "run.checkpoint_every": 4})
+                        source={"run.iterations": 16, "run.eval_every": 8, "run.checkpoint_every": 2})
     results, records = tmp_path / "results", tmp_path / "records"
     proc = _cli("tune", str(space), "--storage", str(results), "--name", "k", cwd=tmp_path, records=records)
     work = results / "stages" / ".work"
