@@ -7,8 +7,8 @@ as (official key, official value, our key, our value) rows checked by the paper-
 stages reuse its tables: ``SDCA``, ``CFCONTRA``, ``ADVENT_MINENT``, ``TARGET_MIX``); the chain's structure (stages,
 kinds, inputs, checkpoints, options) is the official sequence of commands; each header's commented variant (a released
 file as a checkpoint stage) loads. At toy size (the synthetic pair, 32×64 images, ResNet-101's widths at depth 1 per
-stage, 2 iterations per train stage) each GTA5 chain runs end to end in-process, and one of its stages, killed after
-its first checkpoint, resumes exactly: the same models, metrics and later outputs as an uninterrupted run.
+stage, one iteration per train stage) each GTA5 chain runs end to end in-process, and one of its stages, killed after
+the first of its two iterations, resumes exactly: the same models, metrics and later outputs as an uninterrupted run.
 """
 
 from __future__ import annotations
