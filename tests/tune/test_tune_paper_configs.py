@@ -117,6 +117,7 @@ ADVENT_MINENT = [
     ("TRAIN.EARLY_STOP", 120000, "run.iterations", 120000),
     ("TRAIN.SAVE_PRED_EVERY / TEST.SNAPSHOT_STEP", 2000, "run.eval_every", 2000),
     ("TRAIN.SAVE_PRED_EVERY", 2000, "run.checkpoint_every", 2000),
+    ("interp / interp_target: nn.Upsample(align_corners=True), the test's too", True, "model.align_corners", True),
 ]
 
 # valeoai/DADA (the ADVENT authors' SYNTHIA → Cityscapes code; ADVENT's own repository has no SYNTHIA loader):

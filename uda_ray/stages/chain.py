@@ -84,7 +84,8 @@ KINDS: dict[str, KindSpec] = {
                               "class_stats": ("class_stats",), "centroids": ("centroids",)}, config="own"),
     "class_stats": KindSpec(inputs={"model": MODEL_KINDS}, required=("model",), config="model"),
     "centroids": KindSpec(inputs={"model": MODEL_KINDS}, required=("model",), config="model",
-                          options={"source_batches": (int, 300, 1, None), "target_batches": (int, 1600, 1, None),
+                          # CFContra's loops stop after index 300 / 1600: 301 / 1601 images
+                          options={"source_batches": (int, 301, 1, None), "target_batches": (int, 1601, 1, None),
                                    "margin": (float, 0.05, 0.0, None)}),
     "pseudo_labels": KindSpec(inputs={"model": MODEL_KINDS}, required=("model",), config="model",
                               options={"cap": (float, 0.9, 0.0, 1.0)}),
