@@ -22,7 +22,6 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from uda_ray.analysis.best import best_trials
 from uda_ray.config import Config
 from uda_ray.results.store import (
     METRICS_DIR,
@@ -372,8 +371,13 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> ExperimentR
                                   callbacks=[callback, *logger_callbacks(spec.loggers, exp)],
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   # the newest checkpoint is the one behind the score: every evaluation writes
-                                  # one, and a score is the last evaluation (uda_ray.results.schema)
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  # one, and a score is the last evaluation (uda_ray.results.schema). Not 1:
+                                  # Tune snapshots the whole experiment state (every trial's state, ~30 kB
+                                  # each) whenever a trial has checkpointed num_to_keep times since the last
+                                  # snapshot, which with 1 is at every checkpoint (a cost per trial that grows
+                                  # with the number of trials); with 2 its periodic snapshots (>= 10 s apart)
+                                  # come first unless a trial checkpoints twice within one period
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   # no live table of Tune's: it shows fractions and calls a pruned trial
                                   # TERMINATED; the ResultsCallback prints uda-ray's status lines instead
                                   verbose=0),
@@ -394,6 +398,10 @@ def status_counts(uri: str) -> dict[str, int]:
 def best_row(experiment: Experiment, metric: str, mode: str) -> dict[str, Any] | None:
     """The finished trial with the best score (``last/<metric>``: ``uda_ray.results.schema``), as a dict, from the
     parquet rows; ties go to the smaller trial id, as in every ranking of ``uda_ray.analysis``."""
+    # here, not at the top: trial processes import this module with the trainable, and uda_ray.analysis
+    # (scipy, matplotlib) would add seconds to each one's start
+    from uda_ray.analysis.best import best_trials
+
     df = load_trials(experiment.uri)
     if df.empty or f"last/{metric}" not in df:
         return None

@@ -1,0 +1,140 @@
+"""The platform's cost per trial as a search grows: searches of 20, 100 and 500 tiny trials on a local Ray.
+
+    python benchmarks/search_scale.py                          # sizes 20 100 500, 2 trials at a time
+    python benchmarks/search_scale.py --sizes 20 --concurrent 2
+    python benchmarks/search_scale.py --sizes 20 100 500 --iterations 4 --concurrent 4 --cpus 4
+
+Each search runs the same tiny trials (synthetic pair, 32×64 images, a 0.4M-parameter model, ``--iterations``
+iterations, one evaluation at the end) through ``run_search`` on one local Ray started beforehand (so Ray's own
+start-up is not counted), ``--concurrent`` trials at a time, each in-process (``resources.workers: 0``) with one
+CPU and one thread. ``--fit-runs`` of the same trial first run back to back in this process with ``fit`` alone: the
+trial's own cost, ``t_fit``.
+
+Per search, from the trials table: the fixed cost is the time before the first trial started plus the time after
+the last one ended (everything ``run_search`` does once: space, study, Tune's set-up, the first trial's process,
+the final compaction, the final tables); the span is from the first start to the last end. With ``c`` trials at a
+time a trial holds a slot for its ``fit`` and the platform's work around it, so the overhead per trial is
+``c · span / N − t_fit`` (slot-seconds; with one at a time, span / N − t_fit). Aims: at most 1 s per trial, flat in
+N (the ratio of the largest to the smallest overhead per trial near 1), and a small fixed cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = ROOT / "search_spaces" / "base" / "synthetic.yaml"
+AIM_PER_TRIAL_S = 1.0
+
+
+def tiny(cache: Path, iterations: int) -> dict:
+    return {
+        "data.synthetic.cache_dir": str(cache), "data.synthetic.num_source": 6, "data.synthetic.num_target": 6,
+        "data.synthetic.num_val": 3, "data.synthetic.height": 32, "data.synthetic.width": 64,
+        "data.source_resize": [32, 64], "data.target_resize": [32, 64], "data.val_resize": [32, 64],
+        "data.crop": [32, 32], "data.batch_size": 2, "model.backbone": "test_resnet", "model.embed_dim": 8,
+        "run.iterations": iterations, "run.eval_every": iterations, "run.checkpoint_every": iterations,
+        "run.log_every": 1, "run.threads": 1, "run.save_images": False, "optim.warmup_iters": 0,
+    }
+
+
+def write_space(path: Path, cache: Path, *, trials: int, iterations: int, concurrent: int) -> Path:
+    space = {
+        "experiment": "scale", "base": {"config": str(SYNTHETIC), "overrides": tiny(cache, iterations)},
+        "metric": "val/miou", "mode": "max", "sampler": {"type": "tpe", "seed": 0}, "num_samples": trials,
+        "max_concurrent": concurrent, "resources": {"workers": 0, "cpus_per_worker": 1},
+        "params": {"teacher.pseudo_threshold": {"uniform": [0.5, 0.95]}, "optim.lr": {"loguniform": [1e-4, 1e-2]}},
+    }
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def fit_alone(space_path: Path, work: Path, runs: int) -> float:
+    """Median seconds of one trial's ``fit`` in this process (the first run, which imports, excluded)."""
+    from uda_ray.train.loop import fit
+    from uda_ray.tune.space import load_space, trial_config
+
+    spec = load_space(space_path)
+    cfg = trial_config(spec, {"teacher.pseudo_threshold": 0.7, "optim.lr": 1e-3})
+    times = []
+    for i in range(runs + 1):
+        t0 = time.perf_counter()
+        fit(cfg, work_dir=work / f"fit{i}")
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def search(space_path: Path, storage: Path) -> dict:
+    """Run one search; its wall time, the fixed part and the span of its trials (from the trials table)."""
+    from uda_ray.results import load_trials
+    from uda_ray.tune.search import run_search
+
+    t0 = time.time()
+    out = run_search(space_path, storage=str(storage))
+    t1 = time.time()
+    trials = load_trials(out.experiment.uri)
+    first = trials["started_at"].min().timestamp()
+    last = trials["ended_at"].max().timestamp()
+    return {"n": len(trials), "wall": t1 - t0, "before": first - t0, "after": t1 - last, "span": last - first,
+            "statuses": trials["status"].value_counts().to_dict()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[20, 100, 500], help="numbers of trials")
+    p.add_argument("--iterations", type=int, default=4)
+    p.add_argument("--concurrent", type=int, default=2, help="trials at a time")
+    p.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray (default: --concurrent)")
+    p.add_argument("--fit-runs", type=int, default=3)
+    args = p.parse_args(argv)
+    if min(args.sizes) < 1 or args.concurrent < 1:
+        p.error(f"--sizes {args.sizes} / --concurrent {args.concurrent}: expected positive numbers")
+
+    import ray
+
+    from uda_ray.config import apply_overrides, load_config
+    from uda_ray.train.loop import data_roots
+
+    with tempfile.TemporaryDirectory(prefix="uda_search_scale_") as tmp:
+        tmp = Path(tmp)
+        cache = tmp / "cache"
+        data_roots(apply_overrides(load_config(SYNTHETIC), tiny(cache, args.iterations)))
+        probe = write_space(tmp / "probe.yaml", cache, trials=1, iterations=args.iterations, concurrent=1)
+        t_fit = fit_alone(probe, tmp / "alone", args.fit_runs)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=args.cpus or args.concurrent, log_to_driver=False)
+        t_ray = time.perf_counter() - t0
+        rows = []
+        for n in args.sizes:
+            space = write_space(tmp / f"s{n}.yaml", cache, trials=n, iterations=args.iterations,
+                                concurrent=args.concurrent)
+            r = search(space, tmp / "results")
+            r["overhead"] = args.concurrent * r["span"] / n - t_fit
+            rows.append(r)
+            print(f"  N={n}: {r['wall']:.1f} s, statuses {r['statuses']}", flush=True)
+        ray.shutdown()
+
+    c = args.concurrent
+    print(f"\ntiny trials of {args.iterations} iterations, {c} at a time; fit alone {t_fit:.2f} s per trial; "
+          f"local Ray start-up (once, not counted) {t_ray:.1f} s")
+    print(f"{'N':>5} {'wall s':>8} {'fixed s':>8} {'(before':>8} {'after)':>7} {'span s':>8} "
+          f"{'overhead/trial s':>17} {'aim':>5}")
+    for r in rows:
+        fixed = r["before"] + r["after"]
+        ok = "PASS" if r["overhead"] <= AIM_PER_TRIAL_S else "FAIL"
+        print(f"{r['n']:5d} {r['wall']:8.1f} {fixed:8.1f} {r['before']:8.1f} {r['after']:7.1f} {r['span']:8.1f} "
+              f"{r['overhead']:17.2f} {ok:>5}")
+    if len(rows) > 1:
+        per = [max(r["overhead"], 1e-3) for r in rows]
+        print(f"overhead per trial, largest / smallest over N = {', '.join(str(r['n']) for r in rows)}: "
+              f"{max(per) / min(per):.2f} (flat: near 1)")
+
+
+if __name__ == "__main__":
+    main()
