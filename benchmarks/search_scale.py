@@ -72,6 +72,7 @@ def fit_alone(space_path: Path, work: Path, runs: int) -> float:
 
 def search(space_path: Path, storage: Path) -> dict:
     """Run one search; its wall time, the fixed part and the span of its trials (from the trials table)."""
+    import uda_ray.analysis  # noqa: F401 - imported by the driver when it ranks the trials; not a per-search cost
     from uda_ray.results import load_trials
     from uda_ray.tune.search import run_search
 
