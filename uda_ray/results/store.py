@@ -115,14 +115,12 @@ def experiment_uri(root: str, experiment: str) -> str:
 
 def trial_uri(root: str, experiment: str, trial_id: str) -> str:
     """``<root>/<experiment>/trials/_live/<trial_id>.parquet``: a trial's live trials row (module docstring)."""
-    _check_name("trial id", trial_id)
-    return join(experiment_uri(root, experiment), TRIALS_DIR, LIVE_DIR, f"{trial_id}.parquet")
+    return table_folder(experiment_uri(root, experiment), TRIALS_DIR).live_uri(trial_id)
 
 
 def metrics_uri(root: str, experiment: str, trial_id: str) -> str:
     """``<root>/<experiment>/metrics/_live/<trial_id>.parquet``: a trial's live reports (module docstring)."""
-    _check_name("trial id", trial_id)
-    return join(experiment_uri(root, experiment), METRICS_DIR, LIVE_DIR, f"{trial_id}.parquet")
+    return table_folder(experiment_uri(root, experiment), METRICS_DIR).live_uri(trial_id)
 
 
 def trial_images_uri(experiment_uri: str, trial_id: str) -> str:
@@ -465,11 +463,10 @@ class TableFolder:
 
     def rows_of(self, trial_id: str) -> pa.Table | None:
         """A trial's newest rows (its live file's, else its part's), or None if the table has none of it."""
-        live = self.live_uri(trial_id)
-        if exists(live):
-            table = _read_if_present(self.fs, resolve(live)[1])
-            if table is not None:
-                return table
+        _check_name("trial id", trial_id)
+        table = _read_if_present(self.fs, f"{self.path}/{LIVE_DIR}/{trial_id}.parquet")
+        if table is not None:
+            return table
         self._load_parts()
         name = self._home.get(trial_id)
         if name is None:
@@ -479,7 +476,8 @@ class TableFolder:
 
     def part_uri(self, trial_id: str) -> str | None:
         """The URI of the part that holds a trial's rows (None before a compaction folded it in)."""
-        name = self._home.get(trial_id) if self._load_parts() is not None else None
+        self._load_parts()
+        name = self._home.get(trial_id)
         return join(self.uri, name) if name is not None else None
 
     # -------------------------------------------------------------------------------------------- compaction
