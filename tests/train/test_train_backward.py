@@ -124,7 +124,7 @@ def test_sequential_backward_equals_one_backward_of_the_sum(key: str, tmp_path: 
     ours = _Run(cfg)
     ref = ours.copy()
     src, tgt = _batches(cfg, seed=0)
-    # a second iteration too, from the states the first one left (optimiser moments, EMA teacher, memory banks)
+    banks = copy.deepcopy(ours.terms.state_dict())
     for iteration in (0, 1):
         expected = ref.reference(src, tgt, iteration)
         metrics = ours.step(src, tgt, iteration)
@@ -144,8 +144,11 @@ def test_sequential_backward_equals_one_backward_of_the_sum(key: str, tmp_path: 
                 if n not in weights:
                     torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{key}: {n}: {m}")
         assert torch.equal(ours.gen.get_state(), ref.gen.get_state())
-        # the next iteration starts from the step's states in both (an optimiser step amplifies the rounding of
-        # gradients that are ~0: Adam moves every weight by about lr whatever the gradient's size)
+        # a second iteration where a term keeps state that the first one changed (memory banks, class statistics),
+        # from the step's states in both (an optimiser step amplifies the rounding of gradients that are ~0: Adam
+        # moves every weight by about lr whatever the gradient's size)
+        if _same(banks, ours.terms.state_dict()):
+            break
         ref.sync(ours)
         src, tgt = _batches(cfg, seed=1)
 
