@@ -193,20 +193,15 @@ def _cli(*args: str, cwd: Path, records: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _read_status(path: Path) -> str:
-    with open(path, "rb") as f:
-        return pd.read_parquet(f)["status"].iloc[0]
-
-
 def _wait_for(trials_dir: Path, status: str, count: int, timeout: float = 240) -> None:
+    """Until ``count`` trials of the experiment holding ``trials_dir`` have ``status``, read as a user reads a running
+    search (``load_trials``: the compacted parts and the trials' live files, each through one open handle)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        # one open handle per file: a path-based read opens the file twice (footer, then pages) and can meet the
-        # writer's atomic replacement in between
-        done = [] if not trials_dir.exists() else [p for p in trials_dir.glob("*.parquet")
-                                                   if _read_status(p) == status]
-        if len(done) >= count:
-            return
+        if trials_dir.exists():
+            trials = load_trials(str(trials_dir.parent))
+            if not trials.empty and int((trials["status"] == status).sum()) >= count:
+                return
         time.sleep(0.3)
     raise AssertionError(f"{count} {status} trials did not appear in {trials_dir} within {timeout} s")
 
@@ -325,8 +320,8 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, tmp_path: Path,
     thread.start()
     killed, deadline = False, time.time() + 180
     while time.time() < deadline and not killed:
-        files = list((results / "crash" / "metrics").glob("*.parquet")) if (results / "crash").exists() else []
-        if files and pd.read_parquet(files[0])["iteration"].max() >= 8:
+        metrics = load_metrics(str(results / "crash")) if (results / "crash" / "metrics").exists() else None
+        if metrics is not None and not metrics.empty and metrics["iteration"].max() >= 8:
             # the trial's own process: Tune records its pid in every result
             for result_file in (results / "crash").glob("trial_*/result.json"):
                 lines = result_file.read_text().splitlines()

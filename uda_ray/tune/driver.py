@@ -371,13 +371,13 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool = False) -> ExperimentR
                                   callbacks=[callback, *logger_callbacks(spec.loggers, exp)],
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   # the newest checkpoint is the one behind the score: every evaluation writes
-                                  # one, and a score is the last evaluation (uda_ray.results.schema). Not 1:
-                                  # Tune snapshots the whole experiment state (every trial's state, ~30 kB
-                                  # each) whenever a trial has checkpointed num_to_keep times since the last
-                                  # snapshot, which with 1 is at every checkpoint (a cost per trial that grows
-                                  # with the number of trials); with 2 its periodic snapshots (>= 10 s apart)
-                                  # come first unless a trial checkpoints twice within one period
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # one, and a score is the last evaluation (uda_ray.results.schema). With 1,
+                                  # Tune also snapshots the whole experiment state at every checkpoint (every
+                                  # trial's state, ~30 kB each: a cost per checkpoint that grows with the number
+                                  # of trials), and that is what a resumed search needs: with 2 the snapshots are
+                                  # periodic, and a trial that finished after the last one is run again from an
+                                  # older checkpoint on resume (tests/tune/test_tune_search_ray.py, kill -9)
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   # no live table of Tune's: it shows fractions and calls a pruned trial
                                   # TERMINATED; the ResultsCallback prints uda-ray's status lines instead
                                   verbose=0),
