@@ -42,6 +42,22 @@ def edited(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return out
 
 
+SHALLOW_DEPTHS = (1, 1, 2, 1)  # blocks per ResNet stage of the quick DeepLabV2 networks; the widths stay ResNet-101's
+
+
+@pytest.fixture
+def shallow_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segmenter builds both DeepLabV2 ResNets (caffe and torchvision) with ``SHALLOW_DEPTHS`` blocks: the recipes,
+    shapes and loaders stay those of ResNet-101 (whose full depth its own tests check), at a fraction of the time."""
+    import uda_ray.models.segmenter as segmenter
+    from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet
+    from uda_ray.models.backbones.torchvision_resnet import TorchvisionResNet
+
+    monkeypatch.setattr(segmenter, "DeepLabV2ResNet", lambda: DeepLabV2ResNet(SHALLOW_DEPTHS))
+    monkeypatch.setattr(segmenter, "TorchvisionResNet",
+                        lambda frozen_bn: TorchvisionResNet(frozen_bn=frozen_bn, depths=SHALLOW_DEPTHS))
+
+
 @pytest.fixture(scope="session")
 def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic cache folder for the whole session (the tiny pair is generated once)."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from tests.conftest import SHALLOW_DEPTHS
 from uda_ray.models.backbones.deeplabv2 import (
     CAFFE_MEAN_BGR,
     DeepLabV2ResNet,
@@ -26,7 +27,7 @@ from uda_ray.models.backbones.deeplabv2 import (
 from uda_ray.models.heads.deeplabv2 import DeepLabV2Head
 
 R101 = (3, 4, 23, 3)
-SMALL = (1, 1, 2, 1)
+SMALL = SHALLOW_DEPTHS
 NUM_CLASSES = 5
 DILATIONS = (6, 12, 18, 24)
 TOL = {"rtol": 1e-5, "atol": 1e-5}

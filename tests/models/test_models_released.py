@@ -38,8 +38,6 @@ from tests.models.test_models_deeplabv2 import (
     reference_features,
 )
 from tests.models.test_models_mit import hf_encoder, hf_stage_maps, hf_to_segformer
-from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet
-from uda_ray.models.backbones.torchvision_resnet import TorchvisionResNet
 from uda_ray.models.errors import CheckpointError
 from uda_ray.models.hrda import HRDASegmenter
 from uda_ray.models.released import TRAINING_CHECKPOINT, load_released
@@ -222,16 +220,6 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-@pytest.fixture()
-def shallow_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Segmenter builds the DeepLabV2 backbones with SMALL depths (the layers' widths stay ResNet-101's)."""
-    import uda_ray.models.segmenter as segmenter
-
-    monkeypatch.setattr(segmenter, "DeepLabV2ResNet", lambda: DeepLabV2ResNet(SMALL))
-    monkeypatch.setattr(segmenter, "TorchvisionResNet", lambda frozen_bn: TorchvisionResNet(frozen_bn=frozen_bn,
-                                                                                           depths=SMALL))
 
 
 X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))

@@ -31,8 +31,6 @@ from tests.tune.test_tune_paper_configs import (
     TARGET_MIX_SYNTHIA,
     _check,
 )
-from uda_ray.models.backbones.deeplabv2 import DeepLabV2ResNet
-from uda_ray.models.backbones.torchvision_resnet import TorchvisionResNet
 from uda_ray.stages import Chain, load_chain
 from uda_ray.stages.run import ChainRun
 from uda_ray.train.checkpoint import load_checkpoint
@@ -315,19 +313,6 @@ def test_the_released_model_variant_in_each_header_loads(tmp_path: Path, file: s
 
 
 # ---------------------------------------------------------------------------------------------------- toy runs
-DEPTHS = (1, 1, 1, 1)  # blocks per ResNet stage; the widths stay ResNet-101's (layer4: 2048 channels)
-
-
-@pytest.fixture
-def shallow_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Segmenter builds both DeepLabV2 ResNets (caffe and torchvision) one block deep per stage."""
-    import uda_ray.models.segmenter as segmenter
-
-    monkeypatch.setattr(segmenter, "DeepLabV2ResNet", lambda: DeepLabV2ResNet(DEPTHS))
-    monkeypatch.setattr(segmenter, "TorchvisionResNet",
-                        lambda frozen_bn: TorchvisionResNet(frozen_bn=frozen_bn, depths=DEPTHS))
-
-
 def toy(cache: Path, killed: str, **per_stage: Any) -> dict[str, Any]:
     """Overrides that shrink a shipped chain: every stage with a config of its own on the tiny synthetic pair (32×64,
     4 + 4 train and 2 val images), one iteration with an evaluation and a checkpoint; stage ``killed`` two iterations,

@@ -118,6 +118,7 @@ def _config(key: str, tmp_path: Path) -> Config:
     return recipe_config(tmp_path, value) if isinstance(value, str) else value
 
 
+@pytest.mark.usefixtures("shallow_resnets")  # DeepLabV2 recipes on shallow ResNet-101s
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_sequential_backward_equals_one_backward_of_the_sum(key: str, tmp_path: Path):
     cfg = _config(key, tmp_path)
@@ -153,6 +154,7 @@ def test_sequential_backward_equals_one_backward_of_the_sum(key: str, tmp_path: 
         src, tgt = _batches(cfg, seed=1)
 
 
+@pytest.mark.usefixtures("shallow_resnets")  # DeepLabV2 recipes on shallow ResNet-101s
 @pytest.mark.parametrize("recipe, backwards", [("daformer", 2), ("mic_hrda", 3), ("cluda_hrda", 1),
                                                ("cfcontra_dlv2", 1), ("target_mix_dlv2", 4)])
 def test_each_group_is_backpropagated_once_nothing_to_come_reads_its_passes(

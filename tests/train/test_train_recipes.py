@@ -114,6 +114,7 @@ def _trains_and_resumes_exactly(cfg: Config, tmp_path: Path) -> list[dict]:
     return full
 
 
+@pytest.mark.usefixtures("shallow_resnets")  # DeepLabV2 recipes on shallow ResNet-101s
 @pytest.mark.parametrize("name", list(PAPER_TOYS))
 def test_deeplabv2_method_configs_train_and_resume_at_toy_scale(name: str, tmp_path: Path, synthetic_cache: Path):
     """CFContra, SDCA and the target-information method from their shipped DeepLabV2 files, only data and length
@@ -131,6 +132,7 @@ def test_deeplabv2_method_configs_train_and_resume_at_toy_scale(name: str, tmp_p
         assert any(m[key] != 0 for m in full), key
 
 
+@pytest.mark.usefixtures("shallow_resnets")  # DeepLabV2 recipes on shallow ResNet-101s
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_trains_and_resumes_exactly(name: str, tmp_path: Path, synthetic_cache: Path):
     cfg = recipe_config(synthetic_cache, name)
@@ -153,6 +155,7 @@ def test_recipe_trains_and_resumes_exactly(name: str, tmp_path: Path, synthetic_
         assert all(m["train/loss_mic"] > 0 and m["train/loss_mic_detail"] > 0 for m in full)
 
 
+@pytest.mark.usefixtures("shallow_resnets")  # DeepLabV2 recipes on shallow ResNet-101s
 def test_deeplabv2_frozen_batchnorm_is_not_optimised_and_does_not_change(tmp_path: Path, synthetic_cache: Path):
     cfg = recipe_config(synthetic_cache, "deeplabv2")
     model = build_model(cfg)
