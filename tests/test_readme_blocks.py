@@ -227,6 +227,9 @@ def reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Reader:
     work.mkdir()
     (work / "search_spaces").symlink_to(ROOT / "search_spaces")
     monkeypatch.chdir(work)
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file():  # an earlier Ray of this process turned token authentication on: its Rays keep that token
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("UDA_RAY_LOCAL_RAY_RECORDS", str(tmp_path / "records"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -94,17 +94,17 @@ def test_early_stopped_ddp_trials_release_their_workers(ray_local, tmp_path: Pat
 
     space = {
         "experiment": "ddp", "base": {"config": str(SYNTHETIC), "overrides": tiny_overrides(synthetic_cache)},
-        "metric": "train/loss", "mode": "min", "sampler": {"type": "random", "seed": 0}, "num_samples": 4,
+        "metric": "train/loss", "mode": "min", "sampler": {"type": "random", "seed": 46}, "num_samples": 3,
         "max_concurrent": 1, "scheduler": {"type": "asha", "grace_period": 2, "max_t": 6, "reduction_factor": 2},
         "resources": {"workers": 1, "cpus_per_worker": 2},
-        # seed 0 draws 0.1, 0.1, 50, 50: the third trial is stopped at the first rung and the fourth must still start
+        # seed 46 draws 0.1, 50, 50: the second trial is stopped at the first rung and the third must still start
         "params": {"loss.source_weight": {"choice": [0.1, 50.0]}},
     }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(space))
     out = run_search(path, storage=str(tmp_path / "results"))
     trials = load_trials(out.experiment.uri).sort_values("started_at").reset_index(drop=True)
-    assert len(trials) == 4
+    assert len(trials) == 3
     assert set(trials["status"]) <= {"PRUNED", "TERMINATED"}
     pruned = trials.index[trials["status"] == "PRUNED"]
     assert len(pruned) >= 1 and (trials.loc[pruned, "iterations"] < 6).all()
