@@ -334,7 +334,7 @@ def toy(cache: Path, killed: str, **per_stage: Any) -> dict[str, Any]:
     return out
 
 
-class _Killed(Exception):
+class _Killed(BaseException):  # a kill: nothing on the way out catches or wraps it
     pass
 
 

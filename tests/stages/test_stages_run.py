@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import SYNTHETIC, tiny_overrides
 from uda_ray.cli import main
-from uda_ray.stages import load_chain
+from uda_ray.stages import StageFailed, load_chain
 from uda_ray.stages.cache import StageCache, stages_root
 from uda_ray.stages.run import ChainRun
 
@@ -99,7 +99,7 @@ def _same(metrics: dict[str, float]) -> dict[str, str]:
     return {k: repr(v) for k, v in metrics.items() if not k.startswith("time/")}
 
 
-class _Killed(Exception):
+class _Killed(BaseException):  # a kill: nothing on the way out catches or wraps it
     pass
 
 
@@ -176,3 +176,24 @@ def test_chain_errors_are_reported_before_training(tmp_path: Path, synthetic_cac
     assert main(["train", str(junk), "--output-dir", results, "--no-progress"]) == 2
     assert "does not load into the network of stage 'adapt'" in capsys.readouterr().err
     assert not (tmp_path / "results" / "stages").exists()  # nothing ran
+
+
+def test_a_stage_that_raises_is_named_in_the_error(tmp_path: Path, synthetic_cache: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    chain = load_chain(write_chain(tmp_path / "chain.yaml", synthetic_cache, {
+        "source": {"kind": "train", "overrides": {"loss.mix_weight": 0.0}},
+        "labels": {"kind": "pseudo_labels", "model": "source"},
+        "self_train": {"kind": "train", "target_labels": "labels",
+                       "overrides": {"loss.mix_weight": 0.0, "loss.self_training.weight": 1.0}}}))
+    from uda_ray.stages.kinds import pseudo_labels
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pseudo_labels, "offline_pseudo_labels", broken)
+    runner = ChainRun(chain, str(tmp_path / "results"), who="t", log=lambda _: None)
+    named = r"stage 'labels' \(pseudo_labels, key [0-9a-f]+\) failed: OSError: disk full"
+    with pytest.raises(StageFailed, match=named):
+        runner.prepare()
+    assert [r["status"] for r in runner.cache.runs("labels", runner.keys["labels"])] == ["failed"]
+    assert runner.cache.lookup("labels", runner.keys["labels"]) is None

@@ -1,18 +1,19 @@
 """Column names and arrow types of the two parquet tables (the contract in ARCHITECTURE.md).
 
-Trials table, one file per trial at ``<root>/<experiment>/trials/<trial_id>.parquet``, one row:
+Trials table, one row per trial, under ``<root>/<experiment>/trials/`` (a running trial's row in
+``trials/_live/<trial_id>.parquet``, folded into ``part-NNNNN.parquet`` files: ``uda_ray.results.store``):
 ``experiment, trial_id, kind, status, error, cell, seed, source_trial_id, iterations, wall_s, started_at, ended_at,
 overrides, score, score_iteration, checkpoint, chain, best/<metric>..., last/<metric>..., config/<dotted key>...,
 stage/<name>/key, stage/<name>/uri..., git_rev, versions/<package>...``. ``chain`` (JSON) and ``stage/*`` are set
 for a trial whose run is a chain of stages (``uda_ray.stages``): the chain, resolved, and the cache key and output of
 every stage before the final one (the trial's own run), so a result can be traced to its warm-up model.
 ``cell``/``seed`` are set for ablations, ``source_trial_id``/``seed`` for retrains and null otherwise, so every
-trial file of every kind has them and plain ``pd.read_parquet`` on the folder sees one schema; ``error`` is the
+trial row of every kind has them and plain ``pd.read_parquet`` on the folder sees one schema; ``error`` is the
 failure's message for ERROR and DIVERGED trials and null for every other. The files carry pandas metadata
 (``pandas_metadata``) so that plain ``pd.read_parquet`` reads int64 and bool columns as pandas' nullable ``Int64``
 and ``boolean``, as ``uda_ray.results.load_trials`` does (``seed`` of a search trial is ``<NA>``, not a float NaN).
 
-Metrics table, one file per trial at ``<root>/<experiment>/metrics/<trial_id>.parquet``, one row per report:
+Metrics table, under ``<root>/<experiment>/metrics/`` in the same layout, one row per report:
 ``experiment, trial_id, iteration, <metric>...`` with one float64 column per metric (NaN where a report lacks it).
 
 The score. A trial's value of a metric ``m`` is ``m`` at its last evaluation, ``last/<m>``: the end of training for a

@@ -20,7 +20,7 @@ from uda_ray.config import Config, apply_overrides
 from uda_ray.results.provenance import package_versions, process_git_revision
 from uda_ray.results.store import join
 from uda_ray.stages.cache import StageCache, code_versions, stage_keys, stages_root
-from uda_ray.stages.chain import INPUT_KEYS, Chain, ChainError
+from uda_ray.stages.chain import INPUT_KEYS, Chain, ChainError, StageFailed
 from uda_ray.stages.kinds import StageJob, run_stage
 
 OUTPUT_FILES = {"class_stats": "class_stats.pt", "centroids": "centroids.pt"}  # the file an input key names
@@ -153,6 +153,8 @@ class ChainRun:
         except BaseException as e:
             self.cache.record_run(name, key, run_id, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
                                   finished=time.time())
+            if isinstance(e, Exception) and not isinstance(e, StageFailed):  # every run that needs it names it
+                raise StageFailed(f"stage '{name}' ({s.kind}, key {key}) failed: {type(e).__name__}: {e}") from e
             raise
         inputs = {role: {**dataclasses.asdict(ref), "key": self.keys[ref.stage], "uri": uris[ref.stage]}
                   for role, ref in s.inputs.items()}
