@@ -1,6 +1,6 @@
 """Searches over chains on a real local Ray: a stage the trials share is computed once (also when two trials need it
 at the same time), a failing stage fails the trials that need it and no other, and a driver killed with kill -9
-during a shared stage resumes with the stage computed once and no duplicated rows."""
+during a stage resumes with the stage computed once, its leftover Ray processes ended and no duplicated rows."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.stages.test_stages_run import write_chain
-from tests.tune.test_tune_search_ray import _cli
+from tests.tune.test_tune_search_ray import _cli, _wait_for
 from uda_ray.analysis import analyze
 from uda_ray.results.store import load_metrics, load_trials
 from uda_ray.stages.cache import StageCache, stage_keys, stages_root
@@ -85,30 +85,57 @@ def test_a_search_shares_its_stages_and_a_failing_stage_fails_only_its_trials(ra
     assert len(cache.entries()[0]["used_by"]) == 5
 
 
-def test_kill9_during_a_shared_stage_then_resume_computes_it_once(tmp_path: Path, synthetic_cache: Path) -> None:
-    space = chain_space(tmp_path, synthetic_cache, params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
-                        source={"run.iterations": 16, "run.eval_every": 8, "run.checkpoint_every": 2})
+def test_kill9_during_a_stage_then_resume(tmp_path: Path, synthetic_cache: Path) -> None:
+    """kill -9 of the driver while the second of two source-only stages is computing (the random sampler's seed 2
+    draws 16 source-only iterations for the first two trials, which share one stage and finish, then 48 for the
+    next two, long enough that the killed computation cannot finish before the resumed driver ends it):
+    the resumed search ends the killed Ray session's leftover processes, keeps the finished trials finished, runs
+    the others to the end with no duplicated reports, computes stage b once to the end, continuing from the killed
+    computation's checkpoint, and does not compute stage a again."""
+    import psutil
+
+    from uda_ray.tune.local_ray import session_processes
+
+    space = chain_space(tmp_path, synthetic_cache, seed=2,
+                        params={"stages.source.run.iterations": {"choice": [16, 48]},
+                                "teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
+                        source={"run.eval_every": 8, "run.checkpoint_every": 2})
     results, records = tmp_path / "results", tmp_path / "records"
     proc = _cli("tune", str(space), "--storage", str(results), "--name", "k", cwd=tmp_path, records=records)
-    work = results / "stages" / ".work"
-    deadline = time.time() + 180
+    _wait_for(results / "k" / "trials", "TERMINATED", 2)
+    cache = StageCache(stages_root(str(results)))
+    [first] = cache.entries()
+    work, deadline = results / "stages" / ".work", time.time() + 180
     while time.time() < deadline and not list(work.glob("source-*/checkpoints/iter_*/checkpoint.pt")):
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGKILL)  # the driver dies in the middle of the shared stage
+    session = json.loads(next(records.glob("*.json")).read_text())["session_dir"]
+    proc.send_signal(signal.SIGKILL)  # the driver dies in the middle of the second stage; its Ray stays behind
     proc.communicate(timeout=60)
-    cache = StageCache(stages_root(str(results)))
-    assert cache.entries() == []  # nothing half-written is trusted
+    assert [e["key"] for e in cache.entries()] == [first["key"]]  # nothing half-written is trusted
+    before = load_trials(str(results / "k"))
+    finished_before = sorted(before.loc[before["status"] == "TERMINATED", "trial_id"])
+    assert len(finished_before) == 2
+    leftovers = session_processes(session)
+    assert leftovers, "a killed driver is expected to leave processes of its Ray session behind"
 
     resumed = _cli("tune", str(space), "--storage", str(results), "--name", "k", "--resume", cwd=tmp_path,
                    records=records)
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out[-3000:]
+    assert f"leftover process(es) of the local Ray session {session}" in out
+    assert not [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     trials = load_trials(str(results / "k"))
     assert len(trials) == 4 and trials["trial_id"].is_unique and set(trials["status"]) == {"TERMINATED"}
     for trial_id, m in load_metrics(str(results / "k")).groupby("trial_id"):
-        assert m["iteration"].tolist() == [1, 2, 3, 4], trial_id
-    [entry] = cache.entries()
-    runs = cache.runs("source", entry["key"])
+        assert m["iteration"].tolist() == [1, 2, 3, 4], trial_id  # no duplicated or missing reports
+    again = trials.set_index("trial_id").loc[finished_before, "ended_at"]  # finished trials were not re-run
+    assert (again == before.set_index("trial_id").loc[finished_before, "ended_at"]).all()
+    assert not list(records.glob("*.json"))  # the resumed driver exited normally and removed its record
+    second = [e for e in cache.entries() if e["key"] != first["key"]]
+    assert len(second) == 1 and len(cache.entries()) == 2
+    assert [r["status"] for r in cache.runs("source", first["key"])] == ["done"]  # not computed again
+    runs = cache.runs("source", second[0]["key"])
     assert [r["status"] for r in runs if r["status"] == "done"] == ["done"]  # computed to the end once
-    assert entry["result"]["resumed_from"] > 0  # and it continued from the killed computation's checkpoint
+    assert second[0]["result"]["resumed_from"] > 0, (runs, second[0])  # continued from the killed checkpoint
+    assert set(trials["stage/source/key"]) == {first["key"], second[0]["key"]}

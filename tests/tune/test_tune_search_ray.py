@@ -1,4 +1,5 @@
-"""`uda-ray tune` on a real local Ray: parquet rows ↔ reports ↔ Optuna study, ASHA pruning, failures, resume."""
+"""`uda-ray tune` on a real local Ray: parquet rows ↔ reports ↔ Optuna study, ASHA pruning, failures, resume.
+A driver killed with kill -9 and resumed is tested on a search over a chain (tests/stages/test_stages_search_ray.py)."""
 
 from __future__ import annotations
 
@@ -128,17 +129,35 @@ def m_at(metrics: pd.DataFrame, trial_id: str, iteration: int) -> float:
     return float(metrics[(metrics["trial_id"] == trial_id) & (metrics["iteration"] == iteration)]["val/miou"].iloc[0])
 
 
-def test_asha_prunes_and_later_trials_still_run(ray_local, tmp_path: Path, synthetic_cache: Path):
+ASHA_SPACE = dict(num_samples=6, metric="train/loss", mode="min",
+                  scheduler={"type": "asha", "grace_period": 3, "max_t": 9, "reduction_factor": 2},
+                  params={"loss.source_weight": {"choice": [0.1, 50.0]}},
+                  overrides={"run.iterations": 9, "run.eval_every": 3, "run.checkpoint_every": 3,
+                             "run.log_every": 3})
+
+
+def _decisions(uri: str) -> list[tuple[float, str, int]]:
+    """(sampled source weight, status, iterations) of each trial in the order they started."""
+    t = load_trials(uri).sort_values("started_at")
+    return list(zip(t["config/loss.source_weight"], t["status"], t["iterations"]))
+
+
+@pytest.fixture(scope="module")
+def asha_search(ray_local, tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path):
+    """The uninterrupted ASHA search of ASHA_SPACE: its space file and outcome, read by the tests below."""
+    folder = tmp_path_factory.mktemp("asha")
+    space = write_space(folder / "s.yaml", synthetic_cache, **ASHA_SPACE)
+    return space, run_search(space, storage=str(folder / "whole"))
+
+
+def test_asha_prunes_and_later_trials_still_run(asha_search):
     # train/loss scales with loss.source_weight, so trials with weight 50 are far worse than those with 0.1:
     # ASHA must stop them at its first rung, and the trials after them must still start
-    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=6, metric="train/loss", mode="min",
-                        scheduler={"type": "asha", "grace_period": 2, "max_t": 6, "reduction_factor": 2},
-                        params={"loss.source_weight": {"choice": [0.1, 50.0]}})
-    out = run_search(space, storage=str(tmp_path / "results"))
+    _, out = asha_search
     trials = load_trials(out.experiment.uri).sort_values("started_at")
     assert len(trials) == 6
     pruned = trials[trials["status"] == "PRUNED"]
-    assert len(pruned) >= 1 and (pruned["iterations"] < 6).all()
+    assert len(pruned) >= 1 and (pruned["iterations"] < 9).all()
     assert (pruned["config/loss.source_weight"] == 50.0).all()
     assert (trials["started_at"] > pruned["started_at"].min()).any()  # trials started after a pruned one
     study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
@@ -206,24 +225,10 @@ def _wait_for(trials_dir: Path, status: str, count: int, timeout: float = 240) -
     raise AssertionError(f"{count} {status} trials did not appear in {trials_dir} within {timeout} s")
 
 
-ASHA_SPACE = dict(num_samples=6, metric="train/loss", mode="min",
-                  scheduler={"type": "asha", "grace_period": 3, "max_t": 9, "reduction_factor": 2},
-                  params={"loss.source_weight": {"choice": [0.1, 50.0]}},
-                  overrides={"run.iterations": 9, "run.eval_every": 3, "run.checkpoint_every": 3,
-                             "run.log_every": 3})
-
-
-def _decisions(uri: str) -> list[tuple[float, str, int]]:
-    """(sampled source weight, status, iterations) of each trial in the order they started."""
-    t = load_trials(uri).sort_values("started_at")
-    return list(zip(t["config/loss.source_weight"], t["status"], t["iterations"]))
-
-
-def test_sigint_then_resume_is_the_same_search(ray_local, tmp_path: Path, synthetic_cache: Path):
+def test_sigint_then_resume_is_the_same_search(asha_search, tmp_path: Path):
     """One trial at a time (a fixed arrival order): a search interrupted by SIGINT and resumed with
     `uda-ray tune --resume` samples and stops exactly the trials an uninterrupted one does: ASHA's rungs survive."""
-    space = write_space(tmp_path / "s.yaml", synthetic_cache, **ASHA_SPACE)
-    whole = run_search(space, storage=str(tmp_path / "whole"))
+    space, whole = asha_search
     expected = _decisions(whole.experiment.uri)
     assert any(s == "PRUNED" for _, s, _ in expected) and any(s == "TERMINATED" for _, s, _ in expected)
 
@@ -250,44 +255,6 @@ def test_sigint_then_resume_is_the_same_search(ray_local, tmp_path: Path, synthe
     for tid in before.index[before["status"] == "RUNNING"]:
         assert after.loc[tid, "wall_s"] > before.loc[tid, "wall_s"]
     assert (after["wall_s"] > 0).all()
-
-
-def test_kill9_then_resume_ends_leftovers_without_duplicates(tmp_path: Path, synthetic_cache: Path):
-    import psutil
-
-    from uda_ray.tune.local_ray import session_processes
-
-    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=4,
-                        params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}},
-                        overrides={"run.iterations": 9, "run.eval_every": 3, "run.checkpoint_every": 3})
-    results, records = tmp_path / "results", tmp_path / "records"
-    proc = _cli("tune", str(space), "--storage", str(results), "--name", "r", cwd=tmp_path, records=records)
-    _wait_for(results / "r" / "trials", "TERMINATED", 2)
-    session = json.loads(next(records.glob("*.json")).read_text())["session_dir"]
-    proc.kill()  # SIGKILL: the driver cannot shut its local Ray down
-    proc.communicate(timeout=60)
-    before = load_trials(str(results / "r"))
-    finished_before = set(before.loc[before["status"] == "TERMINATED", "trial_id"])
-    assert 2 <= len(finished_before) < 4
-    leftovers = session_processes(session)
-    assert leftovers, "a killed driver is expected to leave processes of its Ray session behind"
-
-    resumed = _cli("tune", str(space), "--storage", str(results), "--name", "r", "--resume", cwd=tmp_path,
-                   records=records)
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out[-3000:]
-    assert f"leftover process(es) of the local Ray session {session}" in out
-    assert not [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    trials = load_trials(str(results / "r"))
-    assert len(trials) == 4, out[-3000:]
-    assert trials["trial_id"].is_unique and set(trials["status"]) == {"TERMINATED"}
-    metrics = load_metrics(str(results / "r"))
-    for trial_id, m in metrics.groupby("trial_id"):
-        assert m["iteration"].tolist() == list(range(1, 10)), trial_id  # no duplicated or missing reports
-    # finished trials were not re-run: their end time did not change
-    again = trials.set_index("trial_id").loc[sorted(finished_before), "ended_at"]
-    assert (again == before.set_index("trial_id").loc[sorted(finished_before), "ended_at"]).all()
-    assert not list(records.glob("*.json"))  # the resumed driver exited normally and removed its record
 
 
 def test_bad_space_fails_before_ray_starts(tmp_path: Path):
