@@ -42,10 +42,11 @@ def page_end(pixels: np.ndarray) -> int:
     return int(np.flatnonzero(drawn)[-1]) if drawn.any() else -1
 
 
-def full_page(html: Path, png: Path, *, width: int = 1000, height: int = 16000,
+def full_page(html: Path, png: Path, *, width: int = 1000, height: int = 16000, colors: int | None = None,
               exe: str | None = None) -> tuple[int, int]:
     """Screenshot of the whole page ``html`` into ``png`` (``width`` pixels wide, as tall as the page); returns its
-    size. Raises ``RuntimeError`` when the page is taller than ``height``."""
+    size. ``colors``: save with a palette of that many colours (a quarter of the file size at 64, for a capture
+    kept in the repository). Raises ``RuntimeError`` when the page is taller than ``height``."""
     exe = exe or browser()
     if exe is None:
         raise RuntimeError(f"no headless browser ({', '.join(BROWSERS)}) on PATH: apt-get install chromium")
@@ -58,6 +59,8 @@ def full_page(html: Path, png: Path, *, width: int = 1000, height: int = 16000,
     if end >= pixels.shape[0] - MARGIN:
         raise RuntimeError(f"{html}: the page is taller than the {pixels.shape[0]}-pixel window: pass a larger height")
     page = Image.fromarray(pixels[:end + 1 + MARGIN])
+    if colors is not None:
+        page = page.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     png.parent.mkdir(parents=True, exist_ok=True)
     page.save(png, optimize=True)
     return page.size
@@ -69,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="the PNG to write, e.g. docs/report.png")
     p.add_argument("--width", type=int, default=1000)
     p.add_argument("--height", type=int, default=16000, help="window height: at least the page's")
+    p.add_argument("--colors", type=int, help="save with a palette of this many colours (smaller file), e.g. 64")
     args = p.parse_args(argv)
     html = args.experiment / "report" / "index.html"
     if not html.is_file():
         print(f"{html}: not found; run `uda-ray analyze {args.experiment}` first", file=sys.stderr)
         return 2
-    w, h = full_page(html, args.out, width=args.width, height=args.height)
+    w, h = full_page(html, args.out, width=args.width, height=args.height, colors=args.colors)
     print(f"wrote {args.out} ({w}x{h}, the whole page of {html})")
     return 0
 

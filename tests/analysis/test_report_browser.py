@@ -112,5 +112,10 @@ def test_full_page_screenshot_holds_the_whole_page(report_page: Path, tmp_path: 
     palette = [c for c in colorize(np.arange(len(CLASSES), dtype=np.uint8)[None])[0] if not c[0] == c[1] == c[2]]
     bottom = pixels[int(0.8 * height):].reshape(-1, 3)
     assert sum(int((bottom == c).all(axis=1).sum()) > 50 for c in palette) >= 4, "the page's end (grids) is cut"
+    # --colors 64, as docs/report.png is kept: the same page in a palette of at most 64 colours
+    small = tmp_path / "small.png"
+    assert shot.full_page(report_page, small, width=1000, height=12000, colors=64, exe=browser) == (width, height)
+    kept = Image.open(small)
+    assert kept.mode == "P" and len(kept.getcolors()) <= 64 and small.stat().st_size < out.stat().st_size
     with pytest.raises(RuntimeError, match="taller than"):
         shot.full_page(report_page, tmp_path / "short.png", width=1000, height=800, exe=browser)
