@@ -1,6 +1,6 @@
 """Searches over chains on a real local Ray: a stage the trials share is computed once (also when two trials need it
-at the same time), a failing stage fails the trials that need it and no other, and a driver killed with kill -9
-during a stage resumes with the stage computed once, its leftover Ray processes ended and no duplicated rows."""
+at the same time), a failing stage fails the trials that need it and no other, a train stage runs on Ray Train
+workers when the trial has them, and a driver killed with kill -9 during a stage resumes with the stage computed once, its leftover Ray processes ended and no duplicated rows."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -139,3 +140,29 @@ def test_kill9_during_a_stage_then_resume(tmp_path: Path, synthetic_cache: Path)
     assert [r["status"] for r in runs if r["status"] == "done"] == ["done"]  # computed to the end once
     assert second[0]["result"]["resumed_from"] > 0, (runs, second[0])  # continued from the killed checkpoint
     assert set(trials["stage/source/key"]) == {first["key"], second[0]["key"]}
+
+
+def test_a_train_stage_runs_on_ray_train_workers(ray_local, tmp_path: Path, synthetic_cache: Path) -> None:
+    """A trial with Train workers trains its chain's stages on as many workers (``stage_trainer``): the stage is
+    published with its last and best models and its reports, and the final stage starts from it."""
+    from uda_ray.stages import load_chain
+    from uda_ray.stages.kinds.train import stage_trainer
+    from uda_ray.stages.run import ChainRun
+    from uda_ray.train.checkpoint import load_checkpoint
+    from uda_ray.train.worker import Scaling
+
+    chain = load_chain(write_chain(tmp_path / "chain.yaml", synthetic_cache, {
+        "source": {"kind": "train", "overrides": {"loss.mix_weight": 0.0}},
+        "adapt": {"kind": "train", "init": {"stage": "source", "checkpoint": "last"}}}))
+    storage = str(tmp_path / "results")
+    runner = ChainRun(chain, storage, who="t/ddp",
+                      train_fn=stage_trainer(Scaling(num_workers=2, cpus_per_worker=1), storage))
+    prepared = runner.prepare()
+    [entry] = StageCache(stages_root(storage)).entries()
+    assert entry["name"] == "source" and entry["result"]["iterations"] == 4
+    out = Path(entry["uri"])
+    assert load_checkpoint(out / "last.pt")["iteration"] == 4 and (out / "best.pt").is_file()
+    reports = pd.read_parquet(out / "metrics.parquet")
+    assert reports["iteration"].tolist() == [1, 2, 3, 4] and reports["val/miou"].notna().sum() == 2
+    assert entry["result"]["last"]["val/miou"] == pytest.approx(reports["val/miou"].iloc[-1])
+    assert prepared.config.model.init_from == f"{entry['uri']}/last.pt"

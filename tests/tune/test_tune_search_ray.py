@@ -249,6 +249,8 @@ def test_sigint_then_resume_is_the_same_search(asha_search, tmp_path: Path):
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out[-3000:]
     assert _decisions(str(results / "r")) == expected
+    assert "Checkpoint successfully created" not in out  # Ray's line per checkpoint stays off the console
+    assert "Configuration for experiment" not in out and "tensorboard --logdir /tmp/ray" not in out  # nor Tune's box
     after = load_trials(str(results / "r")).set_index("trial_id")
     assert after.index.is_unique and len(after) == 6
     # wall_s counts every segment a trial ran: a trial that was running at the interrupt has more time now

@@ -29,7 +29,6 @@ from uda_ray.config import Config, ConfigError, from_dict, to_dict
 from uda_ray.data.readers import DatasetError
 from uda_ray.models.segmenter import CheckpointError
 from uda_ray.results.store import join, write_bytes
-from uda_ray.stages.chain import StageFailed
 from uda_ray.train.loop import FitResult, fit
 
 
@@ -39,12 +38,12 @@ class TrialDiverged(RuntimeError):
 
 # Errors that a retry of the same trial cannot fix: a config that does not validate, data that is missing or
 # unreadable, a checkpoint that does not fit the network. Tune does not retry trials that fail with them.
-NON_RETRYABLE: tuple[type[BaseException], ...] = (ConfigError, DatasetError, CheckpointError, FileNotFoundError,
-                                                  StageFailed)
+NON_RETRYABLE: tuple[type[BaseException], ...] = (ConfigError, DatasetError, CheckpointError, FileNotFoundError)
 
 
-def is_non_retryable(error: BaseException) -> bool:
-    """Whether ``error`` (or its cause, or a Train worker's error inside it) is one of ``NON_RETRYABLE``."""
+def is_non_retryable(error: BaseException, also: tuple[type[BaseException], ...] = ()) -> bool:
+    """Whether ``error`` (or its cause, or a Train worker's error inside it) is one of ``NON_RETRYABLE`` or ``also``
+    (the callers' own, e.g. a chain's ``StageFailed``)."""
     seen: set[int] = set()
     todo = [error]
     while todo:
@@ -52,7 +51,7 @@ def is_non_retryable(error: BaseException) -> bool:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, NON_RETRYABLE):
+        if isinstance(e, (*NON_RETRYABLE, *also)):
             return True
         cause = getattr(e, "as_instanceof_cause", None)  # RayTaskError wraps the user's exception
         if callable(cause):
@@ -107,7 +106,7 @@ def _checkpoint(cls: type[ray.train.Checkpoint], folder: Path | None) -> ray.tra
     return cls.from_directory(str(folder)) if folder is not None else None
 
 
-def _raise_if_diverged(result: FitResult) -> None:
+def raise_if_diverged(result: FitResult) -> None:
     if result.status == "diverged":
         raise TrialDiverged(result.error)
 
@@ -121,7 +120,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], folder: Path | None) -> None:
         ray.train.report(metrics, checkpoint=_checkpoint(ray.train.Checkpoint, folder) if rank == 0 else None)
 
-    _raise_if_diverged(_run_fit(cfg, ray.train.get_checkpoint(), device, report, loop_config.get("images_uri")))
+    raise_if_diverged(_run_fit(cfg, ray.train.get_checkpoint(), device, report, loop_config.get("images_uri")))
 
 
 def run_in_process(cfg: Config, *, images_uri: str | None = None) -> FitResult:
@@ -131,7 +130,7 @@ def run_in_process(cfg: Config, *, images_uri: str | None = None) -> FitResult:
     result = _run_fit(cfg, ray.tune.get_checkpoint(), resolve_device(cfg.run.device),
                       lambda m, folder: ray.tune.report(m, checkpoint=_checkpoint(ray.tune.Checkpoint, folder)),
                       images_uri)
-    _raise_if_diverged(result)
+    raise_if_diverged(result)
     return result
 
 
@@ -148,36 +147,3 @@ def run_trainer(cfg: Config, scaling: Scaling, *, name: str, storage_path: str, 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     return trainer.fit()
-
-
-def stage_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """Body of every Ray Train worker of a chain's train stage: ``uda_ray.stages.kinds.train.train_in`` in the stage's
-    work folder (resuming from its newest checkpoint there; rank 0 writes), reporting the metrics to Train."""
-    from uda_ray.stages.kinds.train import train_in
-
-    cfg = from_dict(loop_config["config"], source="ray train loop config (stage)")
-    result = train_in(cfg, Path(loop_config["work_dir"]), name=loop_config["name"],
-                      device=ray.train.torch.get_device())
-    ray.train.report({**result.metrics, "status_completed": float(result.status == "completed"),
-                      "fit_iteration": float(result.iteration)})
-    _raise_if_diverged(result)
-
-
-def stage_trainer(scaling: Scaling, storage_path: str) -> Callable[[Config, Path], FitResult]:
-    """The ``train_fn`` of a chain's train stages in a trial with Ray Train workers: the stage trains on as many
-    workers as the trial's final stage (the work folder must be on a file system every worker sees: the machine's
-    own for one node, a shared one for several)."""
-
-    def train(cfg: Config, work_dir: Path) -> FitResult:
-        trainer = TorchTrainer(
-            stage_fn_per_worker,
-            train_loop_config={"config": to_dict(cfg), "work_dir": str(work_dir), "name": work_dir.name},
-            scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                                   resources_per_worker=scaling.resources_per_worker()),
-            run_config=ray.train.RunConfig(name=f"stage-{work_dir.name}", storage_path=join(storage_path, "stages",
-                                                                                             ".train")))
-        metrics = dict(trainer.fit().metrics or {})
-        return FitResult("completed", int(metrics.pop("fit_iteration", 0)),
-                         {k: v for k, v in metrics.items() if "/" in k or k == "iteration"})
-
-    return train

@@ -36,9 +36,10 @@ from uda_ray.results.store import (
     trial_images_uri,
     write_bytes,
 )
-from uda_ray.stages.chain import Chain
+from uda_ray.stages.chain import Chain, StageFailed
+from uda_ray.stages.kinds.train import stage_trainer
 from uda_ray.stages.run import ChainRun
-from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_trainer, stage_trainer
+from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_trainer
 from uda_ray.tune.callback import NON_RETRYABLE_KEY, ResultsCallback, TrialInfo
 from uda_ray.tune.cluster import ClusterAuthError, auth_message, describe_cluster, is_auth_failure, joining_address
 from uda_ray.tune.local_ray import end_leftovers, record_session
@@ -149,6 +150,9 @@ def init_ray(address: str | None) -> None:
     # (small, local) experiment-state snapshot; Tune warns about that on every one. Paper-scale runs checkpoint
     # minutes apart and never reach the warning's threshold.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints its configuration box and a `tensorboard --logdir` pointing into Ray's
+    # session folder even with verbose=0; the older output is silent at 0 (the event files are in the experiment)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
     joining = joining_address(address)  # --address, else $RAY_ADDRESS: a cluster that is not ours to record
@@ -211,6 +215,9 @@ def trial_resources(scaling: Scaling) -> dict[str, float]:
     return res
 
 
+QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")  # "Checkpoint … created"
+
+
 def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scaling, experiment: Experiment,
                    chain_of: Callable[[dict[str, Any]], Chain | None] | None = None, stage_storage: str | None = None
                    ) -> Callable[[dict[str, Any]], None]:
@@ -224,6 +231,8 @@ def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scali
     stage_root = stage_storage or experiment.root
 
     def trainable(tune_config: dict[str, Any]) -> None:
+        for name in QUIET_LOGGERS:  # each trial's status is uda-ray's own lines, not one Ray line per checkpoint
+            logging.getLogger(name).setLevel(logging.WARNING)
         try:
             trial_id = tune.get_context().get_trial_id()
             chain = chain_of(tune_config) if chain_of is not None else None
@@ -242,7 +251,7 @@ def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scali
             run_trainer(cfg, scaling, name=f"train-{trial_id}", storage_path=join(experiment_uri, "train"),
                         callbacks=[TuneReportCallback()], images_uri=images)
         except Exception as e:
-            if is_non_retryable(e):  # the results callback then takes this trial's retries away
+            if is_non_retryable(e, also=(StageFailed,)):  # the results callback then takes its retries away
                 tune.report({NON_RETRYABLE_KEY: 1.0})
             raise
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -27,6 +28,9 @@ from uda_ray.stages.kinds import StageJob
 from uda_ray.train.checkpoint import load_checkpoint
 from uda_ray.train.loop import DistInfo, FitResult, fit
 from uda_ray.train.run import latest_checkpoint
+
+if TYPE_CHECKING:
+    from uda_ray.train.worker import Scaling
 
 BEST_METRIC = "val/miou"
 MODEL_KEYS = ("iteration", "student", "teacher", "config")
@@ -118,3 +122,58 @@ def run(job: StageJob) -> dict[str, Any]:
             "last": {k: v for k, v in result.metrics.items()
                                                      if k.startswith(("val/", "holdout/", "iteration"))},
             "best": {"metric": BEST_METRIC, "value": best if math.isfinite(best) else None, "iteration": best_it}}
+
+
+def stage_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker of a chain's train stage: ``train_in`` in the stage's work folder (resuming from
+    its newest checkpoint there; rank 0 writes), reporting the metrics to Train."""
+    import ray.train
+    import ray.train.torch
+
+    from uda_ray.config import from_dict
+    from uda_ray.train.worker import raise_if_diverged
+
+    cfg = from_dict(loop_config["config"], source="ray train loop config (stage)")
+    result = train_in(cfg, Path(loop_config["work_dir"]), name=loop_config["name"],
+                      device=ray.train.torch.get_device())
+    ray.train.report(result.metrics)
+    raise_if_diverged(result)
+
+
+def stage_trainer(scaling: Scaling, storage_path: str) -> Callable[[Config, Path], FitResult]:
+    """The ``train_fn`` of a chain's train stages in a trial with Ray Train workers: the stage trains on as many
+    workers as the trial's final stage (the work folder must be on a file system every worker sees: the machine's
+    own for one node, a shared one for several)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from uda_ray.config import to_dict
+    from uda_ray.results.store import join
+
+    def train(cfg: Config, work_dir: Path) -> FitResult:
+        trainer = TorchTrainer(
+            stage_fn_per_worker,
+            train_loop_config={"config": to_dict(cfg), "work_dir": str(work_dir), "name": work_dir.name},
+            scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                                   resources_per_worker=scaling.resources_per_worker()),
+            run_config=ray.train.RunConfig(name=f"stage-{work_dir.name}", storage_path=join(storage_path, "stages",
+                                                                                             ".train")))
+        trainer.fit()  # raises when a worker failed (a diverged loss included)
+        return _finished_in(work_dir)
+
+    return train
+
+
+def _finished_in(work_dir: Path) -> FitResult:
+    """The result of a run that finished in ``work_dir``, read from what its rank 0 left there (Train's own result
+    keeps no metrics of reports without a checkpoint): the newest checkpoint's iteration and the last report."""
+    last = latest_checkpoint(work_dir)
+    iteration = int(last.name.split("_")[-1]) if last is not None else 0
+    metrics: dict[str, float] = {}
+    path = work_dir / "metrics.parquet"
+    if path.is_file():
+        rows = pd.read_parquet(path)
+        rows = rows[rows["iteration"] <= iteration]
+        if not rows.empty:
+            metrics = {k: float(v) for k, v in rows.iloc[-1].items() if ("/" in k or k == "iteration") and v == v}
+    return FitResult("completed", iteration, metrics)
