@@ -1,6 +1,7 @@
 """Searches over chains on a real local Ray: a stage the trials share is computed once (also when two trials need it
 at the same time), a failing stage fails the trials that need it and no other, a train stage runs on Ray Train
-workers when the trial has them, and a driver killed with kill -9 during a stage resumes with the stage computed once, its leftover Ray processes ended and no duplicated rows."""
+workers when the trial has them, and a driver killed with kill -9 during a stage resumes with the stage computed once,
+its leftover Ray processes ended and no duplicated rows."""
 
 from __future__ import annotations
 

@@ -403,6 +403,11 @@ def _by_trial(pieces: Sequence[tuple[str, pa.Table]], where: str) -> pa.Table:
     return table.combine_chunks()
 
 
+def _live_name(trial_id: str) -> str:
+    """A trial's live file, relative to its table's folder."""
+    return f"{LIVE_DIR}/{trial_id}.parquet"
+
+
 class TableFolder:
     """One table of an experiment (``<experiment>/trials`` or ``/metrics``) in the layout of the module docstring:
     parts, each trial in exactly one, and live files that win over them. Any number of processes may read a folder;
@@ -418,7 +423,7 @@ class TableFolder:
     # -------------------------------------------------------------------------------------------- files
     def live_uri(self, trial_id: str) -> str:
         _check_name("trial id", trial_id)
-        return join(self.uri, LIVE_DIR, f"{trial_id}.parquet")
+        return join(self.uri, _live_name(trial_id))
 
     def _listing(self, sub: str = "") -> dict[str, pafs.FileInfo]:
         """The visible parquet files directly in the folder (or in ``sub``), by name in name order."""
@@ -458,13 +463,13 @@ class TableFolder:
             if len(live_ids):
                 table = table.filter(pc.invert(pc.is_in(table.column(KEY), value_set=live_ids)))
             pieces.append((name, table))
-        pieces += [(f"{LIVE_DIR}/{tid}.parquet", t) for tid, t in live.items()]
+        pieces += [(_live_name(tid), t) for tid, t in live.items()]
         return _by_trial(pieces, self.uri) if pieces else None
 
     def rows_of(self, trial_id: str) -> pa.Table | None:
         """A trial's newest rows (its live file's, else its part's), or None if the table has none of it."""
         _check_name("trial id", trial_id)
-        table = _read_if_present(self.fs, f"{self.path}/{LIVE_DIR}/{trial_id}.parquet")
+        table = _read_if_present(self.fs, f"{self.path}/{_live_name(trial_id)}")
         if table is not None:
             return table
         self._load_parts()
@@ -561,7 +566,7 @@ class TableFolder:
             groups.setdefault(name, {})[tid] = live[tid]
         changed = {}
         for name, new in groups.items():
-            pieces = [(f"{LIVE_DIR}/{tid}.parquet", t) for tid, t in new.items()]
+            pieces = [(_live_name(tid), t) for tid, t in new.items()]
             if self._parts[name][1] is not None:  # on storage already
                 old = _read_file(self.fs, f"{self.path}/{name}")
                 pieces.insert(0, (name, old.filter(pc.invert(pc.is_in(old.column(KEY),

@@ -67,6 +67,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_iteration(checkpoint_dir: str | Path) -> int:
+    """The iteration ``k`` of a ``checkpoints/iter_<k>`` folder."""
+    return int(Path(checkpoint_dir).name.split("_")[-1])
+
+
 def default_run_name(config_path: str | Path) -> str:
     return f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -100,7 +105,7 @@ def train_local(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     if ckpt is not None and metrics_path.exists():
         import pandas as pd
 
-        done = int(str(ckpt.name).split("_")[-1])
+        done = checkpoint_iteration(ckpt)
         old = pd.read_parquet(metrics_path)
         rows = [{k: v for k, v in r.items() if k not in ("experiment", "trial_id")}
                 for r in old[old["iteration"] <= done].to_dict("records")]

@@ -13,6 +13,7 @@ Ray Train's local mode keeps reports to itself and would hide intermediate resul
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -86,11 +87,16 @@ def _image_sink(images_uri: str | None) -> Callable[[str, bytes], None] | None:
     return lambda name, png: write_bytes(png, join(images_uri, name))
 
 
+QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")  # "Checkpoint … created"
+
+
 def _run_fit(cfg: Config, checkpoint: ray.train.Checkpoint | None, device: Any,
              report: Callable[[dict[str, float], Path | None], None], images_uri: str | None) -> FitResult:
     """``fit`` in a temporary work folder; ``report(metrics, checkpoint folder or None)`` wraps the folder in the
     ``Checkpoint`` class its receiver expects (``ray.tune.Checkpoint`` for ``ray.tune.report`` in a Tune function
     trainable, ``ray.train.Checkpoint`` for ``ray.train.report`` in a Train worker: Ray 2.5x warns on the other)."""
+    for name in QUIET_LOGGERS:  # a run's status is uda-ray's own lines, not one Ray line per checkpoint
+        logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="uda-ray-") as work:
         images = _image_sink(images_uri)
         if checkpoint is None:

@@ -16,8 +16,8 @@ over every driver process of a resumed search (written at least every ``WALL_EVE
 driver loses at most that much of it).
 
 A trial that raises an error no retry can fix (``uda_ray.train.worker.NON_RETRYABLE``: config, data and checkpoint
-errors; a chain's ``StageFailed``) reports ``NON_RETRYABLE_KEY`` just before it raises; the callback then sets the trial's
-``max_failures`` to 0, so Tune records the error instead of starting the same failure again.
+errors; a chain's ``StageFailed``) reports ``NON_RETRYABLE_KEY`` just before it raises; the callback then sets the
+trial's ``max_failures`` to 0, so Tune records the error instead of starting the same failure again.
 """
 
 from __future__ import annotations

@@ -215,9 +215,6 @@ def trial_resources(scaling: Scaling) -> dict[str, float]:
     return res
 
 
-QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")  # "Checkpoint … created"
-
-
 def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scaling, experiment: Experiment,
                    chain_of: Callable[[dict[str, Any]], Chain | None] | None = None, stage_storage: str | None = None
                    ) -> Callable[[dict[str, Any]], None]:
@@ -231,8 +228,6 @@ def make_trainable(config_of: Callable[[dict[str, Any]], Config], scaling: Scali
     stage_root = stage_storage or experiment.root
 
     def trainable(tune_config: dict[str, Any]) -> None:
-        for name in QUIET_LOGGERS:  # each trial's status is uda-ray's own lines, not one Ray line per checkpoint
-            logging.getLogger(name).setLevel(logging.WARNING)
         try:
             trial_id = tune.get_context().get_trial_id()
             chain = chain_of(tune_config) if chain_of is not None else None

@@ -27,7 +27,7 @@ from uda_ray.stages.chain import StageFailed
 from uda_ray.stages.kinds import StageJob
 from uda_ray.train.checkpoint import load_checkpoint
 from uda_ray.train.loop import DistInfo, FitResult, fit
-from uda_ray.train.run import latest_checkpoint
+from uda_ray.train.run import checkpoint_iteration, latest_checkpoint
 
 if TYPE_CHECKING:
     from uda_ray.train.worker import Scaling
@@ -65,7 +65,7 @@ def train_in(cfg: Config, work_dir: Path, *, progress: bool = False, log=print, 
     rows: list[dict[str, float]] = []
     best, best_it = _best_so_far(work_dir)
     if rank == 0 and ckpt is not None and metrics_path.is_file():
-        done = int(ckpt.name.split("_")[-1])
+        done = checkpoint_iteration(ckpt)
         old = pd.read_parquet(metrics_path)
         rows = [{k: v for k, v in r.items() if k not in ("experiment", "trial_id") and v == v}
                 for r in old[old["iteration"] <= done].to_dict("records")]
@@ -118,7 +118,7 @@ def run(job: StageJob) -> dict[str, Any]:
         save_model(last, job.out_dir / "best.pt", result.metrics)
     os.replace(job.work_dir / "metrics.parquet", job.out_dir / "metrics.parquet")
     save_config(job.config, job.out_dir / "config.yaml")
-    return {"iterations": result.iteration, "resumed_from": int(before.name.split("_")[-1]) if before else 0,
+    return {"iterations": result.iteration, "resumed_from": checkpoint_iteration(before) if before else 0,
             "last": {k: v for k, v in result.metrics.items()
                                                      if k.startswith(("val/", "holdout/", "iteration"))},
             "best": {"metric": BEST_METRIC, "value": best if math.isfinite(best) else None, "iteration": best_it}}
@@ -168,7 +168,7 @@ def _finished_in(work_dir: Path) -> FitResult:
     """The result of a run that finished in ``work_dir``, read from what its rank 0 left there (Train's own result
     keeps no metrics of reports without a checkpoint): the newest checkpoint's iteration and the last report."""
     last = latest_checkpoint(work_dir)
-    iteration = int(last.name.split("_")[-1]) if last is not None else 0
+    iteration = checkpoint_iteration(last) if last is not None else 0
     metrics: dict[str, float] = {}
     path = work_dir / "metrics.parquet"
     if path.is_file():
