@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         probe = write_space(tmp / "probe.yaml", cache, trials=1, iterations=args.iterations, concurrent=1)
         t_fit = fit_alone(probe, tmp / "alone", args.fit_runs)
         t0 = time.perf_counter()
-        ray.init(num_cpus=args.cpus or args.concurrent, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus or args.concurrent, log_to_driver=False)
         t_ray = time.perf_counter() - t0
         rows = []
         for n in args.sizes:

@@ -80,7 +80,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="uda-ray-stage-bench-") as tmp:
         folder = Path(tmp)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)
     yield
     ray.shutdown()
 

@@ -160,7 +160,9 @@ def init_ray(address: str | None) -> None:
         for line in end_leftovers():
             print(f"[uda-ray] {line}", flush=True)
     try:
-        ray.init(address=address, log_to_driver=True,
+        # "local": without it Ray itself joins the newest cluster that `ray start` began on this machine, which
+        # uda-ray would then call, record and one day end as its own local Ray; joining is what --address asks for
+        ray.init(address=address if joining is not None else "local", log_to_driver=True,
                  runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}})
     except Exception as e:
         if joining is not None and is_auth_failure(e):
