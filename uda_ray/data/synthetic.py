@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 from uda_ray.data.labels import CITYSCAPES_ID_TO_TRAIN, CLASS_COLOURS
 from uda_ray.data.synthetic_scene import TID, Canvas, make_scene
@@ -118,6 +116,10 @@ def _class_shift(colours: np.ndarray, train_ids: np.ndarray, shift: np.ndarray) 
     has = train_ids >= 0
     if not has.any():
         return out
+    # here, not at the top: only generating the pair needs matplotlib and scipy, and every trial process imports
+    # this module (half a second of start-up)
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
     hsv = rgb_to_hsv(np.clip(colours[has], 0, 1))  # (K', P, 3)
     sh = shift[train_ids[has]][:, None, :]  # (K', 1, 3)
     hsv[..., 0] = np.mod(hsv[..., 0] + sh[..., 0] / 360.0, 1.0)
@@ -155,6 +157,8 @@ def render(cv: Canvas, app: Appearance, rng: np.random.Generator) -> np.ndarray:
         img **= np.float32(app.gamma)
     img *= np.asarray(app.cast, np.float32)
     if app.blur_sigma > 0:
+        from scipy.ndimage import gaussian_filter  # as matplotlib in _class_shift
+
         img = gaussian_filter(img, sigma=(app.blur_sigma, app.blur_sigma, 0), mode="nearest")
     if app.sensor_noise > 0:
         img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(app.sensor_noise)
