@@ -126,18 +126,16 @@ def run(job: StageJob) -> dict[str, Any]:
 
 def stage_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Body of every Ray Train worker of a chain's train stage: ``train_in`` in the stage's work folder (resuming from
-    its newest checkpoint there; rank 0 writes), reporting the metrics to Train."""
-    import ray.train
+    its newest checkpoint there; rank 0 writes). Nothing is reported to Train: the stage's result is read from the
+    work folder (``_finished_in``)."""
     import ray.train.torch
 
     from uda_ray.config import from_dict
     from uda_ray.train.worker import raise_if_diverged
 
     cfg = from_dict(loop_config["config"], source="ray train loop config (stage)")
-    result = train_in(cfg, Path(loop_config["work_dir"]), name=loop_config["name"],
-                      device=ray.train.torch.get_device())
-    ray.train.report(result.metrics)
-    raise_if_diverged(result)
+    raise_if_diverged(train_in(cfg, Path(loop_config["work_dir"]), name=loop_config["name"],
+                               device=ray.train.torch.get_device()))
 
 
 def stage_trainer(scaling: Scaling, storage_path: str) -> Callable[[Config, Path], FitResult]:
