@@ -80,17 +80,25 @@ def test_tune_against_a_cluster_that_refuses_the_token_exits_2_in_one_line(
     assert "RAY_AUTH_MODE=token" in err
 
 
-def test_joined_cluster_is_named_and_not_recorded(no_ray: None, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def fake_cluster(monkeypatch: pytest.MonkeyPatch, gcs_address: str, nodes: int,
+                 resources: dict[str, float]) -> dict:
+    """``ray.init`` that only records its keyword arguments (returned), and a cluster that answers as given."""
     class Context:
-        gcs_address = "10.0.0.5:6379"
+        pass
 
-    asked = {}
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    Context.gcs_address = gcs_address
+    asked: dict = {}
     monkeypatch.setattr(ray, "init", lambda **kw: asked.update(kw))
     monkeypatch.setattr(ray, "get_runtime_context", Context)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * 3)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 48.0, "GPU": 4.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    return asked
+
+
+def test_joined_cluster_is_named_and_not_recorded(no_ray: None, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    asked = fake_cluster(monkeypatch, "10.0.0.5:6379", 3, {"CPU": 48.0, "GPU": 4.0})
     driver.init_ray(None)
     assert asked["address"] is None  # Ray itself reads RAY_ADDRESS
     assert "[uda-ray] joined the Ray cluster at 10.0.0.5:6379: 3 nodes, 48 CPUs, 4 GPUs" in capsys.readouterr().out
@@ -100,22 +108,16 @@ def test_no_address_starts_a_local_ray_even_beside_a_ray_start_cluster(
         no_ray: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """With no --address and no RAY_ADDRESS, Ray itself would join the newest `ray start` cluster of the machine;
     uda-ray asks for a local instance, which it then records as its own."""
-    class Context:
-        gcs_address = "127.0.0.1:50001"
-
     class Node:
         @staticmethod
         def get_session_dir_path() -> str:
             return "/tmp/ray/session_x"
 
-    asked, recorded = {}, []
+    recorded = []
     monkeypatch.setattr(driver, "end_leftovers", lambda: [])
     monkeypatch.setattr(driver, "record_session", recorded.append)
-    monkeypatch.setattr(ray, "init", lambda **kw: asked.update(kw))
     monkeypatch.setattr(ray._private.worker.global_worker, "node", Node(), raising=False)
-    monkeypatch.setattr(ray, "get_runtime_context", Context)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    asked = fake_cluster(monkeypatch, "127.0.0.1:50001", 1, {"CPU": 2.0})
     driver.init_ray(None)
     assert asked["address"] == "local" and recorded == ["/tmp/ray/session_x"]
     assert "[uda-ray] started a local Ray at 127.0.0.1:50001: 1 node, 2 CPUs, 0 GPUs" in capsys.readouterr().out
