@@ -14,6 +14,7 @@ Ray Train's local mode keeps reports to itself and would hide intermediate resul
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -140,9 +141,23 @@ def run_in_process(cfg: Config, *, images_uri: str | None = None) -> FitResult:
     return result
 
 
+# How often a Ray Train controller polls its workers; Ray's default is 2 s. A run's end is only seen at a poll, and
+# at 2 s a tiny DDP run ended about 6 s after its workers had returned (benchmarks/train_start.py prints the
+# two side by side). A poll is one small remote call per worker. Ray hands the value on from the process that
+# starts the run to its controller; a value the user exported wins.
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
+def set_train_poll() -> None:
+    """Called before a ``TorchTrainer`` starts: its controller then polls every ``TRAIN_POLL_S`` seconds unless
+    ``$RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set."""
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
+
+
 def run_trainer(cfg: Config, scaling: Scaling, *, name: str, storage_path: str, callbacks: list | None = None,
                 images_uri: str | None = None) -> ray.train.Result:
     """One Ray Train run of ``cfg`` on ``scaling.num_workers >= 1`` workers (DDP)."""
+    set_train_poll()
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": to_dict(cfg), "images_uri": images_uri},

@@ -147,8 +147,10 @@ def stage_trainer(scaling: Scaling, storage_path: str) -> Callable[[Config, Path
 
     from uda_ray.config import to_dict
     from uda_ray.results.store import join
+    from uda_ray.train.worker import set_train_poll
 
     def train(cfg: Config, work_dir: Path) -> FitResult:
+        set_train_poll()
         trainer = TorchTrainer(
             stage_fn_per_worker,
             train_loop_config={"config": to_dict(cfg), "work_dir": str(work_dir), "name": work_dir.name},
