@@ -100,7 +100,9 @@ def grid_png(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[np.nda
         draw.rectangle((x0, y0 + 2, x0 + 12, y0 + 12), fill=colour, outline=(0, 0, 0))
         draw.text((x0 + 16, y0), cls, fill=(0, 0, 0), font=small)
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=True)
+    # zlib's default level: optimize=True (level 9) took 0.63 s for a 784×1614 grid against 0.19 s, for a file
+    # 2.5% smaller (349 against 358 kB); an evaluation of a short run or a tiny trial waited on it
+    canvas.save(buf, format="PNG")
     return buf.getvalue()
 
 
