@@ -517,7 +517,8 @@ class TableFolder:
     def _write_part(self, name: str, table: pa.Table, schema: pa.Schema | None = None) -> None:
         """Publish a part (one atomic replacement) in the table's layout, widened to ``schema`` if given."""
         schema = self.layout(schema if schema is not None else table.schema)
-        table = pa.Table.from_arrays([table.column(f.name).cast(f.type) if f.name in table.column_names
+        have = set(table.column_names)  # built once: the property makes a new list at every use
+        table = pa.Table.from_arrays([table.column(f.name).cast(f.type) if f.name in have
                                       else pa.nulls(table.num_rows, f.type) for f in schema], schema=schema)
         write_parquet(table, join(self.uri, name))
         self._parts[name] = (table.num_rows, table.schema)
