@@ -45,15 +45,15 @@ def test_fit_reports_evaluates_and_checkpoints(tmp_path: Path):
 def test_resume_continues_exactly(tmp_path: Path, terms: dict):
     cfg = tiny_config(tmp_path / "cache", **terms)
     full: list[dict] = []
-    fit(cfg, work_dir=tmp_path / "a", report=lambda m, c: full.append(m))
-    # a second run of the same config whose checkpoint at iteration 3 is kept, then resumed in a fresh fit
+    # the uninterrupted run's reports, and its checkpoint at iteration 3, resumed afterwards in a fresh fit
     ckpt3 = tmp_path / "ckpt3"
 
     def keep_3(m: dict, c: Path | None) -> None:
+        full.append(m)
         if int(m["iteration"]) == 3:
             shutil.copytree(c, ckpt3)
 
-    fit(cfg, work_dir=tmp_path / "b", report=keep_3)
+    fit(cfg, work_dir=tmp_path / "a", report=keep_3)
     rerun: list[dict] = []
     fit(cfg, work_dir=tmp_path / "c", report=lambda m, c: rerun.append(m), resume_from=ckpt3)
     assert [int(m["iteration"]) for m in rerun] == [4, 5, 6]

@@ -96,18 +96,19 @@ def _plain(rows: list[dict]) -> list[dict]:
 def _trains_and_resumes_exactly(cfg: Config, tmp_path: Path) -> list[dict]:
     """Train ``cfg`` once, then again from its middle checkpoint: the resumed run reports what the first one did."""
     full: list[dict] = []
-    result = fit(cfg, work_dir=tmp_path / "a", report=lambda m, c: full.append(m))
-    assert result.status == "completed", result
-    assert all(math.isfinite(m["train/loss"]) for m in full)
-    assert any("val/miou" in m for m in full)
     half = cfg.run.iterations // 2
     ckpt = tmp_path / "ckpt"
 
-    def keep(m: dict, c: Path | None) -> None:
+    def keep(m: dict, c: Path | None) -> None:  # the uninterrupted run's reports, and its middle checkpoint
+        full.append(m)
         if int(m["iteration"]) == half and c is not None:
             shutil.copytree(c, ckpt)
 
-    fit(cfg, work_dir=tmp_path / "b", report=keep)
+    result = fit(cfg, work_dir=tmp_path / "a", report=keep)
+    assert result.status == "completed", result
+    assert all(math.isfinite(m["train/loss"]) for m in full)
+    assert any("val/miou" in m for m in full)
+    assert ckpt.is_dir(), f"no checkpoint at iteration {half}"
     rerun: list[dict] = []
     fit(cfg, work_dir=tmp_path / "c", report=lambda m, c: rerun.append(m), resume_from=ckpt)
     assert _plain(rerun) == _plain(full[half:])
