@@ -51,7 +51,7 @@ def write_space(path: Path, cache: Path, *, params: dict, num_samples: int, sche
 
 def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, synthetic_cache: Path,
                                              capsys: pytest.CaptureFixture):
-    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=3,
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=3, max_concurrent=2,
                         params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]},
                                 "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}})
     out = run_search(space, storage=str(tmp_path / "results"))
@@ -106,7 +106,7 @@ def test_curves_go_to_tensorboard_and_mlflow(ray_local, tmp_path: Path, syntheti
                                              monkeypatch: pytest.MonkeyPatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=2,
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=2, max_concurrent=2,
                         params={"teacher.pseudo_threshold": {"uniform": [0.3, 0.9]}})
     data = yaml.safe_load(space.read_text())
     data["loggers"] = ["mlflow"]
@@ -177,7 +177,7 @@ def test_failed_and_diverged_trials_are_recorded_and_search_goes_on(ray_local, t
                                                                    synthetic_cache: Path):
     bad = tmp_path / "not_a_checkpoint.pth"
     bad.write_bytes(b"not a state dict")
-    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=4, sampler="tpe",
+    space = write_space(tmp_path / "s.yaml", synthetic_cache, num_samples=4, sampler="tpe", max_concurrent=2,
                         overrides={"optim.name": "sgd", "optim.momentum": 0.0, "optim.warmup_iters": 0},
                         params={"model.pretrained_path": {"choice": ["", str(bad)]},
                                 "optim.lr": {"choice": [1.0e-3, 1.0e12]}})
