@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic-pair configuration that trains in about a second per run on one CPU."""
+"""Shared fixtures: a tiny synthetic-pair configuration that trains in about a second per run on one CPU, and one
+local Ray for the tests that need one."""
 
 from __future__ import annotations
 
@@ -62,3 +63,40 @@ def shallow_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
 def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic cache folder for the whole session (the tiny pair is generated once)."""
     return tmp_path_factory.mktemp("synthetic-cache")
+
+
+# ------------------------------------------------------------------------------------------------------------ Ray
+def _shares_ray(item: pytest.Item) -> bool:
+    return "ray_local" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``ray`` run last, first those on the shared local Ray (``ray_local``) one after another, then
+    those that start their own (a cluster, the README's and the CLI's commands); each group in its usual order."""
+    items.sort(key=lambda item: (item.get_closest_marker("ray") is not None, not _shares_ray(item)))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``ray`` that does not take ``ray_local`` starts a Ray of its own: the shared one is ended first,
+    so that no two Rays run side by side (Ray's state API refuses to choose between them)."""
+    if item.get_closest_marker("ray") is not None and not _shares_ray(item):
+        import ray
+
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray of 2 CPUs shared by the tests that take it (started by the first, ended after the last), with its
+    dashboard: Ray's state API is what cleans up the workers of a Train run that Tune stopped. As ``init_ray``
+    starts one: every process of the job has ``TUNE_DISABLE_STRICT_METRIC_CHECKING``; and one thread per process."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    ray.init(address="local", num_cpus=2,
+             runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()

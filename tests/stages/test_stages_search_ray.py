@@ -25,14 +25,6 @@ from uda_ray.tune.search import run_search
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
 
 def chain_space(tmp_path: Path, cache: Path, *, params: dict, num_samples: int = 4, source: dict | None = None,
                 seed: int = 0) -> Path:

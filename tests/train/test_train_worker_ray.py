@@ -18,14 +18,6 @@ from uda_ray.train.worker import Scaling, run_trainer
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
 
 def _ddp_config(cache: Path, batch: int):
     # per-sample norms only (LayerNorm backbone, GroupNorm decoder) and source-only, so the loss of a batch does

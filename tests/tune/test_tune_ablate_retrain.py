@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import yaml
 
 from uda_ray.config import apply_overrides, load_config
@@ -43,15 +41,6 @@ def tiny(cache: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 def write_spec(tmp_path: Path, cache: Path, **changes: Any) -> Path:
@@ -152,7 +141,7 @@ def test_retrain_request_errors_before_ray(tmp_path: Path, cache: Path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------ real Ray
-def test_ablation_grid_is_paired(tmp_path: Path, cache: Path, local_ray: None,
+def test_ablation_grid_is_paired(tmp_path: Path, cache: Path, ray_local: None,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     spec_path = write_spec(tmp_path, cache)
     out = run_ablation(spec_path, storage=str(tmp_path / "results"))
@@ -189,7 +178,7 @@ def test_ablation_grid_is_paired(tmp_path: Path, cache: Path, local_ray: None,
         run_ablation(changed, storage=str(tmp_path / "results"), name=exp.name, resume=True)
 
 
-def test_retrain_reproduces_the_best_config(tmp_path: Path, cache: Path, local_ray: None) -> None:
+def test_retrain_reproduces_the_best_config(tmp_path: Path, cache: Path, ray_local: None) -> None:
     src, _ = source_experiment(tmp_path, cache)
     out = run_retrain(str(src), top=1, seeds=(0, 1))
     assert Path(out.experiment.uri) == src / "retrain"

@@ -24,14 +24,6 @@ from uda_ray.tune.search import run_search
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
 
 def write_space(path: Path, cache: Path, *, params: dict, num_samples: int, scheduler: dict | None = None,
                 max_concurrent: int = 1, metric: str = "val/miou", mode: str = "max", sampler: str = "random",
