@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray.train.torch
 from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
 from tests.conftest import SYNTHETIC, tiny_overrides
@@ -40,7 +39,6 @@ def test_the_controller_gets_the_poll_interval_unless_the_user_set_one(
     else:
         monkeypatch.setenv(TRAIN_POLL_ENV, exported)
     monkeypatch.setattr(worker, "TorchTrainer", _Recording)
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _Recording)  # imported where a stage trains
     monkeypatch.setattr(_Recording, "handed_on", [])
     cfg = load_config(SYNTHETIC, tiny_overrides(synthetic_cache))
     worker.run_trainer(cfg, Scaling(num_workers=1), name="run", storage_path=str(tmp_path / "train"))

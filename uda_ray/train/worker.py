@@ -148,23 +148,23 @@ def run_in_process(cfg: Config, *, images_uri: str | None = None) -> FitResult:
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
-def set_train_poll() -> None:
-    """Called before a ``TorchTrainer`` starts: its controller then polls every ``TRAIN_POLL_S`` seconds unless
+def torch_trainer(train_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], scaling: Scaling,
+                  run_config: ray.train.RunConfig) -> TorchTrainer:
+    """Every Ray Train run of uda-ray (a trial's, a chain's train stage): ``train_fn(loop_config)`` on
+    ``scaling.num_workers >= 1`` workers, its controller polling every ``TRAIN_POLL_S`` seconds unless
     ``$RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set."""
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    return TorchTrainer(
+        train_fn, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=scaling.resources_per_worker()),
+        run_config=run_config)
 
 
 def run_trainer(cfg: Config, scaling: Scaling, *, name: str, storage_path: str, callbacks: list | None = None,
                 images_uri: str | None = None) -> ray.train.Result:
     """One Ray Train run of ``cfg`` on ``scaling.num_workers >= 1`` workers (DDP)."""
-    set_train_poll()
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"config": to_dict(cfg), "images_uri": images_uri},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=scaling.resources_per_worker()),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks or [],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
-    )
-    return trainer.fit()
+    return torch_trainer(
+        train_fn_per_worker, {"config": to_dict(cfg), "images_uri": images_uri}, scaling,
+        ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks or [],
+                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1))).fit()

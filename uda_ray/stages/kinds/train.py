@@ -143,21 +143,15 @@ def stage_trainer(scaling: Scaling, storage_path: str) -> Callable[[Config, Path
     workers as the trial's final stage (the work folder must be on a file system every worker sees: the machine's
     own for one node, a shared one for several)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from uda_ray.config import to_dict
     from uda_ray.results.store import join
-    from uda_ray.train.worker import set_train_poll
+    from uda_ray.train.worker import torch_trainer
 
     def train(cfg: Config, work_dir: Path) -> FitResult:
-        set_train_poll()
-        trainer = TorchTrainer(
-            stage_fn_per_worker,
-            train_loop_config={"config": to_dict(cfg), "work_dir": str(work_dir), "name": work_dir.name},
-            scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                                   resources_per_worker=scaling.resources_per_worker()),
-            run_config=ray.train.RunConfig(name=f"stage-{work_dir.name}", storage_path=join(storage_path, "stages",
-                                                                                             ".train")))
+        trainer = torch_trainer(
+            stage_fn_per_worker, {"config": to_dict(cfg), "work_dir": str(work_dir), "name": work_dir.name}, scaling,
+            ray.train.RunConfig(name=f"stage-{work_dir.name}", storage_path=join(storage_path, "stages", ".train")))
         trainer.fit()  # raises when a worker failed (a diverged loss included)
         return _finished_in(work_dir)
 
