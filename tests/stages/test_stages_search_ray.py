@@ -5,6 +5,7 @@ its leftover Ray processes ended and no duplicated rows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -82,7 +83,8 @@ def test_a_search_shares_its_stages_and_a_failing_stage_fails_only_its_trials(ra
 def test_kill9_during_a_stage_then_resume(tmp_path: Path, synthetic_cache: Path) -> None:
     """kill -9 of the driver while the second of two source-only stages is computing (the random sampler's seed 2
     draws 16 source-only iterations for the first two trials, which share one stage and finish, then 48 for the
-    next two, long enough that the killed computation cannot finish before the resumed driver ends it):
+    next two; the killed session's processes are frozen, so that its computation cannot finish before the resumed
+    driver ends it):
     the resumed search ends the killed Ray session's leftover processes, keeps the finished trials finished, runs
     the others to the end with no duplicated reports, computes stage b once to the end, continuing from the killed
     computation's checkpoint, and does not compute stage a again."""
@@ -112,6 +114,9 @@ def test_kill9_during_a_stage_then_resume(tmp_path: Path, synthetic_cache: Path)
     assert len(finished_before) == 2
     leftovers = session_processes(session)
     assert leftovers, "a killed driver is expected to leave processes of its Ray session behind"
+    for p in leftovers:  # frozen, so that the leftover computation cannot finish stage b before the resume ends it
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.suspend()
 
     resumed = _cli("tune", str(space), "--storage", str(results), "--name", "k", "--resume", cwd=tmp_path,
                    records=records)
