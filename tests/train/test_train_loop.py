@@ -60,6 +60,31 @@ def test_resume_continues_exactly(tmp_path: Path, terms: dict):
     assert _strip_time(rerun) == _strip_time(full[3:])
 
 
+def test_a_source_only_run_draws_no_target_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without mixing and target terms the loop never asks the target loader for a batch, and its reports equal
+    those of a run that draws every target batch and reads none (both loaders are still built, so the global
+    generator's draws are unchanged)."""
+    import dataclasses
+
+    from uda_ray.train import loop
+
+    cfg = tiny_config(tmp_path / "cache", **{"loss.mix_weight": 0.0, "loss.lovasz.weight": 0.75})
+    reference: list[dict] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "batches_read", lambda settings, terms: (True, True))  # draw both, as before
+        fit(cfg, work_dir=tmp_path / "a", report=lambda m, c: reference.append(m))
+
+    def refuse():
+        raise AssertionError("the target loader was asked for a batch")
+        yield  # a generator: the error comes on the first draw
+
+    build_data = loop.build_data
+    monkeypatch.setattr(loop, "build_data", lambda *a, **k: dataclasses.replace(build_data(*a, **k), target=refuse()))
+    drawn: list[dict] = []
+    fit(cfg, work_dir=tmp_path / "b", report=lambda m, c: drawn.append(m))
+    assert _strip_time(drawn) == _strip_time(reference) and len(drawn) == 6
+
+
 def test_train_local_resume_writes_one_row_per_iteration(tmp_path: Path):
     cfg = tiny_config(tmp_path / "cache")
     run = tmp_path / "runs" / "r"

@@ -10,7 +10,7 @@ import torch
 from uda_ray.config import Config, apply_overrides
 from uda_ray.models import build_segmenter
 from uda_ray.train.loop import build_model, build_optimizer, build_scheduler, step_settings
-from uda_ray.train.step import DivergedError, step
+from uda_ray.train.step import DivergedError, batches_read, step
 from uda_ray.train.terms import TERMS, build_terms
 
 # each registry entry switched on alone, with the metric names it must report
@@ -62,13 +62,19 @@ def _setup(cfg: Config, seed: int = 0):
     return student, teacher, terms, opt, sched
 
 
-def _run(cfg: Config, iters: int = 2, seed: int = 0) -> tuple[list[dict], torch.nn.Module, torch.nn.Module]:
+def _run(cfg: Config, iters: int = 2, seed: int = 0, *, unread_as_none: bool = False,
+         ) -> tuple[list[dict], torch.nn.Module, torch.nn.Module]:
+    """``unread_as_none``: hand the step None for a batch that ``batches_read`` says it does not read, as the loop
+    does."""
     student, teacher, terms, opt, sched = _setup(cfg, seed)
     gen = torch.Generator().manual_seed(seed)
     student.generator = gen  # HRDA's detail boxes, as the loop does
+    read_src, read_tgt = batches_read(step_settings(cfg, torch.device("cpu")), terms)
     out = []
     for it in range(iters):
         src, tgt = _batches(it)
+        if unread_as_none:
+            src, tgt = (src if read_src else None), (tgt if read_tgt else None)
         out.append(step(student, teacher, opt, sched, src, tgt, it, settings=step_settings(cfg, torch.device("cpu")),
                         terms=terms, generator=gen))
     return out, student, teacher
@@ -99,6 +105,39 @@ def test_source_only_skips_the_teacher():
     (m,), _, _ = _run(cfg, iters=1)
     assert "train/loss_mix" not in m and "pseudo/keep_frac" not in m
     assert m["train/loss"] == pytest.approx(m["train/loss_src"])
+
+
+@pytest.mark.parametrize("source_weight", [1.0, 0.0])
+@pytest.mark.parametrize("name", list(TERMS))
+def test_a_batch_the_step_does_not_read_can_be_left_out(name: str, source_weight: float):
+    """Without the mixed pass, each term alone (with and without the source CE): the step given None for the batch
+    that ``batches_read`` calls unread computes the same losses and weights as with it, so the loop need not draw
+    it. A term that reads only the source pass needs no target batch, one that reads only the target pass no
+    source batch."""
+    cfg = _cfg({**TERM_ON[name][0], "loss.mix_weight": 0.0, "loss.source_weight": source_weight})
+    student, _, terms, _, _ = _setup(cfg)
+    reads = batches_read(step_settings(cfg, torch.device("cpu")), terms)
+    only = {t.reads for t in terms}
+    assert reads == (source_weight > 0 or only != {frozenset({"tgt"})}, only != {frozenset({"src"})}), (name, only)
+    full, s_full, t_full = _run(cfg, iters=2, seed=1)
+    left, s_left, t_left = _run(cfg, iters=2, seed=1, unread_as_none=True)
+    assert left == full
+    for a, b in zip([*s_full.parameters(), *t_full.parameters()], [*s_left.parameters(), *t_left.parameters()]):
+        assert torch.equal(a, b)
+
+
+def test_batches_read_by_the_chain_stages():
+    """The seeds' source-only warm-up (CE + Lovász, no mixing) reads no target batch; their self-training stage
+    (offline target labels alone) no source batch; the base with mixing reads both."""
+    def reads(overrides: dict) -> tuple[bool, bool]:
+        cfg = _cfg(overrides)
+        return batches_read(step_settings(cfg, torch.device("cpu")),
+                            build_terms(cfg, build_segmenter("resnet18", 19, embed_dim=8)))
+
+    assert reads({"loss.mix_weight": 0.0, "loss.lovasz.weight": 0.75}) == (True, False)
+    assert reads({"loss.mix_weight": 0.0, "loss.source_weight": 0.0, **TERM_ON["self_training"][0]}) == (False, True)
+    assert reads({}) == (True, True)
+    assert reads({"loss.mix_weight": 0.0, "loss.mic.weight": 1.0}) == (True, True)  # its own pass: both, to be safe
 
 
 def test_registry_builds_nothing_by_default():

@@ -37,9 +37,10 @@ class StepContext:
 
     student: nn.Module
     teacher: nn.Module
-    x_src: Tensor  # (B, 3, H, W) in [0, 1]
-    y_src: Tensor  # (B, H, W) train ids, 255 = ignore
-    x_tgt: Tensor  # (B, 3, H, W) in [0, 1]
+    # the batches; None for a domain that nothing of the iteration reads (``uda_ray.train.step.batches_read``)
+    x_src: Tensor | None  # (B, 3, H, W) in [0, 1]
+    y_src: Tensor | None  # (B, H, W) train ids, 255 = ignore
+    x_tgt: Tensor | None  # (B, 3, H, W) in [0, 1]
     out_src: SegOutput | None  # None when nothing reads the source pass (the step then skips it)
     pseudo_fn: Callable[[Tensor], PseudoLabels]
     generator: torch.Generator

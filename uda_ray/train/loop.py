@@ -39,7 +39,7 @@ from uda_ray.models.released import load_released
 from uda_ray.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from uda_ray.train.evaluate import evaluate, inference_fn
 from uda_ray.train.images import pick_indices, prediction_grid
-from uda_ray.train.step import DivergedError, StepSettings, step
+from uda_ray.train.step import DivergedError, StepSettings, batches_read, step
 from uda_ray.train.terms import build_terms
 
 NUM_CLASSES = 19  # train ids; the protocol (19/16/13) selects the classes that are evaluated
@@ -364,6 +364,7 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
     grid = _grid_writer(cfg, data, images or _folder_sink(work_dir / "images"), device) \
         if cfg.run.save_images and di.rank == 0 else None
     settings = step_settings(cfg, device)
+    read_src, read_tgt = batches_read(settings, terms)
     if resume_from is not None:
         # last: building the data iterators draws from torch's global generator (DataLoader's base seed), which
         # would shift the dropout and drop-path draws of a resumed run against an uninterrupted one
@@ -380,8 +381,8 @@ def fit(cfg: Config, *, work_dir: str | Path, report: Reporter | None = None, re
     try:
         while iteration < cfg.run.iterations:
             t0 = time.perf_counter()
-            src = _to_device(next(src_it), device)
-            tgt = _to_device(next(tgt_it), device)
+            src = _to_device(next(src_it), device) if read_src else None
+            tgt = _to_device(next(tgt_it), device) if read_tgt else None
             metrics = step(student, teacher, optimizer, scheduler, src, tgt, iteration, settings=settings,
                            terms=terms, generator=generator)
             if eval_ema is not None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from uda_ray.adaptation import classmix_masks, mix
 from uda_ray.data.photometric import jitter_then_blur
 from uda_ray.models import ema_update, unwrap
-from uda_ray.train.context import MIX, SRC, StepContext, make_pseudo_fn
+from uda_ray.train.context import MIX, SRC, TGT, StepContext, make_pseudo_fn
 from uda_ray.train.terms import Term
 
 
@@ -80,23 +80,36 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def batches_read(settings: StepSettings, terms: Sequence[Term]) -> tuple[bool, bool]:
+    """Whether an iteration reads the source batch and the target batch. A term that reads only the source pass
+    (``context.SRC``) uses no target image, one that reads only the target pass (``TGT``) no source image; the
+    mixed pass and every other term read both. A source-only warm-up thus draws no target batch and self-training
+    on offline target labels no source batch: the loader of the other domain is never asked for one."""
+    s = settings
+    source = s.source_weight > 0 or s.mix_weight > 0 or any(t.reads != {TGT} for t in terms)
+    target = s.mix_weight > 0 or s.target_labels or any(t.reads != {SRC} for t in terms)
+    return source or not target, target
+
+
 def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: torch.optim.lr_scheduler.LRScheduler, src: dict[str, Tensor], tgt: dict[str, Tensor],
+         scheduler: torch.optim.lr_scheduler.LRScheduler, src: dict[str, Tensor] | None,
+         tgt: dict[str, Tensor] | None,
          iteration: int, *, settings: StepSettings, terms: Sequence[Term], generator: torch.Generator,
          ) -> dict[str, float]:
     """Run one iteration in place (student, teacher, optimiser, schedule, term state) and return its metrics.
 
     ``src`` and ``tgt`` hold ``image`` (B, 3, H, W) in [0, 1] on the student's device; ``src`` also ``label``
     (B, H, W); ``tgt`` may hold ``valid`` (B, H, W) bool, the pixels whose pseudo-labels may count
-    (``data.target_pseudo_margins``). ``generator`` (CPU) drives ClassMix and the photometric augmentation, so a
-    seed fixes them.
+    (``data.target_pseudo_margins``). Either may be None where ``batches_read`` says the iteration does not read
+    it. ``generator`` (CPU) drives ClassMix and the photometric augmentation, so a seed fixes them.
     Raises ``DivergedError`` before any weight changes if a loss is not finite (the losses are backpropagated
     before the check, which only fills ``.grad``).
     """
     s = settings
     student.train()
-    x_src, y_src, x_tgt = src["image"], src["label"], tgt["image"]
-    autocast = _autocast_factory(x_src.device, s.autocast_dtype)
+    x_src, y_src = (src["image"], src["label"]) if src is not None else (None, None)
+    x_tgt = tgt["image"] if tgt is not None else None
+    autocast = _autocast_factory((x_src if x_src is not None else x_tgt).device, s.autocast_dtype)
     optimizer.zero_grad(set_to_none=True)
 
     # the source pass, unless nothing reads it (self-training on offline target labels alone: loss.source_weight 0
@@ -107,7 +120,8 @@ def step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimize
             out_src = student(x_src)
     model = unwrap(student)
     ctx = StepContext(student=student, teacher=teacher, x_src=x_src, y_src=y_src, x_tgt=x_tgt, out_src=out_src,
-                      tgt_valid=tgt.get("valid"), y_tgt=tgt["label"] if s.target_labels else None,
+                      tgt_valid=tgt.get("valid") if tgt is not None else None,
+                      y_tgt=tgt["label"] if s.target_labels and tgt is not None else None,
                       pseudo_fn=make_pseudo_fn(threshold=s.pseudo_threshold, weighting=s.weighting,
                                                ignore_top=s.ignore_top, ignore_bottom=s.ignore_bottom),
                       generator=generator, autocast=autocast, num_classes=s.num_classes,
