@@ -33,7 +33,8 @@ class Term(Protocol):
     name: str
     # the step's passes its losses read (context.SRC, MIX, TGT): the step backpropagates a loss once no loss still
     # to come reads them, and computes a term that reads only the source pass right after it, before the mixed pass
-    # (so such a term draws nothing from the generator and runs no student pass)
+    # (so such a term draws nothing from the generator and runs no student pass). A term that reads only SRC uses no
+    # target image, one that reads only TGT no source image: the loop then leaves that batch out (step.batches_read)
     reads: frozenset[str]
 
     def __call__(self, ctx: StepContext) -> dict[str, Tensor]: ...
