@@ -19,21 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = ROOT / "search_spaces" / "base" / "synthetic.yaml"
+from _tiny import SYNTHETIC, tiny_run
+
 RAY_DEFAULT_POLL_S = "2.0"
 
 
 def tiny(cache: Path, iterations: int, batch: int) -> dict:
-    return {
-        "data.synthetic.cache_dir": str(cache), "data.synthetic.num_source": 6, "data.synthetic.num_target": 6,
-        "data.synthetic.num_val": 3, "data.synthetic.height": 32, "data.synthetic.width": 64,
-        "data.source_resize": [32, 64], "data.target_resize": [32, 64], "data.val_resize": [32, 64],
-        "data.crop": [32, 64], "data.batch_size": batch, "model.backbone": "test_convnext",
-        "model.decoder_norm": "group", "loss.mix_weight": 0.0, "run.iterations": iterations,
-        "run.eval_every": iterations, "run.checkpoint_every": iterations, "run.log_every": 1, "run.threads": 1,
-        "run.save_images": False, "optim.warmup_iters": 0,
-    }
+    return tiny_run(cache, iterations, {"data.crop": [32, 64], "data.batch_size": batch,
+                                        "model.backbone": "test_convnext", "model.decoder_norm": "group",
+                                        "loss.mix_weight": 0.0, "run.log_every": 1, "run.save_images": False})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,20 +18,12 @@ import time
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = ROOT / "search_spaces" / "base" / "synthetic.yaml"
+from _tiny import SYNTHETIC, tiny_run
 
 
 def tiny(cache: Path, iterations: int) -> dict:
-    return {
-        "data.synthetic.cache_dir": str(cache), "data.synthetic.num_source": 6, "data.synthetic.num_target": 6,
-        "data.synthetic.num_val": 3, "data.synthetic.height": 32, "data.synthetic.width": 64,
-        "data.source_resize": [32, 64], "data.target_resize": [32, 64], "data.val_resize": [32, 64],
-        "data.crop": [32, 32], "data.batch_size": 2, "model.backbone": "test_resnet", "model.embed_dim": 8,
-        "run.iterations": iterations, "run.eval_every": iterations, "run.checkpoint_every": iterations,
-        "run.log_every": max(1, iterations // 4), "run.threads": 1, "optim.warmup_iters": 0,
-    }
+    return tiny_run(cache, iterations, {"data.crop": [32, 32], "data.batch_size": 2, "model.backbone": "test_resnet",
+                                        "model.embed_dim": 8, "run.log_every": max(1, iterations // 4)})
 
 
 def write_space(path: Path, cache: Path, *, trials: int, iterations: int, workers: int) -> Path:
