@@ -115,7 +115,7 @@ def test_a_batch_the_step_does_not_read_can_be_left_out(name: str, source_weight
     it. A term that reads only the source pass needs no target batch, one that reads only the target pass no
     source batch."""
     cfg = _cfg({**TERM_ON[name][0], "loss.mix_weight": 0.0, "loss.source_weight": source_weight})
-    student, _, terms, _, _ = _setup(cfg)
+    _, _, terms, _, _ = _setup(cfg)
     reads = batches_read(step_settings(cfg, torch.device("cpu")), terms)
     only = {t.reads for t in terms}
     assert reads == (source_weight > 0 or only != {frozenset({"tgt"})}, only != {frozenset({"src"})}), (name, only)
