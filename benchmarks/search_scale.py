@@ -16,14 +16,29 @@ the final compaction, the final tables); the span is from the first start to the
 time a trial holds a slot for its ``fit`` and the platform's work around it, so the overhead per trial is
 ``c · span / N − t_fit`` (slot-seconds; with one at a time, span / N − t_fit). Aims: at most 1 s per trial, flat in
 N (the ratio of the largest to the smallest overhead per trial near 1), and a small fixed cost.
+
+What the fixed cost is made of: before a trial starts, its process (a fresh interpreter that Ray starts) imports
+the trainable's module. The benchmark times that import in a fresh process beside the import every trial process
+needs whatever the platform (torch with the ``torch._dynamo`` that a torch optimizer's first step loads, and Ray
+Tune's function trainable): the difference is uda-ray's share.
+
+What the overhead per trial is made of: the driver's seconds per trial in Tune's experiment snapshots (with
+``CheckpointConfig(num_to_keep)`` Tune writes every trial's state at every checkpoint: a cost per checkpoint that
+grows with the number of trials), in Optuna (TPE fits its estimators to every finished trial at each suggestion)
+and in uda-ray's results callback (parquet rows, compaction, progress lines), timed by wrapping those methods.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -63,20 +78,80 @@ def fit_alone(space_path: Path, work: Path, runs: int) -> float:
     return statistics.median(times[1:])
 
 
+# what every trial process imports, whatever the platform: torch, the torch._dynamo that a torch optimizer's first
+# step loads, and Ray Tune's function trainable (the class of every trial actor)
+FLOOR_IMPORT = ("import torch, ray.tune.trainable.function_trainable; p = torch.nn.Parameter(torch.zeros(1)); "
+                "p.grad = torch.zeros(1); torch.optim.AdamW([p]).step()")
+# what a trial process of a search imports: the floor and the module of uda-ray's trainable, with what it needs
+TRIAL_IMPORT = FLOOR_IMPORT + "; import uda_ray.tune.driver, uda_ray.tune.search"
+
+
+def fresh_import_s(code: str, runs: int) -> float:
+    """Median seconds of a fresh interpreter running ``code`` (its start-up included)."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# the driver's per-trial work, by who does it: (owner, method name)
+DRIVER_PARTS = {
+    "Tune's snapshots": [("ray.tune.execution.tune_controller:TuneController", "save_to_dir")],
+    "Optuna": [("uda_ray.tune.searcher:UdaOptunaSearch", m) for m in ("suggest", "on_trial_result",
+                                                                       "on_trial_complete")],
+    "uda-ray's callback": [("uda_ray.tune.callback:ResultsCallback", m)
+                           for m in ("on_trial_start", "on_trial_result", "on_checkpoint", "on_trial_complete",
+                                     "on_trial_error", "on_experiment_end")],
+}
+
+
+@contextlib.contextmanager
+def driver_timers() -> Iterator[dict[str, float]]:
+    """Seconds the driver spends in each of ``DRIVER_PARTS`` while the block runs (methods wrapped, then restored)."""
+    import importlib
+
+    spent: dict[str, float] = defaultdict(float)
+    restore = []
+    for part, targets in DRIVER_PARTS.items():
+        for owner, name in targets:
+            module, _, cls_name = owner.partition(":")
+            cls = getattr(importlib.import_module(module), cls_name)
+            original = cls.__dict__[name]
+
+            def timed(*args, _f=original, _part=part, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return _f(*args, **kwargs)
+                finally:
+                    spent[_part] += time.perf_counter() - t0
+
+            setattr(cls, name, timed)
+            restore.append((cls, name, original))
+    try:
+        yield spent
+    finally:
+        for cls, name, original in restore:
+            setattr(cls, name, original)
+
+
 def search(space_path: Path, storage: Path) -> dict:
-    """Run one search; its wall time, the fixed part and the span of its trials (from the trials table)."""
+    """Run one search; its wall time, the fixed part and the span of its trials (from the trials table), and the
+    driver's seconds in each of ``DRIVER_PARTS``."""
     import uda_ray.analysis  # noqa: F401 - imported by the driver when it ranks the trials; not a per-search cost
     from uda_ray.results import load_trials
     from uda_ray.tune.search import run_search
 
-    t0 = time.time()
-    out = run_search(space_path, storage=str(storage))
-    t1 = time.time()
+    with driver_timers() as spent:
+        t0 = time.time()
+        out = run_search(space_path, storage=str(storage))
+        t1 = time.time()
     trials = load_trials(out.experiment.uri)
     first = trials["started_at"].min().timestamp()
     last = trials["ended_at"].max().timestamp()
     return {"n": len(trials), "wall": t1 - t0, "before": first - t0, "after": t1 - last, "span": last - first,
-            "statuses": trials["status"].value_counts().to_dict()}
+            "statuses": trials["status"].value_counts().to_dict(), "driver": dict(spent)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrent", type=int, default=2, help="trials at a time")
     p.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray (default: --concurrent)")
     p.add_argument("--fit-runs", type=int, default=3)
+    p.add_argument("--import-runs", type=int, default=3, help="fresh processes timed per import")
     args = p.parse_args(argv)
     if min(args.sizes) < 1 or args.concurrent < 1:
         p.error(f"--sizes {args.sizes} / --concurrent {args.concurrent}: expected positive numbers")
@@ -101,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         data_roots(apply_overrides(load_config(SYNTHETIC), tiny(cache, args.iterations)))
         probe = write_space(tmp / "probe.yaml", cache, trials=1, iterations=args.iterations, concurrent=1)
         t_fit = fit_alone(probe, tmp / "alone", args.fit_runs)
+        t_floor = fresh_import_s(FLOOR_IMPORT, args.import_runs)
+        t_trial = fresh_import_s(TRIAL_IMPORT, args.import_runs)
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=args.cpus or args.concurrent, log_to_driver=False)
         t_ray = time.perf_counter() - t0
@@ -128,6 +206,19 @@ def main(argv: list[str] | None = None) -> None:
         per = [max(r["overhead"], 1e-3) for r in rows]
         print(f"overhead per trial, largest / smallest over N = {', '.join(str(r['n']) for r in rows)}: "
               f"{max(per) / min(per):.2f} (flat: near 1)")
+    print(f"\nthe fixed cost's share that is a trial process's imports: a fresh process importing what a trial "
+          f"process imports {t_trial:.1f} s, of which torch (with torch._dynamo) and Ray Tune's function trainable "
+          f"{t_floor:.1f} s and uda-ray's trainable module (uda-ray, timm) {t_trial - t_floor:.1f} s "
+          f"(median of {args.import_runs}, one process alone; {c} start at once)")
+    print("the driver's seconds per trial, by who spends them:")
+    parts = list(DRIVER_PARTS)
+    print(f"{'N':>5} " + " ".join(f"{p:>20}" for p in parts))
+    for r in rows:
+        print(f"{r['n']:5d} " + " ".join(f"{r['driver'].get(p, 0.0) / r['n']:20.3f}" for p in parts))
+    if len(rows) > 1:
+        for p in parts:
+            first, last = (rows[0]["driver"].get(p, 0.0) / rows[0]["n"], rows[-1]["driver"].get(p, 0.0) / rows[-1]["n"])
+            print(f"  {p}: {last - first:+.3f} s per trial from N = {rows[0]['n']} to {rows[-1]['n']}")
 
 
 if __name__ == "__main__":
