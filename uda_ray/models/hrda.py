@@ -37,8 +37,8 @@ from torch import Tensor
 
 from uda_ray.losses import cross_entropy
 from uda_ray.models.heads.daformer import DAFormerHead
+from uda_ray.models.infer import slide_logits, window_boxes
 from uda_ray.models.segmenter import Segmenter, SegOutput, upsample
-from uda_ray.train.infer import slide_logits, window_boxes
 
 BOX_DIVISIBLE = 8  # HRDA's crop_coord_divisible: detail boxes start on multiples of 8 pixels
 OUTPUT_STRIDE = 4  # the decode head's logits are at 1/4 of its input

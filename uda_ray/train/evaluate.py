@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from uda_ray.data.labels import CLASSES
 from uda_ray.models import unwrap
+from uda_ray.models.infer import slide_logits
 from uda_ray.train.context import upsample
-from uda_ray.train.infer import slide_logits
 
 IGNORE = 255
 
@@ -100,7 +100,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], *, num_clas
 def inference_fn(mode: str, *, num_classes: int, crop: tuple[int, int] = (0, 0), stride: tuple[int, int] = (0, 0),
                  batch_windows: int = 0) -> Callable[[nn.Module, Tensor], Tensor] | None:
     """``eval.mode``'s logits function for ``evaluate``: None (whole image, one pass) or sliding windows of ``crop``
-    every ``stride`` pixels over the val image, batched, averaged over overlaps (``uda_ray.train.infer``)."""
+    every ``stride`` pixels over the val image, batched, averaged over overlaps (``uda_ray.models.infer``)."""
     if mode == "whole":
         return None
     if mode != "slide":

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uda_ray.train.infer import overlap_counts, slide_logits, whole_logits, window_boxes
+from uda_ray.models.infer import overlap_counts, slide_logits, whole_logits, window_boxes
 
 K = 5
 
