@@ -90,6 +90,15 @@ def test_dotted_overrides_address_a_stage_every_stage_the_final_one_or_the_seed(
         load_chain(TOY).with_overrides({"stages.labels.cap": 1.5})
 
 
+def test_a_true_or_false_option_takes_only_true_or_false() -> None:
+    path = TOY.parent / "cfcontra_deeplabv2_gta2cs.yaml"
+    assert load_chain(path).stage("centroids").options["train_mode"] is True
+    assert load_chain(path, ["stages.centroids.train_mode=false"]).stage("centroids").options["train_mode"] is False
+    for value in ("yes", 1):
+        with pytest.raises(ChainError, match=f"'stages.centroids.train_mode' = {value!r}: expected true or false"):
+            load_chain(path).with_overrides({"stages.centroids.train_mode": value})
+
+
 def test_keys_change_from_the_changed_stage_on_and_survive_a_json_round_trip() -> None:
     chain = load_chain(TOY)
     keys = stage_keys(chain)

@@ -218,8 +218,9 @@ CFCONTRA_INPUTS = [
 CFCONTRA_STRUCTURE = [
     ("minent", "train", {}, {}),
     ("centroids", "centroids", {"model": ("minent", "best", "model")},
-     # `if i == 300: break` / `if i == 1600: break` after the image; TRAIN.cluster_threshold
-     {"source_batches": 301, "target_batches": 1601, "margin": 0.05}),
+     # `if i == 300: break` / `if i == 1600: break` after the image; TRAIN.cluster_threshold; the network as
+     # train.py hands it to train_minent (built in train mode, nothing calls eval())
+     {"source_batches": 301, "target_batches": 1601, "margin": 0.05, "train_mode": True}),
     ("cfcontra", "train", {"centroids": ("centroids", "last", "model")}, {}),
 ]
 

@@ -150,23 +150,38 @@ def test_source_class_statistics_are_pooled_moments(tmp_path: Path):
             torch.testing.assert_close(stats.var[c].double(), sel.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
 
 
-def test_compute_centroids_runs_the_pure_functions_on_layer4(tmp_path: Path):
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_compute_centroids_runs_the_pure_functions_on_layer4(tmp_path: Path, train_mode: bool):
     _, pairs = folder(tmp_path, n=4)
     dataset = SegmentationDataset(pairs, read_train_ids, TrainTransform((16, 24), (16, 24), flip=False))
     model = Stub()
+    model.eval()  # the mode it is handed in is given back
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
     src, tgt = compute_centroids(model, dataset, dataset, device=CPU, source_batches=None, target_batches=None,
-                                 margin=0.01)
-    assert not any(model.modes)
-    model.eval()
+                                 margin=0.01, train_mode=train_mode)
+    assert set(model.modes) == {train_mode} and not model.training
+    # train mode leaves BatchNorm's running statistics as they were
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    reference = Stub()  # the official calls: one image per batch, the network in the mode given, no gradients
+    reference.train(train_mode)
     with torch.no_grad():
-        outs = [(model(dataset[i]["image"][None]), dataset[i]["label"][None]) for i in range(len(dataset))]
+        outs = [(reference(dataset[i]["image"][None]), dataset[i]["label"][None]) for i in range(len(dataset))]
     want_src = source_centroids(((o.features[-1], y, o.logits) for o, y in outs), C)
     want_tgt = target_centroids((o.features[-1] for o, _ in outs), want_src, C, margin=0.01)
     torch.testing.assert_close(src, want_src, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tgt, want_tgt, rtol=1e-5, atol=1e-6)
     limited, _ = compute_centroids(model, dataset, dataset, device=CPU, source_batches=1, target_batches=1,
-                                   margin=0.01)
+                                   margin=0.01, train_mode=train_mode)
     assert not torch.allclose(limited, src)  # one image is not the whole split
+
+
+def test_centroids_in_train_and_eval_mode_differ(tmp_path: Path):
+    """The Stub's BatchNorm has stored statistics far from any image's: the two modes give other centroids."""
+    _, pairs = folder(tmp_path, n=2)
+    dataset = SegmentationDataset(pairs, read_train_ids, TrainTransform((16, 24), (16, 24), flip=False))
+    by_mode = [compute_centroids(Stub(), dataset, dataset, device=CPU, source_batches=None, target_batches=None,
+                                 margin=0.01, train_mode=mode)[0] for mode in (True, False)]
+    assert not torch.allclose(*by_mode)
 
 
 def test_class_statistics_file_round_trip_and_errors(tmp_path: Path):

@@ -86,7 +86,9 @@ KINDS: dict[str, KindSpec] = {
     "centroids": KindSpec(inputs={"model": MODEL_KINDS}, required=("model",), config="model",
                           # CFContra's loops stop after index 300 / 1600: 301 / 1601 images
                           options={"source_batches": (int, 301, 1, None), "target_batches": (int, 1601, 1, None),
-                                   "margin": (float, 0.05, 0.0, None)}),
+                                   "margin": (float, 0.05, 0.0, None),
+                                   # the network as the official train.py hands it over: in train mode
+                                   "train_mode": (bool, True, None, None)}),
     "pseudo_labels": KindSpec(inputs={"model": MODEL_KINDS}, required=("model",), config="model",
                               options={"cap": (float, 0.9, 0.0, 1.0)}),
     "checkpoint": KindSpec(inputs={}, config="optional"),
@@ -371,6 +373,10 @@ def _seed(value: Any, where: str) -> int:
 
 def _option(spec: KindSpec, name: str, value: Any, where: str) -> Any:
     tp, _, lo, hi = spec.options[name]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ChainError(f"{where} = {value!r}: expected true or false")
+        return value
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else \
         isinstance(value, tp) and not isinstance(value, bool)
     if not ok:

@@ -53,6 +53,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def _train_mode_kept(model: nn.Module) -> Iterator[None]:
+    """Train mode without gradients, and afterwards the buffers (BatchNorm's running statistics and batch count) as
+    they were: a pass in train mode updates them, which would change what the model predicts in eval mode."""
+    was_training = model.training
+    kept = [(b, b.detach().clone()) for b in model.buffers()]
+    model.train()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+        model.train(was_training)
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
@@ -236,9 +253,9 @@ def load_class_statistics(path: str | Path, *, key: str, num_classes: int,
 # ---------------------------------------------------------------------------------------------------- centroids
 def compute_centroids(model: nn.Module, source_dataset: Dataset, target_dataset: Dataset, *, device: torch.device,
                       source_batches: int | None, target_batches: int | None, margin: float,
-                      autocast_dtype: torch.dtype | None = None, seed: int = 0,
-                      num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """CFContra's ``calculate_src_center`` then ``calculate_tgt_center`` with ``model`` (eval mode): (C, D) source
+                      autocast_dtype: torch.dtype | None = None, seed: int = 0, num_workers: int = 0,
+                      train_mode: bool = True) -> tuple[Tensor, Tensor]:
+    """CFContra's ``calculate_src_center`` then ``calculate_tgt_center`` with ``model``: (C, D) source
     and target centroids of layer4 (``features[-1]``), the source ones of the pixels the model predicts correctly.
 
     The feature level is layer4 (2048 channels on DeepLabV2): the official centroid files
@@ -248,8 +265,11 @@ def compute_centroids(model: nn.Module, source_dataset: Dataset, target_dataset:
     shuffled training loaders, batch size 1); ``source_batches`` / ``target_batches`` limit how many (official: 301
     and 1601, its loops break after index 300 and 1600; None = the whole split). The datasets should resize image
     and label to the training size as ADVENT's loaders do (1280×640 for both domains, no crop, no flip: e.g. a
-    ``TrainTransform`` with crop = resize and flip off). The official network is in train mode there (it is freshly
-    built when the commented-out call runs); uda-ray uses eval mode, i.e. BatchNorm's running statistics.
+    ``TrainTransform`` with crop = resize and flip off).
+
+    ``train_mode`` (the official way): the network runs as the official ``train.py`` hands it over, in train mode,
+    so BatchNorm normalises each image by its own statistics; its running statistics are left as they were. False:
+    eval mode (the stored statistics), as every other offline pass of this module.
     """
     generator = torch.Generator().manual_seed(seed)
     num_classes = unwrap(model).num_classes
@@ -264,7 +284,7 @@ def compute_centroids(model: nn.Module, source_dataset: Dataset, target_dataset:
                 result = model(batch["image"].to(device))
             yield result.features[-1].float(), batch["label"].to(device), result.logits.float()
 
-    with _eval_mode(model):
+    with _train_mode_kept(model) if train_mode else _eval_mode(model):
         src = source_centroids(run(source_dataset, order(source_dataset, source_batches)), num_classes)
         tgt = target_centroids((f for f, _, _ in run(target_dataset, order(target_dataset, target_batches))),
                                src, num_classes, margin=margin)
