@@ -12,8 +12,11 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import edited
+from tests.conftest import ROOT, edited
 from uda_ray.config import apply_overrides, load_config
+from uda_ray.stages.chain import load_run
+from uda_ray.tune.driver import BASE_FILE, TUNE_STATE, Experiment, ExperimentError, launch_base
+from uda_ray.tune.search import run_search
 from uda_ray.tune.space import (
     SpaceError,
     build_sampler,
@@ -162,6 +165,45 @@ def test_trial_overrides_errors_and_numpy(spec) -> None:
         trial_overrides(spec, {"method": "target_mix", "mix.target_to_source.enabled": False})
     with pytest.raises(SpaceError, match="not one of"):
         trial_overrides(spec, {"method": "sdca"})
+
+
+def test_trials_start_from_the_base_as_read_when_the_space_was_loaded(tmp_path: Path) -> None:
+    """A base file edited while a search runs does not change its later trials (nor do trials on other nodes need
+    the file): every trial's config is the loaded base with its overrides."""
+    spec = load_space(write(tmp_path, SPACE))
+    (tmp_path / "run.yaml").write_text("run:\n  iterations: 300\ndata:\n  crop: [64, 64]\n")
+    cfg = trial_config(spec, {"method": "base", "mix.class_ratio": 0.5, "teacher.weighting": "scalar"})
+    assert cfg.run.iterations == 100 and cfg.data.crop == (32, 32) and cfg.run.eval_every == 10
+    assert cfg.mix.class_ratio == 0.5
+    (tmp_path / "run.yaml").unlink()
+    later = trial_config(spec, {"method": "base", "mix.class_ratio": 0.3, "teacher.weighting": "pixel"})
+    assert later.mix.class_ratio == 0.3 and later.run.iterations == 100
+
+
+def test_a_resume_whose_base_changed_since_the_launch_is_refused_naming_the_key(tmp_path: Path) -> None:
+    space = write(tmp_path, SPACE)
+    spec = load_space(space)
+    exp = Experiment(str(tmp_path / "results"), "unit-x")
+    Path(exp.uri).mkdir(parents=True)
+    (Path(exp.uri) / TUNE_STATE).write_bytes(b"")  # what makes it a resumable experiment
+    launch_base(exp, spec.base, spec.base_config, resume=False)  # what a launch records
+    launch_base(exp, load_space(space).base, spec.base_config, resume=True)  # the same base: resumes
+    (tmp_path / "run.yaml").write_text("run:\n  iterations: 300\ndata:\n  crop: [32, 32]\n")
+    # refused before Ray starts (none is running here)
+    with pytest.raises(ExperimentError, match=r"run.yaml now gives another base run than .*unit-x was launched with "
+                                              r"\(.*base_run.json\): run.iterations: 100 at launch, 300 now"):
+        run_search(space, storage=str(tmp_path / "results"), name="unit-x", resume=True)
+    (Path(exp.uri) / BASE_FILE).unlink()  # launched by a version that did not record it: not checked
+    launch_base(exp, load_space(space).base, spec.base_config, resume=True)
+
+
+def test_a_chain_base_is_recorded_by_stage(tmp_path: Path) -> None:
+    chain = load_run(ROOT / "search_spaces" / "chains" / "toy_synthetic.yaml")
+    exp = Experiment(str(tmp_path), "chain")
+    launch_base(exp, chain, Path("toy_synthetic.yaml"), resume=False)
+    changed = chain.with_overrides({"stages.adapt.loss.cluda.weight": 0.5})
+    with pytest.raises(ExperimentError, match=r"stages.adapt.config.loss.cluda.weight: .* at launch, 0.5 now"):
+        launch_base(exp, changed, Path("toy_synthetic.yaml"), resume=True)
 
 
 def _first_params(spec, n: int) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from uda_ray.tune.driver import (
     ExperimentSpec,
     choose_experiment,
     init_ray,
+    launch_base,
     launch_overrides,
     run_experiment,
     storage_root,
@@ -117,7 +118,8 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
         return AblationOutcome(exp, spec, ablation_summary(pd.DataFrame(), spec), {}, plan=plan)
     if resume:
         _check_resume_spec(exp, spec_path)
-    else:
+    launch_base(exp, spec.base, spec.base_config, resume)
+    if not resume:
         write_bytes(spec_path.read_bytes(), join(exp.uri, SPEC_COPY))
     init_ray(address)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uda_ray.config import Config, apply_overrides, load_config
+from uda_ray.config import Config, apply_overrides
 from uda_ray.tune.spec_yaml import (
     IDENTIFIER,
     Resources,
@@ -71,6 +71,7 @@ class AblationSpec:
     experiment: str
     base_config: Path
     base_overrides: dict[str, Any]
+    base: Config  # the base run config as read when the spec was loaded, base overrides applied: every cell's start
     baseline: dict[str, Any]
     components: dict[str, dict[str, Any]]
     design: str
@@ -191,11 +192,11 @@ def load_ablation(path: str | Path, overrides: list[str] | None = None) -> Ablat
     for cell in _cells(path, baseline, components, design, include_all):
         check_overrides(cfg, cell.overrides, path, f"cell '{cell.name}'")
     return AblationSpec(path=path, experiment=experiment, base_config=base_path, base_overrides=base_overrides,
-                        baseline=baseline, components=dict(components), design=design, seeds=tuple(seeds),
+                        base=cfg, baseline=baseline, components=dict(components), design=design, seeds=tuple(seeds),
                         metric=metric, mode=mode, include_all=include_all, max_concurrent=max_concurrent,
                         max_failures=max_failures, resources=resources)
 
 
 def cell_config(spec: AblationSpec, entry: dict[str, Any]) -> Config:
-    """The full run config of one ``grid`` entry (the base file with its overrides applied)."""
-    return apply_overrides(load_config(spec.base_config), entry["overrides"], source=f"{spec.path} ({entry['cell']})")
+    """The full run config of one ``grid`` entry (the spec's base config with the entry's overrides applied)."""
+    return apply_overrides(spec.base, entry["overrides"], source=f"{spec.path} ({entry['cell']})")

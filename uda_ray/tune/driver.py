@@ -22,7 +22,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from uda_ray.config import Config
+from uda_ray.config import Config, to_dict
 from uda_ray.results.store import (
     METRICS_DIR,
     TRIALS_DIR,
@@ -36,7 +36,7 @@ from uda_ray.results.store import (
     trial_images_uri,
     write_bytes,
 )
-from uda_ray.stages.chain import Chain, StageFailed
+from uda_ray.stages.chain import Chain, Run, StageFailed
 from uda_ray.stages.kinds.train import stage_trainer
 from uda_ray.stages.run import ChainRun
 from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_trainer
@@ -133,6 +133,50 @@ def launch_overrides(exp: Experiment, overrides: list[str] | None, resume: bool)
         raise ExperimentError(f"--resume: overrides {given} differ from those {exp.uri} was launched with "
                               f"({stored}); resume without overrides, or with exactly those")
     return stored
+
+
+BASE_FILE = "base_run.json"
+
+
+def _base_record(base: Run) -> dict[str, Any]:
+    """A base run as plain JSON data: a run config's every key, or a chain's stages (by name) with theirs."""
+    if not isinstance(base, Chain):
+        return to_dict(base)
+    record = json.loads(base.to_json())
+    record["stages"] = {s["name"]: s for s in record["stages"]}
+    return record
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def launch_base(exp: Experiment, base: Run, source: Path, resume: bool) -> None:
+    """The base run every trial of an experiment starts from: recorded in ``<experiment>/base_run.json`` at launch; a
+    resume must start from the same one. A base file edited since the launch (or a file it names) would make the
+    resumed trials those of another search beside the finished ones, so the resume is refused, naming what
+    changed. An experiment launched before the record existed resumes unchecked."""
+    record = json.loads(json.dumps(_base_record(base), default=str))
+    uri = join(exp.uri, BASE_FILE)
+    if not resume:
+        write_bytes(json.dumps(record, sort_keys=True).encode(), uri)
+        return
+    if not exists(uri):
+        return
+    stored = json.loads(read_bytes(uri))
+    if stored == record:
+        return
+    before, now = _leaves(stored), _leaves(record)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    shown = "; ".join(f"{k}: {before.get(k)!r} at launch, {now.get(k)!r} now" for k in changed[:5])
+    more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+    raise ExperimentError(f"--resume: {source} now gives another base run than {exp.uri} was launched with "
+                          f"({uri}): {shown}{more}. Restore the file as it was to resume, or launch a new search")
 
 
 def init_ray(address: str | None) -> None:

@@ -25,6 +25,7 @@ from uda_ray.tune.driver import (
     best_row,
     choose_experiment,
     init_ray,
+    launch_base,
     launch_overrides,
     run_experiment,
     status_counts,
@@ -135,6 +136,7 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         preflight([base], storage=exp.root)
     if check:
         return SearchOutcome(exp, None, "", plan=describe_search(spec, final_config(base), exp))
+    launch_base(exp, base, spec.base_config, resume)
     if not resume:
         write_bytes(Path(space_path).read_bytes(), join(exp.uri, "search_space.yaml"))
     study_url = study_storage(exp)

@@ -68,7 +68,7 @@ from typing import Any
 import optuna
 
 from uda_ray.config import Config, ConfigError, field_type
-from uda_ray.stages.chain import Run, apply_run_overrides, final_config, load_run, run_key_type
+from uda_ray.stages.chain import Run, apply_run_overrides, final_config, run_key_type
 from uda_ray.tune.spec_yaml import (
     IDENTIFIER,
     Resources,
@@ -152,6 +152,9 @@ class SearchSpec:
     experiment: str
     base_config: Path
     base_overrides: dict[str, Any]
+    # the base run config (or chain) as read when the space was loaded, base overrides applied: every trial of the
+    # search starts from this one, not from the file as it may be when the trial starts
+    base: Run
     metric: str | list[str]
     mode: str | list[str]
     sampler: str
@@ -455,7 +458,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSp
         raise SpaceError(f"{path}: params.run.iterations cannot be searched under asha, whose budget is the "
                          "run's iterations")
     return SearchSpec(path=path, experiment=experiment, base_config=base_path, base_overrides=base_overrides,
-                      metric=metric, mode=mode, sampler=sampler, seed=seed, sampler_options=options,
+                      base=cfg, metric=metric, mode=mode, sampler=sampler, seed=seed, sampler_options=options,
                       num_samples=num_samples, max_concurrent=max_concurrent, max_failures=max_failures,
                       scheduler=scheduler, resources=resources, switches=tuple(switches), params=tuple(params),
                       loggers=tuple(dict.fromkeys(loggers)))
@@ -550,9 +553,8 @@ def trial_overrides(spec: SearchSpec, tune_config: dict[str, Any]) -> dict[str, 
 
 
 def trial_run(spec: SearchSpec, tune_config: dict[str, Any]) -> Run:
-    """What one trial runs: the base run config or chain with ``trial_overrides`` applied."""
-    return apply_run_overrides(load_run(spec.base_config), trial_overrides(spec, tune_config),
-                               source=f"{spec.path} (trial)")
+    """What one trial runs: the search's base run config or chain with ``trial_overrides`` applied."""
+    return apply_run_overrides(spec.base, trial_overrides(spec, tune_config), source=f"{spec.path} (trial)")
 
 
 def trial_config(spec: SearchSpec, tune_config: dict[str, Any]) -> Config:

@@ -43,6 +43,7 @@ class Resources:
 class HasBase(Protocol):
     base_config: Path
     base_overrides: dict[str, Any]
+    base: Run
 
 
 @dataclass(frozen=True)
@@ -318,8 +319,9 @@ def plain(value: Any) -> Any:
 
 
 def base_run(spec: HasBase) -> Run:
-    """The base of a search or ablation spec (a run config or a chain) with the base overrides applied."""
-    return load_run(spec.base_config, spec.base_overrides or None)
+    """The base of a search or ablation spec (a run config or a chain) with the base overrides applied, as read
+    when the spec was loaded."""
+    return spec.base
 
 
 def base_config(spec: HasBase) -> Config:
