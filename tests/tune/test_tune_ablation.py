@@ -136,3 +136,24 @@ def test_bad_ablation_names_file_and_key(tmp_path: Path, spec: dict[str, Any], m
         load_ablation(path)
     assert message in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_cells_start_from_the_base_as_read_and_a_resume_after_it_changed_is_refused(tmp_path: Path) -> None:
+    from uda_ray.tune.ablate import SPEC_COPY, run_ablation
+    from uda_ray.tune.driver import TUNE_STATE, Experiment, ExperimentError, launch_base, launch_spec
+
+    path = write(tmp_path, SPEC)
+    spec = load_ablation(path)
+    (tmp_path / "run.yaml").write_text("run:\n  iterations: 100\n  eval_every: 20\n")
+    assert cell_config(spec, grid(spec)[0]).run.eval_every == 10  # the base as the spec was loaded with
+    exp = Experiment(str(tmp_path / "results"), "abl-x")
+    Path(exp.uri).mkdir(parents=True)
+    (Path(exp.uri) / TUNE_STATE).write_bytes(b"")
+    launch_spec(exp, path, SPEC_COPY, False, "ablation spec")  # what the launch of `spec` recorded
+    launch_base(exp, spec.base, spec.base_config, resume=False)
+    with pytest.raises(ExperimentError, match=r"run.yaml now gives another base run .*run.eval_every: 10 at launch, "
+                                              r"20 now"):
+        run_ablation(path, storage=str(tmp_path / "results"), name="abl-x", resume=True)
+    path.write_text(path.read_text().replace("max_concurrent: 2", "max_concurrent: 1"))
+    with pytest.raises(ExperimentError, match=r"abl.yaml differs from the ablation spec .*abl-x was launched with"):
+        run_ablation(path, storage=str(tmp_path / "results"), name="abl-x", resume=True)

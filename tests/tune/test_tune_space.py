@@ -15,8 +15,8 @@ import yaml
 from tests.conftest import ROOT, edited
 from uda_ray.config import apply_overrides, load_config
 from uda_ray.stages.chain import load_run
-from uda_ray.tune.driver import BASE_FILE, TUNE_STATE, Experiment, ExperimentError, launch_base
-from uda_ray.tune.search import run_search
+from uda_ray.tune.driver import BASE_FILE, TUNE_STATE, Experiment, ExperimentError, launch_base, launch_spec
+from uda_ray.tune.search import SPACE_COPY, run_search
 from uda_ray.tune.space import (
     SpaceError,
     build_sampler,
@@ -186,8 +186,10 @@ def test_a_resume_whose_base_changed_since_the_launch_is_refused_naming_the_key(
     exp = Experiment(str(tmp_path / "results"), "unit-x")
     Path(exp.uri).mkdir(parents=True)
     (Path(exp.uri) / TUNE_STATE).write_bytes(b"")  # what makes it a resumable experiment
-    launch_base(exp, spec.base, spec.base_config, resume=False)  # what a launch records
+    launch_spec(exp, space, SPACE_COPY, False, "search space")  # what a launch records
+    launch_base(exp, spec.base, spec.base_config, resume=False)
     launch_base(exp, load_space(space).base, spec.base_config, resume=True)  # the same base: resumes
+    launch_spec(exp, space, SPACE_COPY, True, "search space")
     (tmp_path / "run.yaml").write_text("run:\n  iterations: 300\ndata:\n  crop: [32, 32]\n")
     # refused before Ray starts (none is running here)
     with pytest.raises(ExperimentError, match=r"run.yaml now gives another base run than .*unit-x was launched with "
@@ -195,6 +197,10 @@ def test_a_resume_whose_base_changed_since_the_launch_is_refused_naming_the_key(
         run_search(space, storage=str(tmp_path / "results"), name="unit-x", resume=True)
     (Path(exp.uri) / BASE_FILE).unlink()  # launched by a version that did not record it: not checked
     launch_base(exp, load_space(space).base, spec.base_config, resume=True)
+    space.write_text(space.read_text().replace("num_samples: 4", "num_samples: 5"))
+    with pytest.raises(ExperimentError, match=r"space.yaml differs from the search space .*unit-x was launched with "
+                                              r"\(.*search_space.yaml\)"):
+        run_search(space, storage=str(tmp_path / "results"), name="unit-x", resume=True)
 
 
 def test_a_chain_base_is_recorded_by_stage(tmp_path: Path) -> None:

@@ -19,17 +19,17 @@ from ray.tune.schedulers import FIFOScheduler
 from uda_ray.config import Config
 from uda_ray.preflight import preflight
 from uda_ray.results.schema import FINISHED, is_percent_metric, metric_value_text
-from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
+from uda_ray.results.store import load_trials
 from uda_ray.tune.ablation import AblationSpec, cell_config, expand, grid, load_ablation
 from uda_ray.tune.callback import TrialInfo
 from uda_ray.tune.driver import (
     Experiment,
-    ExperimentError,
     ExperimentSpec,
     choose_experiment,
     init_ray,
     launch_base,
     launch_overrides,
+    launch_spec,
     run_experiment,
     storage_root,
 )
@@ -81,15 +81,6 @@ def ablation_summary(trials: pd.DataFrame, spec: AblationSpec) -> pd.DataFrame:
     return table
 
 
-def _check_resume_spec(exp: Experiment, spec_path: Path) -> None:
-    stored = join(exp.uri, SPEC_COPY)
-    if not exists(stored):
-        raise ExperimentError(f"--resume: {stored} is missing: {exp.uri} is not an ablation experiment")
-    if read_bytes(stored) != spec_path.read_bytes():
-        raise ExperimentError(f"--resume: {spec_path} differs from the spec the experiment was launched with "
-                              f"({stored}); the grid must not change when resuming")
-
-
 def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: str | None = None,
                  name: str | None = None, resume: bool = False, overrides: list[str] | None = None,
                  check: bool = False) -> AblationOutcome:
@@ -116,11 +107,8 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
                 f"{spec.max_concurrent} at a time; the data, files and storage they need are in place. It would write "
                 f"{exp.uri}.")
         return AblationOutcome(exp, spec, ablation_summary(pd.DataFrame(), spec), {}, plan=plan)
-    if resume:
-        _check_resume_spec(exp, spec_path)
+    launch_spec(exp, spec_path, SPEC_COPY, resume, "ablation spec")
     launch_base(exp, spec.base, spec.base_config, resume)
-    if not resume:
-        write_bytes(spec_path.read_bytes(), join(exp.uri, SPEC_COPY))
     init_ray(address)
 
     def config_of(tune_config: dict[str, Any]) -> Config:

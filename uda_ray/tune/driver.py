@@ -135,6 +135,21 @@ def launch_overrides(exp: Experiment, overrides: list[str] | None, resume: bool)
     return stored
 
 
+def launch_spec(exp: Experiment, spec_path: Path, copy_name: str, resume: bool, what: str) -> None:
+    """The spec file an experiment runs (``what``: "search space", "ablation spec"): copied to
+    ``<experiment>/<copy_name>`` at launch; a resume must be given the same file (its trials, ASHA's rungs and the
+    analysis's distributions all come from the launch's)."""
+    stored = join(exp.uri, copy_name)
+    if not resume:
+        write_bytes(spec_path.read_bytes(), stored)
+        return
+    if not exists(stored):
+        raise ExperimentError(f"--resume: {stored} is missing: {exp.uri} was not launched from a {what}")
+    if read_bytes(stored) != spec_path.read_bytes():
+        raise ExperimentError(f"--resume: {spec_path} differs from the {what} {exp.uri} was launched with ({stored}); "
+                              "a resumed experiment runs the same one: restore the file, or launch a new experiment")
+
+
 BASE_FILE = "base_run.json"
 
 

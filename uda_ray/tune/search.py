@@ -13,7 +13,6 @@ from ray.tune.schedulers import FIFOScheduler
 
 from uda_ray.config import Config
 from uda_ray.preflight import preflight
-from uda_ray.results.store import join, write_bytes
 from uda_ray.stages.chain import Chain, final_config
 from uda_ray.stages.check import preflight_chain
 from uda_ray.stages.run import stage_columns
@@ -27,6 +26,7 @@ from uda_ray.tune.driver import (
     init_ray,
     launch_base,
     launch_overrides,
+    launch_spec,
     run_experiment,
     status_counts,
     storage_root,
@@ -45,6 +45,7 @@ from uda_ray.tune.space import (
 from uda_ray.tune.spec_yaml import base_run, naming_spec_overrides, objectives, own_overrides
 
 STUDY_FILE = "optuna.db"
+SPACE_COPY = "search_space.yaml"  # the space a search was launched with (read by uda_ray.analysis.importance)
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,8 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         preflight([base], storage=exp.root)
     if check:
         return SearchOutcome(exp, None, "", plan=describe_search(spec, final_config(base), exp))
+    launch_spec(exp, Path(space_path), SPACE_COPY, resume, "search space")
     launch_base(exp, base, spec.base_config, resume)
-    if not resume:
-        write_bytes(Path(space_path).read_bytes(), join(exp.uri, "search_space.yaml"))
     study_url = study_storage(exp)
     init_ray(address)
 
