@@ -191,7 +191,7 @@ def launch_base(exp: Experiment, base: Run, source: Path, resume: bool) -> None:
     shown = "; ".join(f"{k}: {before.get(k)!r} at launch, {now.get(k)!r} now" for k in changed[:5])
     more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
     raise ExperimentError(f"--resume: {source} now gives another base run than {exp.uri} was launched with "
-                          f"({uri}): {shown}{more}. Restore the file as it was to resume, or launch a new search")
+                          f"({uri}): {shown}{more}. Restore the file as it was to resume, or launch a new experiment")
 
 
 def init_ray(address: str | None) -> None:
