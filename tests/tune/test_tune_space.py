@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,8 @@ def test_a_chain_base_is_recorded_by_stage(tmp_path: Path) -> None:
     chain = load_run(ROOT / "search_spaces" / "chains" / "toy_synthetic.yaml")
     exp = Experiment(str(tmp_path), "chain")
     launch_base(exp, chain, Path("toy_synthetic.yaml"), resume=False)
+    launch_base(exp, dataclasses.replace(chain, source="/elsewhere/toy_synthetic.yaml"), Path("toy_synthetic.yaml"),
+                resume=True)  # the same chain from a moved checkout
     changed = chain.with_overrides({"stages.adapt.loss.cluda.weight": 0.5})
     with pytest.raises(ExperimentError, match=r"stages.adapt.config.loss.cluda.weight: .* at launch, 0.5 now"):
         launch_base(exp, changed, Path("toy_synthetic.yaml"), resume=True)

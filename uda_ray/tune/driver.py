@@ -154,10 +154,12 @@ BASE_FILE = "base_run.json"
 
 
 def _base_record(base: Run) -> dict[str, Any]:
-    """A base run as plain JSON data: a run config's every key, or a chain's stages (by name) with theirs."""
+    """A base run as plain JSON data: a run config's every key, or a chain's stages (by name) with theirs; not where
+    the chain file lies (a checkout moved between launch and resume runs the same chain)."""
     if not isinstance(base, Chain):
         return to_dict(base)
     record = json.loads(base.to_json())
+    record.pop("source")
     record["stages"] = {s["name"]: s for s in record["stages"]}
     return record
 
