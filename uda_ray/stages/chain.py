@@ -374,13 +374,13 @@ def _seed(value: Any, where: str) -> int:
 def _option(spec: KindSpec, name: str, value: Any, where: str) -> Any:
     tp, _, lo, hi = spec.options[name]
     if tp is bool:
-        if not isinstance(value, bool):
-            raise ChainError(f"{where} = {value!r}: expected true or false")
-        return value
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else \
-        isinstance(value, tp) and not isinstance(value, bool)
+        ok, expected = isinstance(value, bool), "true or false"
+    elif tp is float:
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, expected = isinstance(value, tp) and not isinstance(value, bool), "an integer"
     if not ok:
-        raise ChainError(f"{where} = {value!r}: expected {'a number' if tp is float else 'an integer'}")
+        raise ChainError(f"{where} = {value!r}: expected {expected}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ChainError(f"{where} = {value!r}: expected a value in [{lo}, {hi if hi is not None else '∞'}]")
     return tp(value)

@@ -43,23 +43,13 @@ _PALETTE = [v for colour in CLASS_COLOURS for v in colour]  # PNG palette: index
 
 # ------------------------------------------------------------------------------------------------------ helpers
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _offline_mode(model: nn.Module, *, train: bool = False) -> Iterator[None]:
+    """Eval mode (or train mode) without gradients; afterwards the model's mode as it was and, after train mode,
+    its buffers too (BatchNorm's running statistics and batch count: a pass in train mode updates them, which would
+    change what the model predicts in eval mode)."""
     was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _train_mode_kept(model: nn.Module) -> Iterator[None]:
-    """Train mode without gradients, and afterwards the buffers (BatchNorm's running statistics and batch count) as
-    they were: a pass in train mode updates them, which would change what the model predicts in eval mode."""
-    was_training = model.training
-    kept = [(b, b.detach().clone()) for b in model.buffers()]
-    model.train()
+    kept = [(b, b.detach().clone()) for b in model.buffers()] if train else []
+    model.train(train)
     try:
         with torch.no_grad():
             yield
@@ -162,7 +152,7 @@ def offline_pseudo_labels(model: nn.Module, dataset: SegmentationDataset, out_di
     num_classes = inner.num_classes
     loader = _loader(dataset, range(len(dataset)), batch_size, num_workers)
     groups: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    with _eval_mode(model):
+    with _offline_mode(model):
         for batch in loader:
             x = batch["image"].to(device)
             conf, pred = _probabilities(model, x, x.shape[-2:], infer, autocast_dtype).max(dim=1)  # (B, h, w)
@@ -208,7 +198,7 @@ def source_class_statistics(model: nn.Module, source_dataset: Dataset, *, device
     num_classes = inner.num_classes
     feat: ClassStatistics | None = None
     out = ClassStatistics(num_classes, num_classes).to(device)
-    with _eval_mode(model):
+    with _offline_mode(model):
         for batch in _loader(source_dataset, range(len(source_dataset)), batch_size, num_workers):
             x, y = batch["image"].to(device), batch["label"].to(device)
             with _autocast(device, autocast_dtype):
@@ -284,7 +274,7 @@ def compute_centroids(model: nn.Module, source_dataset: Dataset, target_dataset:
                 result = model(batch["image"].to(device))
             yield result.features[-1].float(), batch["label"].to(device), result.logits.float()
 
-    with _train_mode_kept(model) if train_mode else _eval_mode(model):
+    with _offline_mode(model, train=train_mode):
         src = source_centroids(run(source_dataset, order(source_dataset, source_batches)), num_classes)
         tgt = target_centroids((f for f, _, _ in run(target_dataset, order(target_dataset, target_batches))),
                                src, num_classes, margin=margin)

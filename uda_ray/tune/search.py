@@ -42,7 +42,7 @@ from uda_ray.tune.space import (
     trial_overrides,
     trial_run,
 )
-from uda_ray.tune.spec_yaml import base_run, naming_spec_overrides, objectives, own_overrides
+from uda_ray.tune.spec_yaml import naming_spec_overrides, objectives, own_overrides
 
 STUDY_FILE = "optuna.db"
 SPACE_COPY = "search_space.yaml"  # the space a search was launched with (read by uda_ray.analysis.importance)
@@ -130,7 +130,7 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
         if num_samples < 1:
             raise ValueError(f"--num-samples {num_samples}: expected at least 1")
         spec = dataclasses.replace(spec, num_samples=num_samples)
-    base = base_run(spec)
+    base = spec.base
     if isinstance(base, Chain):
         preflight_chain(base, storage=exp.root)
     else:

@@ -43,7 +43,7 @@ class Resources:
 class HasBase(Protocol):
     base_config: Path
     base_overrides: dict[str, Any]
-    base: Run
+    base: Run  # the base run config or chain, base overrides applied, as read when the spec was loaded
 
 
 @dataclass(frozen=True)
@@ -318,16 +318,10 @@ def plain(value: Any) -> Any:
     return value
 
 
-def base_run(spec: HasBase) -> Run:
-    """The base of a search or ablation spec (a run config or a chain) with the base overrides applied, as read
-    when the spec was loaded."""
-    return spec.base
-
-
 def base_config(spec: HasBase) -> Config:
     """The base run config of a search or ablation spec: its base file with the base overrides applied (for a chain,
     its final stage's)."""
-    return final_config(base_run(spec))
+    return final_config(spec.base)
 
 
 def own_overrides(spec: HasBase, overrides: dict[str, Any]) -> dict[str, Any]:
