@@ -121,3 +121,37 @@ def test_tune_runs_without_its_live_table(tmp_path: Path, synthetic_cache: Path,
     driver.run_experiment(spec)
     assert seen["run_config"].verbose == 0
     assert isinstance(seen["run_config"].callbacks[0], ResultsCallback)
+
+
+def test_reports_reach_storage_by_the_next_checkpoint_or_compaction(tmp_path: Path):
+    """A running trial's reports wait for the next compaction (the driver answers each report before the trial goes
+    on), except that everything up to a checkpoint is on storage before Tune records it: a resumed search runs the
+    trial again from there, so a killed driver loses only reports that come back."""
+    root = tmp_path / "results"
+    cb = _callback(root, tmp_path / "cache", compact_every_s=3600.0, progress=False)
+    exp = str(root / "exp")
+    trial = SimpleNamespace(trial_id="a", config={"lr": 0.01}, error_file=None, last_result={})
+    cb.on_trial_start(0, [], trial)
+    assert load_trials(exp)["status"].tolist() == ["RUNNING"]
+    cb.on_trial_result(0, [], trial, {"iteration": 1, "train/loss": 1.0})
+    cb.on_trial_result(0, [], trial, {"iteration": 2, "train/loss": 0.9})
+    assert not (root / "exp" / "metrics").exists()
+    # Tune saves its checkpoint from this result, then tells on_checkpoint
+    result = {"iteration": 3, "train/loss": 0.8, "val/miou": 0.3, "should_checkpoint": True}
+    cb.on_trial_result(0, [], trial, result)
+    assert load_metrics(exp)["iteration"].tolist() == [1, 2, 3]
+    trial.last_result = result
+    cb.on_checkpoint(0, [], trial, SimpleNamespace(path="/ckpt/3"))
+    row = load_trials(exp).iloc[0]
+    assert row["checkpoint"] == "/ckpt/3" and row["best/val/miou"] == pytest.approx(0.3)
+    # a Train run's checkpoint comes with its result: reports and row at once
+    cb.on_trial_result(0, [], trial, {"iteration": 4, "train/loss": 0.7})
+    cb.on_trial_result(0, [], trial, {"iteration": 5, "train/loss": 0.6, "val/miou": 0.4, "checkpoint_path": "/t/5"})
+    row = load_trials(exp).iloc[0]
+    assert load_metrics(exp)["iteration"].tolist() == [1, 2, 3, 4, 5] and row["checkpoint"] == "/t/5"
+    # without a checkpoint, the next compaction writes them
+    cb.on_trial_result(0, [], trial, {"iteration": 6, "train/loss": 0.5})
+    assert load_metrics(exp)["iteration"].max() == 5 and load_trials(exp).iloc[0]["last/train/loss"] == 0.6
+    cb.compact_every_s = 0.0
+    cb.on_trial_result(0, [], trial, {"iteration": 7, "train/loss": 0.4})
+    assert load_metrics(exp)["iteration"].max() == 7 and load_trials(exp).iloc[0]["last/train/loss"] == 0.4

@@ -10,10 +10,14 @@ tables' parts (what plain pandas reads); the callback is the one process that co
 keyed by the trainer's ``iteration``: when a retried or resumed trial reports an iteration again, the rows from that
 iteration on are replaced, and rows already on storage from an earlier driver process are picked up first.
 
+A trial's row is written when it starts, ends or errs and whenever a result brings a checkpoint; its reports, and
+its row as it runs, go to its live files with the next compaction (the driver answers every report of a function
+trainable before the trial goes on, so writing them one by one would hold every trial up). What a killed driver
+has not written yet comes after the trial's last checkpoint, which is where a resumed search runs it from again.
+
 The trial row also records the checkpoint written at the scored evaluation (Tune's checkpoint of an in-process
 trial, the Train run's checkpoint path of a trial with Train workers) and ``wall_s``, the time the trial has run
-over every driver process of a resumed search (written at least every ``WALL_EVERY_S`` while it runs, so a killed
-driver loses at most that much of it).
+over every driver process of a resumed search (written with every compaction while it runs).
 
 A trial that raises an error no retry can fix (``uda_ray.train.worker.NON_RETRYABLE``: config, data and checkpoint
 errors; a chain's ``StageFailed``) reports ``NON_RETRYABLE_KEY`` just before it raises; the callback then sets the
@@ -36,6 +40,7 @@ from typing import Any
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.tune.result import SHOULD_CHECKPOINT
 
 from uda_ray.config import Config, flatten
 from uda_ray.results.provenance import git_revision, package_versions
@@ -73,7 +78,6 @@ class TrialInfo:
 
 NON_RETRYABLE_KEY = "uda_ray_non_retryable"  # no "/": never a metric
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray Train's TuneReportCallback on reports with a checkpoint
-WALL_EVERY_S = 30.0
 # plain pandas sees a running search at most this late; each compaction rewrites only the parts that hold the
 # trials that wrote since the last one (bounded by store.PART_ROWS, whatever the number of trials)
 COMPACT_EVERY_S = 10.0
@@ -90,7 +94,8 @@ class _TrialState:
     prior_s: float = 0.0  # seconds it ran under earlier driver processes
     reports: list[dict[str, float]] = field(default_factory=list)
     checkpoints: dict[int, str] = field(default_factory=dict)  # iteration -> checkpoint path
-    written_at: float = 0.0
+    reports_behind: bool = False  # reports not yet in the metrics live file
+    row_behind: bool = False  # the running row not yet in the trials live file
     # (ended_at, wall_s) of a trial whose stored row had already ended when a resumed search restored it: Tune may
     # restore such a trial from its last checkpoint (its experiment state was saved before the trial ended) and
     # complete it again at once; its row then keeps the original end time and running time
@@ -181,11 +186,15 @@ class ResultsCallback(Callback):
         it = report["iteration"]
         state.settled = None  # it runs again: a new end time
         state.reports = [r for r in state.reports if r["iteration"] < it] + [report]
+        state.reports_behind = state.row_behind = True
+        # what came before a checkpoint, which a resumed search runs the trial from, is on storage before Tune
+        # records the checkpoint: a Train run's checkpoint comes with the result (the row records it), Tune's own
+        # is saved from this result (on_checkpoint then writes the row with it)
         if result.get(CHECKPOINT_PATH_KEY):
             state.checkpoints[int(it)] = str(result[CHECKPOINT_PATH_KEY])
-        self._tables()[1].write(trial.trial_id, metrics_table(self.experiment, trial.trial_id, state.reports))
-        if self.metric in report or time.time() - state.written_at >= WALL_EVERY_S:
-            self._write_row(trial.trial_id, state, "RUNNING")
+            self._write_running(trial.trial_id, state)
+        elif result.get(SHOULD_CHECKPOINT):
+            self._write_reports(trial.trial_id, state)
         value = report.get(self.metric)
         if value is not None and math.isfinite(value):
             self._say(f"{trial.trial_id} iteration {int(it)}: {metric_text(self.metric, value)}")
@@ -199,8 +208,9 @@ class ResultsCallback(Callback):
         state = self._state(trial)
         it = int(last["iteration"])
         state.checkpoints[it] = checkpoint.path
-        if score_of(state.reports, self.metric)[1] == it:  # the row written with the result lacked it
-            self._write_row(trial.trial_id, state, "RUNNING")
+        if score_of(state.reports, self.metric)[1] == it:  # the row records the scored evaluation's checkpoint
+            state.row_behind = True
+            self._write_running(trial.trial_id, state)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         state = self._state(trial)
@@ -210,6 +220,7 @@ class ResultsCallback(Callback):
         if status == "TERMINATED" and score is not None and math.isfinite(score) and (
                 self._best is None or (score > self._best[0] if self.mode == "max" else score < self._best[0])):
             self._best = (score, trial.trial_id)
+        self._write_reports(trial.trial_id, state)
         self._write_row(trial.trial_id, state, status, ended=True)
         self._status[trial.trial_id] = status
         self._say(f"{trial.trial_id} {status} at iteration {int(last)}")
@@ -221,6 +232,7 @@ class ResultsCallback(Callback):
         message = error_text(trial)
         # a trial whose own run diverged; a stage it needed that diverged is an error of the trial (StageFailed)
         status = "DIVERGED" if "Diverged" in message and "StageFailed" not in message else "ERROR"
+        self._write_reports(trial.trial_id, state)
         self._write_row(trial.trial_id, state, status, error=message, ended=True)
         self._status[trial.trial_id] = status
         self._say(f"{trial.trial_id} {status}: {message}")
@@ -240,6 +252,8 @@ class ResultsCallback(Callback):
     def _compact(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._compacted_at < self.compact_every_s:
             return
+        for trial_id, state in self._trials.items():
+            self._write_running(trial_id, state)
         try:
             for folder in self._tables():
                 folder.compact()
@@ -299,6 +313,17 @@ class ResultsCallback(Callback):
         return [{k: float(v) for k, v in r.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
                 for r in df[cols].to_dict("records")]
 
+    def _write_running(self, trial_id: str, state: _TrialState) -> None:
+        """What the live files of a running trial lack: its new reports, its row."""
+        self._write_reports(trial_id, state)
+        if state.row_behind:
+            self._write_row(trial_id, state, "RUNNING")
+
+    def _write_reports(self, trial_id: str, state: _TrialState) -> None:
+        if state.reports_behind:
+            self._tables()[1].write(trial_id, metrics_table(self.experiment, trial_id, state.reports))
+            state.reports_behind = False
+
     def _write_row(self, trial_id: str, state: _TrialState, status: str, *, error: str = "",
                    ended: bool = False) -> None:
         if self._git_rev is None:
@@ -317,4 +342,4 @@ class ResultsCallback(Callback):
                         versions=self._versions, checkpoint=state.checkpoints.get(scored_at),
                         chain=info.chain, stages=info.stages)
         self._tables()[0].write(trial_id, trials_table([row]))
-        state.written_at = now
+        state.row_behind = False
