@@ -152,10 +152,12 @@ def trial_column_type(name: str, values: Iterable[Any] = ()) -> pa.DataType:
                    f"starting with {CONFIG_PREFIX!r}, {BEST_PREFIX!r}, {LAST_PREFIX!r}, {VERSIONS_PREFIX!r})")
 
 
+_FIXED_RANK = {name: rank for rank, name in enumerate(TRIAL_COLUMNS)}
+
+
 def _column_order(name: str) -> tuple[int, str]:
-    fixed = list(TRIAL_COLUMNS)
     if name in TRIAL_COLUMNS and name != "git_rev":
-        return (0, f"{fixed.index(name):03d}")
+        return (0, f"{_FIXED_RANK[name]:03d}")
     for rank, prefix in enumerate((BEST_PREFIX, LAST_PREFIX, CONFIG_PREFIX, STAGE_PREFIX), start=1):
         if name.startswith(prefix):
             return (rank, name)
