@@ -601,7 +601,7 @@ def _check_cross(cfg: Config, source: str) -> None:
     if cfg.mix.blur_sigma_min > cfg.mix.blur_sigma_max:
         raise ConfigError(f"{source}: key 'mix.blur_sigma_min' = {cfg.mix.blur_sigma_min} exceeds "
                           f"'mix.blur_sigma_max' = {cfg.mix.blur_sigma_max}")
-    from uda_ray.models.segmenter import check_model_names  # torch and timm: imported only when a config is checked
+    from uda_ray.models.segmenter import check_model_names  # torch, timm for timm names: when checked
 
     m = cfg.model
     try:

@@ -279,3 +279,22 @@ def test_checkpoint_mapping_covers_every_key():
     assert set(hf) == set(hf_encoder("mit_b0").state_dict())
     back = hf_to_segformer(hf)
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_drop_path_draws_and_scales_as_timm():
+    """MiT's own stochastic depth (timm is imported only for timm backbones) gives timm's DropPath numbers from the
+    same generator state: one Bernoulli draw per sample, kept samples scaled by 1 / (1 − p); identity in eval."""
+    from timm.layers import DropPath as TimmDropPath
+
+    from uda_ray.models.backbones.mit import DropPath
+
+    x = torch.randn(16, 5, 8)
+    ours, theirs = DropPath(0.3), TimmDropPath(0.3)
+    torch.manual_seed(3)
+    a = ours(x)
+    torch.manual_seed(3)
+    b = theirs(x)
+    assert torch.equal(a, b)
+    kept = (a != 0).flatten(1).all(1)
+    assert 0 < kept.sum() < 16 and torch.allclose(a[kept], x[kept] / 0.7)
+    assert torch.equal(ours.eval()(x), x)

@@ -18,7 +18,6 @@ import logging
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,6 +85,8 @@ def backbone_family(name: str) -> str:
         return "mit"
     if name in DEEPLABV2_BACKBONES:
         return "deeplabv2"
+    import timm  # here: a trial process that builds a MiT or DeepLabV2 backbone never imports timm (0.7 s)
+
     if timm.is_model(name):
         return "timm"
     raise ValueError(f"model.backbone = {name!r}: not a backbone: expected one of {', '.join(MIT_VARIANTS)}, "
@@ -162,6 +163,8 @@ class Segmenter(nn.Module):
             self.feature_channels = list(self.backbone.feature_channels)
             self.feature_reductions = list(self.backbone.feature_reductions)
         else:
+            import timm
+
             self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
                                               out_indices=tuple(out_indices) if out_indices else DEFAULT_NUM_LEVELS)
             info = self.backbone.feature_info
@@ -313,6 +316,8 @@ def _full_to_backbone_keys(backbone: nn.Module, name: str) -> dict[str, str | No
     ``model.``, and drop the modules after the last used level (classifier, final norm). The full model is built on
     the meta device (no memory, no init cost) only to learn its key set.
     """
+    import timm
+
     with torch.device("meta"):
         full = timm.create_model(name, pretrained=False)
     by_norm: dict[str, str] = {}

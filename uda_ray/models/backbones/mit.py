@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 
 from uda_ray.models.errors import CheckpointError, listing, read_state_dict, shape_mismatches
@@ -120,6 +119,28 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample: in training, each sample's branch is zeroed with probability ``p`` and the kept
+    ones scaled by 1 / (1 − p), one Bernoulli draw per sample (the draws and numbers of timm's ``DropPath``, which
+    this saves importing: 0.7 s in every trial process)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.drop_prob = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0:
+            mask.div_(keep)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class Block(nn.Module):
