@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{max(per) / min(per):.2f} (flat: near 1)")
     print(f"\nthe fixed cost's share that is a trial process's imports: a fresh process importing what a trial "
           f"process imports {t_trial:.1f} s, of which torch (with torch._dynamo) and Ray Tune's function trainable "
-          f"{t_floor:.1f} s and uda-ray's trainable module (uda-ray, timm) {t_trial - t_floor:.1f} s "
+          f"{t_floor:.1f} s and uda-ray's trainable module (uda-ray, torchvision) {t_trial - t_floor:.1f} s "
           f"(median of {args.import_runs}, one process alone; {c} start at once)")
     print("the driver's seconds per trial, by who spends them:")
     parts = list(DRIVER_PARTS)
