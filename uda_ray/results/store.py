@@ -447,10 +447,13 @@ class TableFolder:
         return uri
 
     # -------------------------------------------------------------------------------------------- reading
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
     def read(self) -> pa.Table | None:
         """Every trial's rows once, ordered by trial id: its live file where it has one, else its part's rows.
         None when the folder holds no file."""
-        if self.fs.get_file_info(self.path).type != pafs.FileType.Directory:
+        if not self.exists():
             raise FileNotFoundError(f"{self.uri}: no such folder (expected <storage>/<experiment>/"
                                     f"{self.path.rpartition('/')[2]} with the experiment's parquet files)")
         # live files first, parts second: a live file that a compaction deletes in between was published in a part
@@ -646,8 +649,13 @@ def load_trials(path: str) -> pd.DataFrame:
 
 def load_metrics(path: str) -> pd.DataFrame:
     """The metrics table of an experiment folder: one row per report of every trial (by trial id, then in report
-    order), the union of the metric columns."""
-    table = table_folder(path, METRICS_DIR).read()
+    order), the union of the metric columns; no rows for a search whose trials have not had their reports written
+    yet (a running trial's go to storage with its first checkpoint or the search's next compaction)."""
+    folder = table_folder(path, METRICS_DIR)
+    if not folder.exists() and table_folder(path, TRIALS_DIR).exists():
+        table = None
+    else:
+        table = folder.read()
     if table is None:
         table = metrics_schema(()).empty_table()
     return table.select(_metrics_order(table.column_names)).to_pandas()
