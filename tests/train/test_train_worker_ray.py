@@ -135,12 +135,17 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path: Path, synthetic_ca
         path = tmp_path / "s.yaml"
         path.write_text(yaml.safe_dump(space))
         out = run_search(path, address=cluster.address, storage=str(tmp_path / "results"))
-        assert len(load_trials(out.experiment.uri)) == 2
+        trials = load_trials(out.experiment.uri)
+        assert len(trials) == 2
         # the trials' actors as this cluster's GCS lists them (the state API goes through whichever dashboard the
         # machine's newest Ray names, which on a machine running other Rays may not be this cluster's)
         actors = cluster.global_state.actor_table(None).values()
         nodes = {a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ImplicitFunc"}
-        assert len(nodes) == 2
+        # Late in a full run, once through the state API and once through the GCS itself, no ended trial's actor was
+        # listed at all (never when run alone). Each node has one CPU and a trial's actor holds one while the trial
+        # runs, so two trials that ran at the same time ran on both nodes: that is the evidence then.
+        overlapped = trials["started_at"].max() < trials["ended_at"].min()
+        assert len(nodes) == 2 or (not nodes and overlapped), (nodes, trials[["started_at", "ended_at"]])
     finally:
         ray.shutdown()
         cluster.shutdown()
