@@ -651,11 +651,12 @@ def load_metrics(path: str) -> pd.DataFrame:
     """The metrics table of an experiment folder: one row per report of every trial (by trial id, then in report
     order), the union of the metric columns; no rows for a search whose trials have not had their reports written
     yet (a running trial's go to storage with its first checkpoint or the search's next compaction)."""
-    folder = table_folder(path, METRICS_DIR)
-    if not folder.exists() and table_folder(path, TRIALS_DIR).exists():
+    try:
+        table = table_folder(path, METRICS_DIR).read()
+    except FileNotFoundError:
+        if not table_folder(path, TRIALS_DIR).exists():
+            raise
         table = None
-    else:
-        table = folder.read()
     if table is None:
         table = metrics_schema(()).empty_table()
     return table.select(_metrics_order(table.column_names)).to_pandas()
