@@ -26,6 +26,11 @@ What the overhead per trial is made of: the driver's seconds per trial in Tune's
 ``CheckpointConfig(num_to_keep)`` Tune writes every trial's state at every checkpoint: a cost per checkpoint that
 grows with the number of trials), in Optuna (TPE fits its estimators to every finished trial at each suggestion)
 and in uda-ray's results callback (parquet rows, compaction, progress lines), timed by wrapping those methods.
+
+The Optuna study's storage, side by side: ``--study-trials`` trials of the searcher's calls (ask, two suggestions,
+two user attributes, an intermediate value, tell; two trials at a time, TPE as the search samples) against the
+journal file a search keeps its study in and against the SQLite file it kept it in before, alternating, twice; and
+the time to create each study.
 """
 
 from __future__ import annotations
@@ -84,6 +89,43 @@ FLOOR_IMPORT = ("import torch, ray.tune.trainable.function_trainable; p = torch.
                 "p.grad = torch.zeros(1); torch.optim.AdamW([p]).step()")
 # what a trial process of a search imports: the floor and the module of uda-ray's trainable, with what it needs
 TRIAL_IMPORT = FLOOR_IMPORT + "; import uda_ray.tune.driver, uda_ray.tune.search"
+
+
+def study_calls_s(location: str, trials: int) -> tuple[float, float]:
+    """Seconds to create a study at ``location`` and per trial of the searcher's calls on it."""
+    import optuna
+
+    from uda_ray.tune.search import open_study_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.perf_counter()
+    study = optuna.create_study(study_name="s", storage=open_study_storage(location), direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, constant_liar=True))
+    t1 = time.perf_counter()
+    for i in range(0, trials, 2):
+        pair = []
+        for j in (i, i + 1):
+            trial = study.ask()
+            trial.suggest_float("teacher.pseudo_threshold", 0.5, 0.95)
+            trial.suggest_float("optim.lr", 1e-4, 1e-2, log=True)
+            trial.set_user_attr("trial_id", f"t{j}")
+            trial.set_user_attr("experiment", "s")
+            pair.append(trial)
+        for trial in pair:
+            trial.report(trial.params["teacher.pseudo_threshold"], 4)
+            study.tell(trial, trial.params["teacher.pseudo_threshold"])
+    return t1 - t0, (time.perf_counter() - t1) / trials
+
+
+def study_storages(tmp: Path, trials: int, rounds: int = 2) -> dict[str, list[tuple[float, float]]]:
+    """``study_calls_s`` on the journal and on SQLite, alternating, ``rounds`` times each."""
+    from uda_ray.tune.search import SQLITE_STUDY_FILE, STUDY_FILE
+
+    out: dict[str, list[tuple[float, float]]] = {"journal": [], "sqlite": []}
+    for r in range(rounds):
+        out["journal"].append(study_calls_s(str(tmp / f"{r}{STUDY_FILE}"), trials))
+        out["sqlite"].append(study_calls_s(f"sqlite:///{tmp / f'{r}{SQLITE_STUDY_FILE}'}", trials))
+    return out
 
 
 def fresh_import_s(code: str, runs: int) -> float:
@@ -162,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray (default: --concurrent)")
     p.add_argument("--fit-runs", type=int, default=3)
     p.add_argument("--import-runs", type=int, default=3, help="fresh processes timed per import")
+    p.add_argument("--study-trials", type=int, default=200, help="trials of the study storages' side by side")
     args = p.parse_args(argv)
     if min(args.sizes) < 1 or args.concurrent < 1:
         p.error(f"--sizes {args.sizes} / --concurrent {args.concurrent}: expected positive numbers")
@@ -179,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         t_fit = fit_alone(probe, tmp / "alone", args.fit_runs)
         t_floor = fresh_import_s(FLOOR_IMPORT, args.import_runs)
         t_trial = fresh_import_s(TRIAL_IMPORT, args.import_runs)
+        storages = study_storages(tmp, args.study_trials)
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=args.cpus or args.concurrent, log_to_driver=False)
         t_ray = time.perf_counter() - t0
@@ -219,6 +263,13 @@ def main(argv: list[str] | None = None) -> None:
         for p in parts:
             first, last = (rows[0]["driver"].get(p, 0.0) / rows[0]["n"], rows[-1]["driver"].get(p, 0.0) / rows[-1]["n"])
             print(f"  {p}: {last - first:+.3f} s per trial from N = {rows[0]['n']} to {rows[-1]['n']}")
+    print(f"\nthe Optuna study's storage, side by side ({args.study_trials} trials of the searcher's calls, rounds "
+          f"alternating):")
+    for kind, runs in storages.items():
+        print(f"  {kind:8s} create {', '.join(f'{c:.3f}' for c, _ in runs)} s; per trial "
+              f"{', '.join(f'{1000 * t:.1f}' for _, t in runs)} ms")
+    j, q = (statistics.median(t for _, t in storages[k]) for k in ("journal", "sqlite"))
+    print(f"  journal / sqlite per trial: {j / q:.2f}")
 
 
 if __name__ == "__main__":

@@ -173,12 +173,15 @@ class Reader:
             assert list((self.work / logdir).rglob("events.out.tfevents*")), f"{logdir}: no TensorBoard events"
             return "checked", "a server: installed, and the experiment holds TensorBoard event files"
         if words[0] == "optuna-dashboard":
-            import optuna
+            from optuna_dashboard._storage_url import guess_storage_from_url
 
-            url = self.resolve(words[1])
+            where = self.resolve(words[1])
             assert shutil.which("optuna-dashboard"), "optuna-dashboard is not installed"
-            summaries = optuna.get_all_study_summaries(storage=url.replace("sqlite:///", f"sqlite:///{self.work}/"))
-            assert summaries and summaries[0].n_trials > 0, url
+            # the storage the dashboard itself would open from that argument
+            storage = guess_storage_from_url(where.replace("sqlite:///", f"sqlite:///{self.work}/") if
+                                             where.startswith("sqlite:///") else str(self.work / where))
+            summaries = storage.get_all_studies()
+            assert summaries and storage.get_n_trials(summaries[0]._study_id) > 0, where
             return "checked", "a server: installed, and the study it would show has trials"
         assert words[0] == "uda-ray", f"README command {command!r}: the test does not know how to run it"
         return self._uda_ray(words[1:], env)

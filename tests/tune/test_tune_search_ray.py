@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import SYNTHETIC, tiny_overrides
 from uda_ray.results.store import load_metrics, load_trials
 from uda_ray.train.run_eval import evaluate_checkpoint
-from uda_ray.tune.search import run_search
+from uda_ray.tune.search import load_study, run_search
 
 pytestmark = pytest.mark.ray
 
@@ -64,7 +64,7 @@ def test_three_trials_rows_reports_and_study(ray_local, tmp_path: Path, syntheti
         assert row["last/train/loss"] == pytest.approx(m["train/loss"].iloc[-1])
         assert row["git_rev"] and row["versions/torch"]
     # the study and the table agree trial by trial: joined on trial_id, same state, same value, same best
-    study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
+    study = load_study(out.study_storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     by_id = {t.user_attrs["trial_id"]: t for t in study.trials}
     assert all(t.user_attrs["experiment"] == out.experiment.name for t in study.trials)
@@ -152,7 +152,7 @@ def test_asha_prunes_and_later_trials_still_run(asha_search):
     assert len(pruned) >= 1 and (pruned["iterations"] < 9).all()
     assert (pruned["config/loss.source_weight"] == 50.0).all()
     assert (trials["started_at"] > pruned["started_at"].min()).any()  # trials started after a pruned one
-    study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
+    study = load_study(out.study_storage)
     states = [t.state.name for t in study.trials]
     assert states.count("PRUNED") == len(pruned) and states.count("COMPLETE") == 6 - len(pruned)
     # a pruned trial told Optuna the evaluation it was stopped on: its last intermediate value is its score
@@ -192,7 +192,7 @@ def test_failed_and_diverged_trials_are_recorded_and_search_goes_on(ray_local, t
     for _, row in trials[trials["status"] == "ERROR"].iterrows():
         assert attempts[row["trial_id"]] == 1, "a checkpoint error was retried"
     assert (trials["status"] == "ERROR").any() and (trials["status"] == "TERMINATED").any()
-    study = optuna.load_study(study_name=out.experiment.name, storage=out.study_storage)
+    study = load_study(out.study_storage)
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == (trials["status"] != "TERMINATED").sum()
     assert all(t.user_attrs["fail_reason"] for t in failed)

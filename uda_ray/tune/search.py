@@ -44,7 +44,8 @@ from uda_ray.tune.space import (
 )
 from uda_ray.tune.spec_yaml import naming_spec_overrides, objectives, own_overrides
 
-STUDY_FILE = "optuna.db"
+STUDY_FILE = "optuna.log"  # the search's Optuna study: Optuna's journal file (JournalFileBackend)
+SQLITE_STUDY_FILE = "optuna.db"  # the study of a search launched before uda-ray kept it in a journal (SQLite)
 SPACE_COPY = "search_space.yaml"  # the space a search was launched with (read by uda_ray.analysis.importance)
 
 
@@ -66,33 +67,62 @@ def scaling_of(spec: Any) -> Scaling:
 
 
 def study_storage(exp: Experiment) -> str:
-    """Optuna storage URL: SQLite in the experiment folder (a local folder beside it for URI storage)."""
+    """Where the search's Optuna study is: the journal file ``optuna.log`` in the experiment folder (for URI
+    storage, a local folder of that name beside it), or the URL of its SQLite file for a search launched with its
+    study in SQLite (a resumed one keeps it). ``optuna-dashboard`` opens either; ``load_study`` reads either."""
     local = exp.local_dir or Path("results") / exp.name
     local.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(local / STUDY_FILE).resolve()}"
+    sqlite = local / SQLITE_STUDY_FILE
+    if sqlite.is_file():
+        return f"sqlite:///{sqlite.resolve()}"
+    return str((local / STUDY_FILE).resolve())
 
 
 class _StudyConnection(sqlite3.Connection):
-    """A connection to the study's SQLite file that commits without waiting for the disk (``synchronous=OFF``):
-    Optuna commits several times per trial (ask, each parameter, user attributes, every intermediate value, tell),
-    and a commit that waits for the disk takes ~10 ms (more on network storage), most of the searcher's cost per
-    trial. A crash of the search process loses nothing; a crash of the machine may lose or damage the last commits
-    (the trials' parquet tables and Tune's experiment state are written apart from it)."""
+    """A connection to a study's SQLite file that commits without waiting for the disk (``synchronous=OFF``): Optuna
+    commits several times per trial, and a commit that waits for the disk takes ~10 ms."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.execute("PRAGMA synchronous=OFF")
 
 
-def study_rdb(url: str) -> optuna.storages.RDBStorage:
-    """The search's Optuna storage for ``study_storage``'s URL (``_StudyConnection``)."""
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"factory": _StudyConnection}})
+def open_study_storage(location: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage at ``study_storage``'s ``location``.
+
+    A journal appends one line per change and keeps the study in memory, reading only the lines it has not read
+    yet: about 10 ms of the driver's time per trial where SQLite through SQLAlchemy took about 50 ms, and no
+    schema to create when a search starts (0.6 s); ``benchmarks/search_scale.py`` prints both side by side."""
+    if location.startswith("sqlite:///"):
+        return optuna.storages.RDBStorage(location, engine_kwargs={"connect_args": {"factory": _StudyConnection}})
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(location))
+
+
+def load_study(where: str | Path) -> optuna.Study:
+    """The Optuna study of a search: ``where`` is the local experiment folder it is in (``results/<experiment>``,
+    also for a search whose tables went to a bucket: the study stays with the driver), its study file, or the
+    location the search printed (a journal file's path or an SQLite URL)."""
+    location = str(where)
+    if not location.startswith("sqlite:///"):
+        path = Path(location)
+        if path.is_dir():
+            files = [path / name for name in (SQLITE_STUDY_FILE, STUDY_FILE) if (path / name).is_file()]
+            if not files:
+                raise FileNotFoundError(f"{path}: no Optuna study ({STUDY_FILE} or {SQLITE_STUDY_FILE}); the study "
+                                        f"of a search is in the local folder of its experiment")
+            path = files[0]
+        elif not path.is_file():
+            raise FileNotFoundError(f"{path}: no such experiment folder or study file")
+        location = f"sqlite:///{path.resolve()}" if path.name.endswith(".db") else str(path)
+    return optuna.load_study(study_name=None, storage=open_study_storage(location))
 
 
 def fail_lost_trials(study_url: str, study_name: str, trial_ids: list[str]) -> None:
     """Mark the Optuna trials of lost trials (``uda_ray.tune.driver.set_aside_lost_trials``) FAIL with the reason,
     so the study does not keep them RUNNING forever."""
-    study = optuna.load_study(study_name=study_name, storage=study_url)
+    study = optuna.load_study(study_name=study_name, storage=open_study_storage(study_url))
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get("trial_id") in trial_ids:
             study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost: started after the last saved "
@@ -144,7 +174,7 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
 
     metric, mode = spec.metric, spec.mode
     searcher = UdaOptunaSearch(space=define_by_run(spec), metric=metric, mode=mode, sampler=build_sampler(spec),
-                               study_name=exp.name, storage=study_rdb(study_url),
+                               study_name=exp.name, storage=open_study_storage(study_url),
                                total_iterations=final_config(base).run.iterations, experiment=exp.name,
                                error_of=error_of)
     s = spec.scheduler
