@@ -3,6 +3,7 @@ compacted into the parts as results arrive (throttled) and at the end of the exp
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,8 +13,8 @@ from ray import cloudpickle
 
 from tests.conftest import SYNTHETIC, tiny_overrides
 from uda_ray.config import load_config
-from uda_ray.results.store import load_metrics, load_trials
-from uda_ray.tune.callback import ResultsCallback, TrialInfo
+from uda_ray.results.store import TableFolder, load_metrics, load_trials
+from uda_ray.tune.callback import COMPACT_SHARE, ResultsCallback, TrialInfo
 
 
 def _callback(root: Path, cache: Path, **options) -> ResultsCallback:
@@ -155,3 +156,30 @@ def test_reports_reach_storage_by_the_next_checkpoint_or_compaction(tmp_path: Pa
     cb.compact_every_s = 0.0
     cb.on_trial_result(0, [], trial, {"iteration": 7, "train/loss": 0.4})
     assert load_metrics(exp)["iteration"].max() == 7 and load_trials(exp).iloc[0]["last/train/loss"] == 0.4
+
+
+def test_a_slow_compaction_spaces_the_next_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every result waits while the driver compacts: after a compaction that took long the next one waits longer,
+    so that compactions take at most COMPACT_SHARE of the driver's time."""
+    root = tmp_path / "results"
+    cb = _callback(root, tmp_path / "cache", compact_every_s=0.001, progress=False)
+    quick = TableFolder.compact
+
+    def slow(self: TableFolder) -> list[str]:
+        time.sleep(0.05)
+        return quick(self)
+
+    monkeypatch.setattr(TableFolder, "compact", slow)
+
+    def in_parts() -> list[str]:
+        return sorted(set(pd.read_parquet(root / "exp" / "trials")["trial_id"]))
+
+    time.sleep(0.01)
+    _run_trial(cb, "a", [0.1], 3)  # its first result compacts: 0.1 s for the two tables
+    assert in_parts() == ["a"]
+    time.sleep(0.01)  # past compact_every_s, far short of 0.1 s / COMPACT_SHARE
+    _run_trial(cb, "b", [0.2], 3)
+    assert in_parts() == ["a"] and sorted(load_trials(str(root / "exp"))["trial_id"]) == ["a", "b"]
+    assert 0.1 / COMPACT_SHARE > 1.0
+    cb.on_experiment_end([])
+    assert in_parts() == ["a", "b"]

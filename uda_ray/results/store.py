@@ -13,19 +13,20 @@ Layout of each table's folder (``<experiment>/trials``, ``<experiment>/metrics``
     part-00000.parquet, part-00001.parquet, ...   compacted rows: every trial in exactly one part, by trial id
     _live/<trial_id>.parquet                      a trial's newest rows, replaced atomically as its results arrive
 
-A search writes each trial to its live file (a cheap, atomic write per result) and compacts now and then
-(``TableFolder.compact``): the live files are folded into the parts, a trial always into the part that already holds
-it, a new trial into the last part until it holds ``PART_ROWS`` rows. Thousands of trials are then a few large
-files, which plain pandas and ``load_trials`` read cold in about a second. The live folder is hidden (``_``), so
-``pd.read_parquet(<experiment>/trials)`` reads the parts alone: every trial exactly once and whole at every moment,
-because a part is only ever replaced as a whole and a trial never moves between parts; it sees a running search as of
-its last compaction (a search compacts at least every ``uda_ray.tune.callback.COMPACT_EVERY_S`` while results
-arrive, and when it ends). ``load_trials``/``load_metrics`` also read the live files, which win over the parts: they
-see every trial's newest rows, once. A compaction publishes the parts before it deletes the live files it folded,
-and readers read the live files before they list the parts, so a live file deleted under a reader is always found
-in a part. Pyarrow reads a folder with the schema of its first file, so the first part carries every column of every
-part (null where it has no value). Folders written before parts existed (one visible file per trial) read the same:
-every visible file is a part.
+A search writes each trial to its live file (a cheap, atomic write; ``uda_ray.tune.callback`` says when) and now and
+then compacts (``TableFolder.compact``): the live files are folded into the parts, a trial always into the part that
+already holds it, a new trial into the last part until it holds ``PART_ROWS`` rows. Thousands of trials are then a
+few large files, which plain pandas and ``load_trials`` read cold in about a second. The live folder is hidden
+(``_``), so ``pd.read_parquet(<experiment>/trials)`` reads the parts alone: every trial exactly once and whole at
+every moment, because a part is only ever replaced as a whole and a trial never moves between parts; it sees a
+running search as of its last compaction (a search compacts every ``uda_ray.tune.callback.COMPACT_EVERY_S`` while
+results arrive, less often when compactions would take more than ``COMPACT_SHARE`` of its driver's time, and when it
+ends). ``load_trials``/``load_metrics`` also read the live files, which win over the parts: they see every trial's
+newest rows, once. A compaction publishes the parts before it deletes the live files it folded, and readers read the
+live files before they list the parts, so a live file deleted under a reader is always found in a part. Pyarrow
+reads a folder with the schema of its first file, so the first part carries every column of every part (null where
+it has no value). Folders written before parts existed (one visible file per trial) read the same: every visible
+file is a part.
 
 The best/last rule of the trials table: ``best/<m>`` is the run's state at its best report, the report where the
 experiment's metric (``metric``, by ``mode``) was best (ties: the earliest); for every metric ``m`` it holds the most

@@ -5,10 +5,11 @@
 
 Each write replaces the trial's live file atomically (``uda_ray.results.store``), so a crashed or stopped trial
 leaves the other trials' files untouched and a resumed search overwrites instead of duplicating. At most every
-``COMPACT_EVERY_S`` while results arrive, and when the experiment ends, the live files are compacted into the
-tables' parts (what plain pandas reads); the callback is the one process that compacts its experiment. Rows are
-keyed by the trainer's ``iteration``: when a retried or resumed trial reports an iteration again, the rows from that
-iteration on are replaced, and rows already on storage from an earlier driver process are picked up first.
+``COMPACT_EVERY_S`` while results arrive (less often when compactions would take more than ``COMPACT_SHARE`` of the
+driver's time), and when the experiment ends, the live files are compacted into the tables' parts (what plain pandas
+reads); the callback is the one process that compacts its experiment. Rows are keyed by the trainer's
+``iteration``: when a retried or resumed trial reports an iteration again, the rows from that iteration on are
+replaced, and rows already on storage from an earlier driver process are picked up first.
 
 A trial's row is written when it starts, ends or errs and whenever a result brings a checkpoint; its reports, and
 its row as it runs, go to its live files with the next compaction (the driver answers every report of a function
@@ -78,9 +79,12 @@ class TrialInfo:
 
 NON_RETRYABLE_KEY = "uda_ray_non_retryable"  # no "/": never a metric
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by Ray Train's TuneReportCallback on reports with a checkpoint
-# plain pandas sees a running search at most this late; each compaction rewrites only the parts that hold the
-# trials that wrote since the last one (bounded by store.PART_ROWS, whatever the number of trials)
+# plain pandas sees a running search this late at most, while compactions are quick: each one rewrites only the
+# parts that hold the trials that wrote since the last one (bounded by store.PART_ROWS), but on a busy driver of a
+# large search one takes long enough (0.5 s seen on 2 cores at 500 trials) that it is also spaced to take at most
+# COMPACT_SHARE of the driver's time: every result waits while it runs
 COMPACT_EVERY_S = 10.0
+COMPACT_SHARE = 0.02
 
 
 SETTLED_STATUSES = ("TERMINATED", "PRUNED")
@@ -140,6 +144,7 @@ class ResultsCallback(Callback):
         self.progress = progress
         self.compact_every_s = compact_every_s
         self._compacted_at = time.monotonic()
+        self._compact_took = 0.0  # seconds the last compaction took
         self._folders: tuple[TableFolder, TableFolder] | None = None  # (trials, metrics), made when first needed
         self._trials: dict[str, _TrialState] = {}
         self._status: dict[str, str] = {}  # uda-ray's status of every trial that ended (kept over a resume)
@@ -158,7 +163,7 @@ class ResultsCallback(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a state pickled by an older version lacks what was added since
-        self.__dict__.update({"_status": {}, "_folders": None, "_compacted_at": float("-inf"),
+        self.__dict__.update({"_status": {}, "_folders": None, "_compacted_at": float("-inf"), "_compact_took": 0.0,
                               "compact_every_s": COMPACT_EVERY_S, **state})
 
     # ------------------------------------------------------------------------------------------ Tune hooks
@@ -250,7 +255,10 @@ class ResultsCallback(Callback):
         return self._folders
 
     def _compact(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._compacted_at < self.compact_every_s:
+        start = time.monotonic()
+        # compact_every_s 0: at every call (tests)
+        wait = self.compact_every_s and max(self.compact_every_s, self._compact_took / COMPACT_SHARE)
+        if not force and start - self._compacted_at < wait:
             return
         for trial_id, state in self._trials.items():
             self._write_running(trial_id, state)
@@ -260,6 +268,7 @@ class ResultsCallback(Callback):
         except (OSError, ValueError) as e:  # the live files still hold every row: the next compaction tries again
             log.warning("could not compact the tables of %s: %s", experiment_uri(self.root, self.experiment), e)
         self._compacted_at = time.monotonic()
+        self._compact_took = self._compacted_at - start
 
     def _say(self, what: str, *, best: bool = True) -> None:
         if not self.progress:
