@@ -10,7 +10,8 @@ metric in every result, and never sees the result a trial was stopped on (Tune h
   metric of its last result (its score); a crashed or diverged trial is FAIL with its reason in the user attribute
   ``fail_reason``; the search goes on in every case;
 - each Optuna trial carries the user attributes ``trial_id`` and ``experiment``, to join the study with the parquet
-  tables.
+  tables;
+- a finished trial is kept as its id only: Tune saves the searcher with every snapshot of the experiment.
 
 After a driver is killed, the study on disk can be ahead of the searcher state Tune saved (a trial told COMPLETE
 after the last experiment checkpoint); a restored searcher leaves the trials the study already finished as they are
@@ -79,7 +80,7 @@ class UdaOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         if self._settled(trial_id):
-            self._completed_trials.add(trial_id)
+            self._forget(trial_id)
             return
         ot_trial = self._ot_trials[trial_id]
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -97,4 +98,11 @@ class UdaOptunaSearch(OptunaSearch):
             self._report(trial_id, result)
             state, told = TrialState.COMPLETE, values if isinstance(self.metric, list) else values[0]
         self._ot_study.tell(ot_trial, told, state=state)
+        self._forget(trial_id)
+
+    def _forget(self, trial_id: str) -> None:
+        """A finished trial: only its id is kept. Tune saves the searcher with every snapshot of the experiment (at
+        every checkpoint), so what it holds of finished trials would make each snapshot grow with the search."""
         self._completed_trials.add(trial_id)
+        self._ot_trials.pop(trial_id, None)
+        self._reported.pop(trial_id, None)
