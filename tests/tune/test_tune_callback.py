@@ -183,3 +183,22 @@ def test_a_slow_compaction_spaces_the_next_ones(tmp_path: Path, monkeypatch: pyt
     assert 0.1 / COMPACT_SHARE > 1.0
     cb.on_experiment_end([])
     assert in_parts() == ["a", "b"]
+
+
+def test_an_ended_trial_is_held_as_its_status_only(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Every report of every trial stays on storage, not in the driver: a search of 10,000 trials of 200 reports
+    would otherwise hold them all. The status lines still count every trial."""
+    root = tmp_path / "results"
+    cb = _callback(root, tmp_path / "cache", compact_every_s=3600.0)
+    _run_trial(cb, "a", [0.1, 0.2], 6)
+    _run_trial(cb, "b", [0.3], 3)
+    trial = SimpleNamespace(trial_id="c", config={"lr": 0.01}, error_file=None)
+    cb.on_trial_start(0, [], trial)
+    assert list(cb._trials) == ["c"]
+    cb.on_trial_result(0, [], trial, {"iteration": 3, "train/loss": 0.5, "val/miou": 0.4})
+    cb.on_trial_complete(0, [SimpleNamespace(trial_id=t, status="TERMINATED") for t in "abc"], trial)
+    assert not cb._trials
+    assert capsys.readouterr().out.splitlines()[-1] == "[uda-ray] trials: 1 TERMINATED, 2 PRUNED"
+    trials = load_trials(str(root / "exp")).set_index("trial_id")
+    assert trials["status"].to_dict() == {"a": "TERMINATED", "b": "PRUNED", "c": "PRUNED"}
+    assert load_metrics(str(root / "exp")).groupby("trial_id").size().to_dict() == {"a": 2, "b": 1, "c": 1}

@@ -227,7 +227,7 @@ class ResultsCallback(Callback):
             self._best = (score, trial.trial_id)
         self._write_reports(trial.trial_id, state)
         self._write_row(trial.trial_id, state, status, ended=True)
-        self._status[trial.trial_id] = status
+        self._ended(trial.trial_id, status)
         self._say(f"{trial.trial_id} {status} at iteration {int(last)}")
         self._say_counts(trials)
         self._compact()
@@ -239,7 +239,7 @@ class ResultsCallback(Callback):
         status = "DIVERGED" if "Diverged" in message and "StageFailed" not in message else "ERROR"
         self._write_reports(trial.trial_id, state)
         self._write_row(trial.trial_id, state, status, error=message, ended=True)
-        self._status[trial.trial_id] = status
+        self._ended(trial.trial_id, status)
         self._say(f"{trial.trial_id} {status}: {message}")
         self._say_counts(trials)
         self._compact()
@@ -287,6 +287,13 @@ class ResultsCallback(Callback):
         order = [*STATUSES, "PENDING", "PAUSED"]
         names = sorted(counts, key=lambda s: (order.index(s) if s in order else len(order), s))
         self._say("trials: " + ", ".join(f"{counts[s]} {s}" for s in names), best=False)
+
+    def _ended(self, trial_id: str, status: str) -> None:
+        """A trial whose last rows are written: its status is kept, its state (every report) is not; a driver of
+        10,000 trials would otherwise hold them all. Should Tune run it again, ``_state`` reads it back from
+        storage, as a resumed driver does."""
+        self._status[trial_id] = status
+        self._trials.pop(trial_id, None)
 
     def _state(self, trial: Trial) -> _TrialState:
         if trial.trial_id not in self._trials:
