@@ -77,3 +77,12 @@ def test_load_study_names_what_is_missing(tmp_path: Path):
         load_study(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope: no such experiment folder or study file"):
         load_study(tmp_path / "nope")
+
+
+def test_load_study_wants_the_one_study_of_a_search(tmp_path: Path, caplog):
+    location = str(tmp_path / STUDY_FILE)
+    _fill(location, "s1")
+    assert load_study(location).study_name == "s1" and "omitted" not in caplog.text
+    _fill(location, "s2")
+    with pytest.raises(ValueError, match=r"optuna.log: 2 Optuna studies \(s1, s2\)"):
+        load_study(tmp_path)

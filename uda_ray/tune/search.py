@@ -117,7 +117,12 @@ def load_study(where: str | Path) -> optuna.Study:
         elif not path.is_file():
             raise FileNotFoundError(f"{path}: no such experiment folder or study file")
         location = f"sqlite:///{path.resolve()}" if path.name.endswith(".db") else str(path)
-    return optuna.load_study(study_name=None, storage=open_study_storage(location))
+    storage = open_study_storage(location)
+    names = optuna.get_all_study_names(storage)
+    if len(names) != 1:
+        raise ValueError(f"{location}: {len(names)} Optuna studies ({', '.join(names) or 'none'}); a search's "
+                         f"study file holds its one study")
+    return optuna.load_study(study_name=names[0], storage=storage)
 
 
 def fail_lost_trials(study_url: str, study_name: str, trial_ids: list[str]) -> None:
