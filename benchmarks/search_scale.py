@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from uda_ray.config import apply_overrides, load_config
     from uda_ray.train.loop import data_roots
+    from uda_ray.tune import local_ray
 
     with tempfile.TemporaryDirectory(prefix="uda_search_scale_") as tmp:
         tmp = Path(tmp)
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         t_trial = fresh_import_s(TRIAL_IMPORT, args.import_runs)
         storages = study_storages(tmp, args.study_trials)
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=args.cpus or args.concurrent, log_to_driver=False)
+        local_ray.start(num_cpus=args.cpus or args.concurrent, log_to_driver=False)  # as a search starts one
         t_ray = time.perf_counter() - t0
         rows = []
         for n in args.sizes:

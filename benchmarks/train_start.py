@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from uda_ray.config import apply_overrides, load_config
     from uda_ray.train.loop import data_roots
     from uda_ray.train.worker import TRAIN_POLL_ENV, TRAIN_POLL_S, Scaling, run_trainer
+    from uda_ray.tune import local_ray
 
     if TRAIN_POLL_ENV in os.environ:
         p.error(f"${TRAIN_POLL_ENV} is set ({os.environ[TRAIN_POLL_ENV]}): unset it to compare the two intervals")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         cfg = apply_overrides(load_config(SYNTHETIC), tiny(tmp / "cache", args.iterations, 2))
         data_roots(cfg)
-        ray.init(address="local", num_cpus=max(2, args.workers), log_to_driver=False)
+        local_ray.start(num_cpus=max(2, args.workers), log_to_driver=False)  # as a search starts one
         times: dict[str, list[float]] = {RAY_DEFAULT_POLL_S: [], TRAIN_POLL_S: []}
         for r in range(args.rounds):
             for poll in (RAY_DEFAULT_POLL_S, TRAIN_POLL_S) if r % 2 == 0 else (TRAIN_POLL_S, RAY_DEFAULT_POLL_S):

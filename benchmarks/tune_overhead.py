@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
+    from uda_ray.tune import local_ray
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = tmp / "cache"
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         space = write_space(tmp / "s.yaml", cache, trials=args.trials, iterations=args.iterations, workers=0)
         t_opt = optuna_alone(space, tmp / "alone")
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=2, log_to_driver=False)
+        local_ray.start(num_cpus=2, log_to_driver=False)  # as a search starts one
         t_ray = time.perf_counter() - t0
         t_tune = through_tune(space, tmp / "results")
         one0 = write_space(tmp / "w0.yaml", cache, trials=1, iterations=args.iterations, workers=0)

@@ -79,7 +79,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test marked ``ray`` that does not take ``ray_local`` starts a Ray of its own: the shared one is ended first,
-    so that no two Rays run side by side (Ray's state API refuses to choose between them)."""
+    so that no two Rays share the machine's cores."""
     if item.get_closest_marker("ray") is not None and not _shares_ray(item):
         import ray
 
@@ -89,14 +89,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray of 2 CPUs shared by the tests that take it (started by the first, ended after the last), with its
-    dashboard: Ray's state API is what cleans up the workers of a Train run that Tune stopped. As ``init_ray``
-    starts one: every process of the job has ``TUNE_DISABLE_STRICT_METRIC_CHECKING``; and one thread per process."""
+    dashboard: Ray's state API is what cleans up the workers of a Train run that Tune stopped. Started as
+    ``init_ray`` starts one (``uda_ray.tune.local_ray.start``: every process of the job finds its state API and has
+    ``TUNE_DISABLE_STRICT_METRIC_CHECKING``), with one thread per process."""
     import os
 
     import ray
 
+    from uda_ray.tune import local_ray
+
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ray.init(address="local", num_cpus=2,
-             runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "OMP_NUM_THREADS": "1"}})
+    local_ray.start(num_cpus=2,
+                    runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()

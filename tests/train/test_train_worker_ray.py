@@ -1,9 +1,11 @@
 """Ray Train workers: DDP over 2 gloo workers equals one process with the doubled batch; early-stopped DDP trials
-release their workers; a 2-node cluster runs trials on both nodes."""
+release their workers, also beside another Ray; a 2-node cluster runs trials on both nodes."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,9 +77,26 @@ def test_recipes_train_under_two_worker_ddp(ray_local, tmp_path: Path, synthetic
     assert result.checkpoint is not None
 
 
+@pytest.fixture()
+def another_ray():
+    """A second Ray on the machine, in a process of its own, as a `ray start` cluster or another search would be."""
+    code = ("import sys, ray; ray.init(address='local', num_cpus=0, include_dashboard=False, log_to_driver=False); "
+            "print('up', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        yield
+    finally:
+        proc.stdin.close()  # the process ends its Ray as it exits
+        proc.wait(timeout=60)
+
+
 @pytest.mark.timeout(1200)  # about 100 s on an idle 2-core machine; Ray's niced workers slow down under load
-def test_early_stopped_ddp_trials_release_their_workers(ray_local, tmp_path: Path, synthetic_cache: Path):
-    """Each trial's Train worker takes both CPUs: a leaked worker would leave the next trial waiting forever."""
+def test_early_stopped_ddp_trials_release_their_workers(ray_local, another_ray, tmp_path: Path,
+                                                        synthetic_cache: Path):
+    """Each trial's Train worker takes both CPUs: a leaked worker would leave the next trial waiting forever. With
+    another Ray on the machine, Ray Train's cleaner of a stopped run's placement group must still ask the search's
+    own Ray whether the run's controller is alive (``uda_ray.tune.local_ray.start``)."""
     import ray
     import yaml
     from ray.util.state import list_actors
@@ -106,7 +125,8 @@ def test_early_stopped_ddp_trials_release_their_workers(ray_local, tmp_path: Pat
     # and nothing is left holding the CPUs once the last trial's process has exited
     deadline = time.monotonic() + 60
     while True:
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100)
+        workers = list_actors(address=ray.get_runtime_context().gcs_address, limit=100,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         free = ray.available_resources().get("CPU", 0.0)
         if (not workers and free == 2.0) or time.monotonic() > deadline:
             break

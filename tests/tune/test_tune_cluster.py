@@ -107,11 +107,16 @@ def test_joined_cluster_is_named_and_not_recorded(no_ray: None, monkeypatch: pyt
 def test_no_address_starts_a_local_ray_even_beside_a_ray_start_cluster(
         no_ray: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """With no --address and no RAY_ADDRESS, Ray itself would join the newest `ray start` cluster of the machine;
-    uda-ray asks for a local instance, which it then records as its own."""
+    uda-ray asks for a local instance, which it then records as its own, and tells every process of the job where
+    that instance's state API is (the dashboard's port, chosen free)."""
     class Node:
         @staticmethod
         def get_session_dir_path() -> str:
             return "/tmp/ray/session_x"
+
+        @property
+        def address_info(self) -> dict:
+            return {"webui_url": f"127.0.0.1:{asked['dashboard_port']}"}  # the port it was asked for
 
     recorded = []
     monkeypatch.setattr(driver, "end_leftovers", lambda: [])
@@ -120,4 +125,8 @@ def test_no_address_starts_a_local_ray_even_beside_a_ray_start_cluster(
     asked = fake_cluster(monkeypatch, "127.0.0.1:50001", 1, {"CPU": 2.0})
     driver.init_ray(None)
     assert asked["address"] == "local" and recorded == ["/tmp/ray/session_x"]
+    port = asked["dashboard_port"]
+    assert isinstance(port, int) and port > 0 and asked["dashboard_host"] == "127.0.0.1"
+    assert asked["runtime_env"]["env_vars"] == {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+                                                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     assert "[uda-ray] started a local Ray at 127.0.0.1:50001: 1 node, 2 CPUs, 0 GPUs" in capsys.readouterr().out

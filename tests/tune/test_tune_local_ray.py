@@ -62,3 +62,68 @@ def test_only_this_hosts_records_are_judged(records: Path, tmp_path: Path) -> No
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+class _FakeRay:
+    """``ray.init`` whose dashboard comes up on the asked port only from the ``up_from``-th start on."""
+
+    def __init__(self, up_from: int) -> None:
+        self.starts: list[dict] = []
+        self.up_from = up_from
+        self.ended = 0
+
+    def init(self, **kw: object) -> None:
+        self.starts.append(kw)
+
+    def shutdown(self) -> None:
+        self.ended += 1
+
+    @property
+    def webui_url(self) -> str | None:
+        return f"127.0.0.1:{self.starts[-1]['dashboard_port']}" if len(self.starts) >= self.up_from else None
+
+
+@pytest.fixture()
+def fake_ray(monkeypatch: pytest.MonkeyPatch):
+    import ray
+
+    def make(up_from: int) -> _FakeRay:
+        fake = _FakeRay(up_from)
+
+        class Node:
+            address_info = property(lambda self: {"webui_url": fake.webui_url})
+
+        monkeypatch.setattr(ray, "init", fake.init)
+        monkeypatch.setattr(ray, "shutdown", fake.shutdown)
+        monkeypatch.setattr(ray._private.worker.global_worker, "node", Node(), raising=False)
+        return fake
+    return make
+
+
+def test_start_tells_the_job_where_its_state_api_is(fake_ray) -> None:
+    fake = fake_ray(up_from=1)
+    url = local_ray.start(num_cpus=2, runtime_env={"env_vars": {"A": "1"}, "working_dir": "x"})
+    (kw,) = fake.starts
+    assert url == f"http://127.0.0.1:{kw['dashboard_port']}" and kw["address"] == "local" and kw["num_cpus"] == 2
+    assert kw["runtime_env"] == {"env_vars": {"A": "1", "RAY_API_SERVER_ADDRESS": url}, "working_dir": "x"}
+
+
+def test_start_takes_another_port_when_the_dashboard_did_not_bind(fake_ray) -> None:
+    """Another process took the free port before the dashboard bound it: Ray started without one."""
+    fake = fake_ray(up_from=2)
+    url = local_ray.start(num_cpus=1)
+    assert len(fake.starts) == 2 and fake.ended == 1
+    assert url == fake.starts[1]["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"]
+
+
+def test_start_on_a_taken_port_that_was_asked_for_says_so(fake_ray) -> None:
+    fake = fake_ray(up_from=99)
+    with pytest.raises(RuntimeError, match="did not start on port 8265 .*--address"):
+        local_ray.start(dashboard_port=8265)
+    assert len(fake.starts) == 1 and fake.ended == 1
+
+
+def test_start_without_a_dashboard_changes_nothing(fake_ray) -> None:
+    fake = fake_ray(up_from=99)
+    assert local_ray.start(include_dashboard=False, runtime_env={"env_vars": {"A": "1"}}) is None
+    assert fake.starts == [{"address": "local", "include_dashboard": False, "runtime_env": {"env_vars": {"A": "1"}}}]

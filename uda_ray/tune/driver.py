@@ -43,6 +43,7 @@ from uda_ray.train.worker import Scaling, is_non_retryable, run_in_process, run_
 from uda_ray.tune.callback import NON_RETRYABLE_KEY, ResultsCallback, TrialInfo
 from uda_ray.tune.cluster import ClusterAuthError, auth_message, describe_cluster, is_auth_failure, joining_address
 from uda_ray.tune.local_ray import end_leftovers, record_session
+from uda_ray.tune.local_ray import start as start_local_ray
 from uda_ray.tune.spec_yaml import objectives
 from uda_ray.tune.stage_coordinator import coordinate_with, start_coordinator
 
@@ -220,11 +221,15 @@ def init_ray(address: str | None) -> None:
     if joining is None:
         for line in end_leftovers():
             print(f"[uda-ray] {line}", flush=True)
+    runtime_env = {"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}}
     try:
-        # "local": without it Ray itself joins the newest cluster that `ray start` began on this machine, which
-        # uda-ray would then call, record and one day end as its own local Ray; joining is what --address asks for
-        ray.init(address=address if joining is not None else "local", log_to_driver=True,
-                 runtime_env={"env_vars": {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}})
+        if joining is not None:
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        else:
+            # a local Ray of its own (Ray itself would join the newest cluster that `ray start` began on this
+            # machine, which uda-ray would then call, record and one day end as its own local Ray), whose
+            # processes find its state API beside any other Ray of the machine (uda_ray.tune.local_ray)
+            start_local_ray(log_to_driver=True, runtime_env=runtime_env)
     except Exception as e:
         if joining is not None and is_auth_failure(e):
             raise ClusterAuthError(auth_message(joining)) from None

@@ -12,6 +12,16 @@ home folder shared over NFS holds the records of several machines: a pid on one 
 process on another, so records of other hosts (and records without a host, written by uda-ray before it kept one)
 are never judged. Sessions of drivers that are still alive, and Ray sessions uda-ray did not start, are never
 touched.
+
+``start`` starts the local Ray itself, so that its processes find it when another Ray runs on the machine (a
+``ray start`` cluster, a second uda-ray search): Ray's state API, when it is given no address, picks the newest
+``ray start`` cluster (or fails, when several run and none was begun by ``ray start``). Ray Train's
+placement-group cleaner asks it whether a Train run's controller is alive: the wrong cluster answers no (the cleaner
+quits at once), and the failure ends the cleaner's thread. Either way the placement group of a trial that Tune
+stops stays, holding its CPUs and GPUs for good, and the next trial waits for them forever
+(``tests/train/test_train_worker_ray.py``).
+So the local Ray's dashboard (the state API's server) gets a port chosen here, and every process of the job is
+told its address (``RAY_API_SERVER_ADDRESS``, which the state API reads before anything else).
 """
 
 from __future__ import annotations
@@ -23,11 +33,13 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 RECORDS = Path("~/.cache/uda-ray/local-ray")
 GRACE_S = 5.0
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # read by Ray's state API before $RAY_ADDRESS (ray.dashboard.utils)
 
 
 def _records_dir() -> Path:
@@ -119,3 +131,36 @@ def end_leftovers() -> list[str]:
                         + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
     return said
 
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(*, runtime_env: dict[str, Any] | None = None, **options: Any) -> str | None:
+    """``ray.init(address="local", …)`` with the dashboard on a free port (or ``dashboard_port``) whose address every
+    process of the job has in ``$RAY_API_SERVER_ADDRESS`` (added to ``runtime_env``'s ``env_vars``; the other
+    ``options`` go to ``ray.init`` as they are). Returns that address, or None with ``include_dashboard=False``."""
+    import ray
+
+    if options.get("include_dashboard") is False:
+        ray.init(address="local", runtime_env=runtime_env, **options)
+        return None
+    host = options.setdefault("dashboard_host", "127.0.0.1")
+    asked = options.pop("dashboard_port", None)
+    # another process can take a free port before the dashboard binds it: Ray then starts without its dashboard
+    for _ in range(1 if asked else 3):
+        port = asked or _free_port(host)
+        url = f"http://{host}:{port}"
+        env = dict(runtime_env or {})
+        env["env_vars"] = {**env.get("env_vars", {}), API_SERVER_ENV: url}
+        ray.init(address="local", runtime_env=env, dashboard_port=port, **options)
+        served = ray._private.worker.global_worker.node.address_info.get("webui_url")
+        if served and str(served).rsplit(":", 1)[-1] == str(port):
+            return url
+        ray.shutdown()
+    raise RuntimeError(f"the local Ray's dashboard did not start on port {port} (Ray says {served!r}: the port is "
+                       "taken, or Ray lacks its dashboard, `pip install 'ray[default]'`); without it the workers of a "
+                       "stopped Train trial are never released. Free the port, or pass --address to join a running "
+                       "cluster")
