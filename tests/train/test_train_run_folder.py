@@ -1,13 +1,14 @@
 """`uda-ray train` leaves no half-made folder that looks like a result: a run that stops before its first
 checkpoint removes the folder it created; a later failure marks it ERROR in status.json, which analyze reports and
---resume continues; a folder with checkpoints is never trained into again without --resume. Preflight lists every
-missing input at once."""
+--resume continues (its metrics rows once each); a folder with checkpoints is never trained into again without
+--resume. Preflight lists every missing input at once."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import ROOT, SYNTHETIC, tiny_overrides
@@ -60,9 +61,13 @@ def test_later_failure_is_marked_then_resumed(synthetic_cache: Path, tmp_path: P
     with pytest.raises(RunFolderError, match="already holds a run .*iter_0000003.*--resume"):
         train_local(_cfg(synthetic_cache), run, progress=False)
     monkeypatch.setattr(run_mod, "fit", real_fit)
+    assert list(pd.read_parquet(run / "metrics.parquet")["iteration"]) == [1, 2, 3, 4]
     result = train_local(_cfg(synthetic_cache), run, resume=True, progress=False)
     assert result.status == "completed"
     assert json.loads((run / STATUS_FILE).read_text())["status"] == "TERMINATED"
+    # the report of iteration 4 came after the checkpoint it resumed from: made again, and once
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert list(metrics["iteration"]) == [1, 2, 3, 4, 5, 6] and set(metrics["trial_id"]) == {"r"}
 
 
 def test_preflight_lists_every_missing_input_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -72,6 +72,27 @@ def checkpoint_iteration(checkpoint_dir: str | Path) -> int:
     return int(Path(checkpoint_dir).name.split("_")[-1])
 
 
+class MetricsFile:
+    """A run folder's ``metrics.parquet`` (``uda_ray.results.store.metrics_table``, named ``name``): one row per
+    report, the file rewritten atomically at each. A run resumed from ``resume_from`` (a checkpoint folder) keeps the
+    rows up to that checkpoint's iteration; the later ones are reported again."""
+
+    def __init__(self, path: Path, name: str, *, resume_from: Path | None = None) -> None:
+        self.path, self.name = path, name
+        self.rows: list[dict[str, Any]] = []
+        if resume_from is not None and path.is_file():
+            import pandas as pd
+
+            old = pd.read_parquet(path)
+            # the table's own columns go, and the keys a row never had (NaN where other rows have them)
+            self.rows = [{k: v for k, v in r.items() if k not in ("experiment", "trial_id") and v == v}
+                         for r in old[old["iteration"] <= checkpoint_iteration(resume_from)].to_dict("records")]
+
+    def append(self, metrics: dict[str, float]) -> None:
+        self.rows.append(dict(metrics))
+        write_parquet(metrics_table(self.name, self.name, self.rows), str(self.path))
+
+
 def default_run_name(config_path: str | Path) -> str:
     return f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -100,19 +121,10 @@ def train_local(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "provenance.json").write_text(json.dumps(provenance(cfg, overrides), indent=2))
 
-    metrics_path = run_dir / "metrics.parquet"
-    rows: list[dict[str, float]] = []
-    if ckpt is not None and metrics_path.exists():
-        import pandas as pd
+    metrics = MetricsFile(run_dir / "metrics.parquet", run_dir.name, resume_from=ckpt)
 
-        done = checkpoint_iteration(ckpt)
-        old = pd.read_parquet(metrics_path)
-        rows = [{k: v for k, v in r.items() if k not in ("experiment", "trial_id")}
-                for r in old[old["iteration"] <= done].to_dict("records")]
-
-    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        rows.append(dict(metrics))
-        write_parquet(metrics_table(run_dir.name, run_dir.name, rows), str(metrics_path))
+    def report(reported: dict[str, float], checkpoint_dir: Path | None) -> None:
+        metrics.append(reported)
 
     resume_hint = (f"uda-ray train {run_dir / 'config.yaml'} --output-dir {run_dir.parent} --name {run_dir.name} "
                    "--resume")

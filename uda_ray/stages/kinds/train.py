@@ -22,12 +22,11 @@ import pandas as pd
 import torch
 
 from uda_ray.config import Config, save_config
-from uda_ray.results.store import metrics_table, write_parquet
 from uda_ray.stages.chain import StageFailed
 from uda_ray.stages.kinds import StageJob
 from uda_ray.train.checkpoint import load_checkpoint
 from uda_ray.train.loop import DistInfo, FitResult, fit
-from uda_ray.train.run import checkpoint_iteration, latest_checkpoint
+from uda_ray.train.run import MetricsFile, checkpoint_iteration, latest_checkpoint
 
 if TYPE_CHECKING:
     from uda_ray.train.worker import Scaling
@@ -61,16 +60,12 @@ def train_in(cfg: Config, work_dir: Path, *, progress: bool = False, log=print, 
     ``metrics.parquet`` there (rank 0 writes; every rank trains). Usable on Ray Train workers."""
     rank = DistInfo.current().rank
     ckpt = latest_checkpoint(work_dir)
-    metrics_path = work_dir / "metrics.parquet"
-    rows: list[dict[str, float]] = []
     best, best_it = _best_so_far(work_dir)
-    if rank == 0 and ckpt is not None and metrics_path.is_file():
+    table = MetricsFile(work_dir / "metrics.parquet", name or work_dir.name, resume_from=ckpt if rank == 0 else None)
+    if ckpt is not None:
         done = checkpoint_iteration(ckpt)
-        old = pd.read_parquet(metrics_path)
-        rows = [{k: v for k, v in r.items() if k not in ("experiment", "trial_id") and v == v}
-                for r in old[old["iteration"] <= done].to_dict("records")]
         # killed between the checkpoint of a best evaluation and the copy of it: that checkpoint is the newest
-        for r in rows:
+        for r in table.rows:
             if r.get(BEST_METRIC, -math.inf) > best and int(r["iteration"]) == done:
                 save_model(ckpt, work_dir / "best.pt", r)
                 best, best_it = r[BEST_METRIC], done
@@ -80,8 +75,7 @@ def train_in(cfg: Config, work_dir: Path, *, progress: bool = False, log=print, 
         nonlocal best, best_it
         if rank != 0:
             return
-        rows.append(dict(metrics))
-        write_parquet(metrics_table(name or work_dir.name, name or work_dir.name, rows), str(metrics_path))
+        table.append(metrics)
         value = metrics.get(BEST_METRIC)
         if value is None:
             return
