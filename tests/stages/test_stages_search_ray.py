@@ -1,7 +1,7 @@
-"""Searches over chains on a real local Ray: a stage the trials share is computed once (also when two trials need it
-at the same time), a failing stage fails the trials that need it and no other, a train stage runs on Ray Train
-workers when the trial has them, and a driver killed with kill -9 during a stage resumes with the stage computed once,
-its leftover Ray processes ended and no duplicated rows."""
+"""Searches over chains on a real local Ray: a stage the trials share is computed once (also when two trials need it at
+the same time, and across the cells of an ablation), a failing stage fails the trials that need it and no other, a
+train stage runs on Ray Train workers when the trial has them, and a driver killed with kill -9 during a stage
+resumes with the stage computed once, its leftover Ray processes ended and no duplicated rows."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.tune.test_tune_search_ray import _cli, _wait_for
 from uda_ray.analysis import analyze
 from uda_ray.results.store import load_metrics, load_trials
 from uda_ray.stages.cache import StageCache, stage_keys, stages_root
+from uda_ray.tune.ablate import run_ablation
 from uda_ray.tune.retrain import plan_retrain, run_retrain
 from uda_ray.tune.search import run_search
 
@@ -78,6 +79,36 @@ def test_a_search_shares_its_stages_and_a_failing_stage_fails_only_its_trials(ra
     assert retrained["stage/source/key"].tolist() == [entry["key"]] and retrained["config/run.seed"].tolist() == [5]
     assert [r["status"] for r in cache.runs("source", entry["key"])] == ["done"]  # reused, not computed again
     assert len(cache.entries()[0]["used_by"]) == 5
+
+
+def test_an_ablation_over_a_chain_runs_each_cell_with_its_seed_and_shares_the_stages_cells_do_not_change(
+        ray_local, tmp_path: Path, synthetic_cache: Path) -> None:
+    """2 cells × 1 seed of a source-only → adaptation chain whose one component changes the adaptation stage: both
+    trials run with the seed in every stage and share one source-only stage, computed once."""
+    chain = write_chain(tmp_path / "chain.yaml", synthetic_cache, {
+        "source": {"kind": "train", "overrides": {"loss.mix_weight": 0.0}},
+        "adapt": {"kind": "train", "init": {"stage": "source", "checkpoint": "best"}}})
+    spec = {"experiment": "a", "base": {"config": str(chain)}, "baseline": {"loss.cluda.weight": 0.0},
+            "components": {"cluda": {"loss.cluda.weight": 1.0, "loss.cluda.fm_size": 9}}, "design": "one-at-a-time",
+            "seeds": [3], "metric": "val/miou", "mode": "max", "max_concurrent": 2,
+            "resources": {"workers": 0, "cpus_per_worker": 1}}
+    path = tmp_path / "abl.yaml"
+    path.write_text(f"# uda-ray ablate {path}\n" + yaml.safe_dump(spec, sort_keys=False))
+    out = run_ablation(path, storage=str(tmp_path / "results"))
+    trials = load_trials(out.experiment.uri).set_index("cell")
+    assert sorted(trials.index) == ["+cluda", "baseline"] and set(trials["status"]) == {"TERMINATED"}
+    assert set(trials["seed"]) == {3} and set(trials["config/run.seed"]) == {3}
+    assert trials.loc["+cluda", "config/loss.cluda.weight"] == 1.0
+    assert trials.loc["baseline", "config/loss.cluda.weight"] == 0.0
+    for text in trials["chain"]:
+        assert {s["name"]: s["config"]["run"]["seed"] for s in json.loads(text)["stages"]} == {"source": 3, "adapt": 3}
+    cache = StageCache(stages_root(str(tmp_path / "results")))
+    [entry] = cache.entries()
+    assert set(trials["stage/source/key"]) == {entry["key"]}
+    assert [r["status"] for r in cache.runs("source", entry["key"])] == ["done"]
+    assert out.summary.loc[["baseline", "+cluda"], 3].notna().all()
+    tables = analyze(out.experiment.uri, out_dir=str(tmp_path / "report"))  # an ablation's report, as any other
+    assert set(tables["ablation"]["cell"]) >= {"+cluda"}, tables["ablation"]
 
 
 def test_kill9_during_a_stage_then_resume(tmp_path: Path, synthetic_cache: Path) -> None:

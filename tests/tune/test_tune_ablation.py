@@ -157,3 +157,52 @@ def test_cells_start_from_the_base_as_read_and_a_resume_after_it_changed_is_refu
     path.write_text(path.read_text().replace("max_concurrent: 2", "max_concurrent: 1"))
     with pytest.raises(ExperimentError, match=r"abl.yaml differs from the ablation spec .*abl-x was launched with"):
         run_ablation(path, storage=str(tmp_path / "results"), name="abl-x", resume=True)
+
+
+def _chain_spec(tmp_path: Path, **changes: Any) -> Path:
+    """An ablation over a 3-stage chain: its components change the adaptation stage or the final one only."""
+    stage = {"kind": "train", "config": "run.yaml"}
+    chain = {"chain": "toy", "seed": 7, "stages": {
+        "source": {**stage, "overrides": {"loss.mix_weight": 0.0}},
+        "adapt": {**stage, "init": "source"},
+        "final": {**stage, "init": "adapt"}}}
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(chain, sort_keys=False))
+    spec = edited(SPEC, base__config="chain.yaml", base__overrides={"stages.adapt.run.iterations": 30},
+                  baseline={"loss.cluda.weight": 0.0},
+                  components={"cluda": {"loss.cluda.weight": 1.0},
+                              "adapt_sdca": {"stages.adapt.loss.sdca.weight_feat": 1.0}}, **changes)
+    return write(tmp_path, spec)
+
+
+def test_a_chain_base_seeds_every_stage_and_shares_the_stages_a_cell_does_not_change(tmp_path: Path) -> None:
+    from uda_ray.stages.cache import stage_keys
+    from uda_ray.stages.chain import Chain
+
+    spec = load_ablation(_chain_spec(tmp_path, seeds=[0, 1]))
+    assert base_config(spec).loss.cluda.weight == 0.0  # the final stage's config, baseline applied in each cell
+    g = grid(spec)
+    assert [(e["seed"], e["cell"]) for e in g] == [(s, c) for s in (0, 1) for c in ("baseline", "+cluda",
+                                                                                    "+adapt_sdca", "all")]
+    keys = {}
+    for e in g:
+        assert "run.seed" not in e["overrides"] and e["overrides"]["seed"] == e["seed"]
+        chain = cell_config(spec, e)
+        assert isinstance(chain, Chain) and chain.seed == e["seed"]
+        assert [s.config.run.seed for s in chain.stages] == [e["seed"]] * 3  # the whole recipe repeats per seed
+        assert chain.stage("adapt").config.run.iterations == 30
+        assert chain.final_config.loss.cluda.weight == (1.0 if e["cell"] in ("+cluda", "all") else 0.0)
+        assert chain.stage("adapt").config.loss.sdca.weight_feat == (1.0 if e["cell"] in ("+adapt_sdca", "all")
+                                                                     else 0.0)
+        keys[(e["cell"], e["seed"])] = stage_keys(chain)
+    for s in (0, 1):
+        # the source-only stage: one for every cell of a seed; the adaptation stage: one per value of its component
+        assert len({keys[(c, s)]["source"] for c in ("baseline", "+cluda", "+adapt_sdca", "all")}) == 1
+        assert keys[("baseline", s)]["adapt"] == keys[("+cluda", s)]["adapt"] != keys[("+adapt_sdca", s)]["adapt"]
+    assert keys[("baseline", 0)]["source"] != keys[("baseline", 1)]["source"]
+
+
+@pytest.mark.parametrize("key", ["seed", "stages.adapt.run.seed", "run.seed"])
+def test_a_chain_base_refuses_a_seed_set_by_hand(tmp_path: Path, key: str) -> None:
+    path = _chain_spec(tmp_path, components__cluda={"loss.cluda.weight": 1.0, key: 3})
+    with pytest.raises(SpaceError, match=f"{path}: components.cluda sets '{key}': seeds come from"):
+        load_ablation(path)

@@ -2,8 +2,9 @@
 
 The spec (``uda_ray.tune.ablation``) is read and validated, and every cell's run config built, before Ray starts.
 The Tune ``param_space`` is ``{"trial": grid_search(grid(spec))}``: one trial per ``{"cell", "seed", "overrides"}``
-entry, so every cell runs exactly the spec's seeds and ``run.seed`` of trial (cell, s) is s (pairing). The parquet
-rows carry ``cell`` and ``seed``; ``<experiment>/ablation.yaml`` is a copy of the spec as it was launched.
+entry, so every cell runs exactly the spec's seeds and ``run.seed`` of trial (cell, s) is s (pairing; with a chain
+base, every train stage's). The parquet rows carry ``cell`` and ``seed`` (and a chain's ``chain`` and
+``stage/<name>/…`` columns, as a search's); ``<experiment>/ablation.yaml`` is a copy of the spec as it was launched.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import pandas as pd
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from uda_ray.config import Config
 from uda_ray.preflight import preflight
 from uda_ray.results.schema import FINISHED, is_percent_metric, metric_value_text
 from uda_ray.results.store import load_trials
+from uda_ray.stages.chain import Chain, Run, final_config
+from uda_ray.stages.check import preflight_chain
+from uda_ray.stages.run import stage_columns
 from uda_ray.tune.ablation import AblationSpec, cell_config, expand, grid, load_ablation
 from uda_ray.tune.callback import TrialInfo
 from uda_ray.tune.driver import (
@@ -97,11 +100,14 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
         spec = naming_spec_overrides(lambda: load_ablation(spec_path, launched), launched)
     entries = grid(spec)
     # every run config is built (and validated) here, so trials never read the YAML files on cluster nodes
-    configs: dict[tuple[str, int], Config] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}
-    preflight(configs.values(), storage=exp.root)
+    runs: dict[tuple[str, int], Run] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}
+    chains = {k: r for k, r in runs.items() if isinstance(r, Chain)}
+    preflight([r for r in runs.values() if not isinstance(r, Chain)], storage=exp.root)
+    for chain in chains.values():
+        preflight_chain(chain, storage=exp.root)
     if check:
         cells = expand(spec)
-        iterations = sorted({c.run.iterations for c in configs.values()})
+        iterations = sorted({final_config(r).run.iterations for r in runs.values()})
         plan = (f"{spec_path}: valid. {len(cells)} cell(s) ({', '.join(c.name for c in cells)}) x "
                 f"{len(spec.seeds)} seed(s) = {len(entries)} run(s) of {'/'.join(map(str, iterations))} iterations, "
                 f"{spec.max_concurrent} at a time; the data, files and storage they need are in place. It would write "
@@ -111,20 +117,23 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
     launch_base(exp, spec.base, spec.base_config, resume)
     init_ray(address)
 
-    def config_of(tune_config: dict[str, Any]) -> Config:
+    def run_of(tune_config: dict[str, Any]) -> Run:
         e = _entry(tune_config)
-        return configs[(e["cell"], e["seed"])]
+        return runs[(e["cell"], e["seed"])]
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
-        e = _entry(tune_config)
-        return TrialInfo(config=configs[(e["cell"], e["seed"])], overrides=own_overrides(spec, e["overrides"]),
-                         cell=e["cell"], seed=e["seed"])
+        e, run = _entry(tune_config), run_of(tune_config)
+        chain = run if isinstance(run, Chain) else None
+        return TrialInfo(config=final_config(run), overrides=own_overrides(spec, e["overrides"]), cell=e["cell"],
+                         seed=e["seed"], chain=chain.to_json() if chain else None,
+                         stages=stage_columns(chain, exp.root) if chain else None)
 
     run = run_experiment(ExperimentSpec(
-        experiment=exp, kind="ablation", metric=spec.metric, mode=spec.mode, config_of=config_of,
-        trial_info=trial_info, scaling=scaling_of(spec), num_samples=1, max_concurrent=spec.max_concurrent,
-        max_failures=spec.max_failures, param_space={"trial": tune.grid_search(entries)},
-        scheduler=FIFOScheduler()), resume=resume)
+        experiment=exp, kind="ablation", metric=spec.metric, mode=spec.mode,
+        config_of=lambda c: final_config(run_of(c)), trial_info=trial_info, scaling=scaling_of(spec), num_samples=1,
+        max_concurrent=spec.max_concurrent, max_failures=spec.max_failures,
+        param_space={"trial": tune.grid_search(entries)}, scheduler=FIFOScheduler(),
+        chain_of=run_of if chains else None), resume=resume)
     trials = load_trials(exp.uri)
     statuses = {str(k): int(v) for k, v in trials["status"].value_counts().items()} if not trials.empty else {}
     return AblationOutcome(exp, spec, ablation_summary(trials, spec), statuses, run.interrupted)

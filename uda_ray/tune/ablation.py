@@ -5,7 +5,7 @@ File format (``search_spaces/ablations/*.yaml``; the first line is a comment hol
     # uda-ray ablate search_spaces/ablations/components.yaml
     experiment: components                # a folder-safe name; the driver makes it unique
     base:
-      config: ../base/synthetic.yaml      # a run config, relative to this YAML file
+      config: ../base/synthetic.yaml      # a run config or a chain of stages, relative to this YAML file
       overrides: {run.iterations: 300}    # optional
     baseline: {loss.cluda.weight: 0.0}    # dotted overrides every cell starts from (may be {})
     components:                           # name (a simple identifier) → the dotted overrides that switch it on
@@ -26,7 +26,13 @@ Cells: ``baseline`` (no component), then for one-at-a-time ``+name`` per compone
 overrides are the baseline's with its components' on top; two components of one cell that set a key to different
 values are an error naming both. Validation (``SpaceError`` naming the file and key): unknown keys, config keys
 that do not exist or values the config rejects (every cell is checked), a component that changes nothing, empty
-components, an unknown design, duplicate seeds, ``run.seed`` set by hand (the seeds own it).
+components, an unknown design, duplicate seeds, a seed set by hand (``run.seed``, a chain's ``seed`` or
+``stages.<name>.run.seed``: the seeds own it).
+
+A chain base (``uda_ray.stages``): the overrides are the chain's (``stages.<name>.<key>`` for one stage, a plain key
+for the final stage), and a seed is the chain's ``seed``, set in every train stage, so each run repeats the whole
+recipe (warm-up, statistics, labels, …) with its seed, as ``uda-ray retrain`` does by default. A stage that a cell
+does not change is the same stage for every cell of a seed: computed once, from the stage cache, and shared.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uda_ray.config import Config, apply_overrides
+from uda_ray.stages.chain import Chain, Run, apply_run_overrides
 from uda_ray.tune.spec_yaml import (
     IDENTIFIER,
     Resources,
@@ -71,7 +77,8 @@ class AblationSpec:
     experiment: str
     base_config: Path
     base_overrides: dict[str, Any]
-    base: Config  # the base run config as read when the spec was loaded, base overrides applied: every cell's start
+    base: Run  # the base run config or chain as read when the spec was loaded, base overrides applied: every cell's
+    # start
     baseline: dict[str, Any]
     components: dict[str, dict[str, Any]]
     design: str
@@ -125,19 +132,21 @@ def expand(spec: AblationSpec) -> list[Cell]:
 def grid(spec: AblationSpec) -> list[dict[str, Any]]:
     """Cells × seeds as Tune trial configs ``{"cell", "seed", "overrides"}``, seed-major so that pairs finish early.
 
-    ``overrides`` is the trainer's full dotted override dict: base overrides, then the cell's, then ``run.seed``.
-    Every cell gets exactly the spec's seeds (paired comparisons).
+    ``overrides`` is the trainer's full dotted override dict: base overrides, then the cell's, then the seed
+    (``run.seed``; a chain's ``seed``). Every cell gets exactly the spec's seeds (paired comparisons).
     """
     cells = expand(spec)
-    return [{"cell": c.name, "seed": s, "overrides": {**spec.base_overrides, **c.overrides, "run.seed": s}}
+    seed_key = "seed" if isinstance(spec.base, Chain) else "run.seed"
+    return [{"cell": c.name, "seed": s, "overrides": {**spec.base_overrides, **c.overrides, seed_key: s}}
             for s in spec.seeds for c in cells]
 
 
 def _overrides(value: Any, path: Path, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SpaceError(f"{path}: {where} = {value!r}: expected a mapping of dotted config keys to values")
-    if "run.seed" in value:
-        raise SpaceError(f"{path}: {where} sets 'run.seed': seeds come from the spec's 'seeds' list")
+    for key in value:
+        if key in ("run.seed", "seed") or (key.startswith("stages.") and key.endswith(".run.seed")):
+            raise SpaceError(f"{path}: {where} sets '{key}': seeds come from the spec's 'seeds' list")
     return dict(value)
 
 
@@ -197,6 +206,6 @@ def load_ablation(path: str | Path, overrides: list[str] | None = None) -> Ablat
                         max_failures=max_failures, resources=resources)
 
 
-def cell_config(spec: AblationSpec, entry: dict[str, Any]) -> Config:
-    """The full run config of one ``grid`` entry (the spec's base config with the entry's overrides applied)."""
-    return apply_overrides(spec.base, entry["overrides"], source=f"{spec.path} ({entry['cell']})")
+def cell_config(spec: AblationSpec, entry: dict[str, Any]) -> Run:
+    """The full run config (or chain) of one ``grid`` entry: the spec's base with the entry's overrides applied."""
+    return apply_run_overrides(spec.base, entry["overrides"], source=f"{spec.path} ({entry['cell']})")
