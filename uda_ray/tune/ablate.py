@@ -101,9 +101,9 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
     entries = grid(spec)
     # every run config is built (and validated) here, so trials never read the YAML files on cluster nodes
     runs: dict[tuple[str, int], Run] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}
-    chains = {k: r for k, r in runs.items() if isinstance(r, Chain)}
+    chains = [r for r in runs.values() if isinstance(r, Chain)]  # all of them with a chain base, else none
     preflight([r for r in runs.values() if not isinstance(r, Chain)], storage=exp.root)
-    for chain in chains.values():
+    for chain in chains:
         preflight_chain(chain, storage=exp.root)
     if check:
         cells = expand(spec)

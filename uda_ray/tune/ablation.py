@@ -77,8 +77,7 @@ class AblationSpec:
     experiment: str
     base_config: Path
     base_overrides: dict[str, Any]
-    base: Run  # the base run config or chain as read when the spec was loaded, base overrides applied: every cell's
-    # start
+    base: Run  # the base run config or chain as loaded, base overrides applied: every cell's start
     baseline: dict[str, Any]
     components: dict[str, dict[str, Any]]
     design: str
