@@ -34,6 +34,7 @@ def _command(path: Path) -> str:
 def test_the_shipped_files_are_there() -> None:
     names = {p.relative_to(ROOT / "search_spaces").as_posix() for p in SHIPPED}
     expected = {"base/daformer_gta2cs.yaml", "base/daformer_synthia2cs.yaml", "ablations/components.yaml",
+                "ablations/chain_stages.yaml",
                 *(f"{n}.yaml" for n in PAPER_SPACES), *(f"{n}.yaml" for n in HRDA_SPACES),
                 *(f"base/{n}.yaml" for n in HRDA_BASES)}
     assert expected <= names
