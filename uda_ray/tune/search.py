@@ -72,10 +72,19 @@ def study_storage(exp: Experiment) -> str:
     study in SQLite (a resumed one keeps it). ``optuna-dashboard`` opens either; ``load_study`` reads either."""
     local = exp.local_dir or Path("results") / exp.name
     local.mkdir(parents=True, exist_ok=True)
-    sqlite = local / SQLITE_STUDY_FILE
-    if sqlite.is_file():
-        return f"sqlite:///{sqlite.resolve()}"
-    return str((local / STUDY_FILE).resolve())
+    return _location(_study_file(local))
+
+
+def _study_file(folder: Path) -> Path:
+    """The study file of an experiment folder: the SQLite file a search launched before the journal left there, or
+    else the journal."""
+    sqlite = folder / SQLITE_STUDY_FILE
+    return sqlite if sqlite.is_file() else folder / STUDY_FILE
+
+
+def _location(study_file: Path) -> str:
+    """``open_study_storage``'s location of a study file: an SQLite URL, or the journal's path."""
+    return f"sqlite:///{study_file.resolve()}" if study_file.suffix == ".db" else str(study_file.resolve())
 
 
 class _StudyConnection(sqlite3.Connection):
@@ -109,14 +118,13 @@ def load_study(where: str | Path) -> optuna.Study:
     if not location.startswith("sqlite:///"):
         path = Path(location)
         if path.is_dir():
-            files = [path / name for name in (SQLITE_STUDY_FILE, STUDY_FILE) if (path / name).is_file()]
-            if not files:
+            if not _study_file(path).is_file():
                 raise FileNotFoundError(f"{path}: no Optuna study ({STUDY_FILE} or {SQLITE_STUDY_FILE}); the study "
                                         f"of a search is in the local folder of its experiment")
-            path = files[0]
+            path = _study_file(path)
         elif not path.is_file():
             raise FileNotFoundError(f"{path}: no such experiment folder or study file")
-        location = f"sqlite:///{path.resolve()}" if path.name.endswith(".db") else str(path)
+        location = _location(path)
     storage = open_study_storage(location)
     names = optuna.get_all_study_names(storage)
     if len(names) != 1:
