@@ -5,6 +5,7 @@ a "session" is a folder name and a sleeping process that carries it on its comma
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import psutil
 import pytest
 
 from uda_ray.tune import local_ray
+
+API = local_ray.API_SERVER_ENV
 
 
 @pytest.fixture()
@@ -127,3 +130,27 @@ def test_start_without_a_dashboard_changes_nothing(fake_ray) -> None:
     fake = fake_ray(up_from=99)
     assert local_ray.start(include_dashboard=False, runtime_env={"env_vars": {"A": "1"}}) is None
     assert fake.starts == [{"address": "local", "include_dashboard": False, "runtime_env": {"env_vars": {"A": "1"}}}]
+
+
+def test_the_local_rays_tasks_and_actors_find_its_state_api(ray_local: None) -> None:
+    """The shared Ray of the tests starts as a search's does: its tasks and actors (a Tune trial, a Train worker)
+    find the state API of their own Ray and have the job's variables; the driver's environment is as it was."""
+    import ray
+
+    url = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+
+    def seen() -> tuple[str | None, str | None]:
+        return os.environ.get(API), os.environ.get("OMP_NUM_THREADS")
+
+    @ray.remote(num_cpus=1)
+    class Actor:
+        def seen(self) -> tuple[str | None, str | None]:
+            return seen()
+
+    actor = Actor.remote()
+    try:
+        assert ray.get(ray.remote(num_cpus=1)(seen).remote()) == (url, "1")
+        assert ray.get(actor.seen.remote()) == (url, "1")
+    finally:
+        ray.kill(actor)
+    assert API not in os.environ
