@@ -132,6 +132,7 @@ def test_start_without_a_dashboard_changes_nothing(fake_ray) -> None:
     assert fake.starts == [{"address": "local", "include_dashboard": False, "runtime_env": {"env_vars": {"A": "1"}}}]
 
 
+@pytest.mark.ray
 def test_the_local_rays_tasks_and_actors_find_its_state_api(ray_local: None) -> None:
     """The shared Ray of the tests starts as a search's does: its tasks and actors (a Tune trial, a Train worker)
     find the state API of their own Ray and have the job's variables; the driver's environment is as it was."""
