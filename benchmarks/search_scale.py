@@ -27,6 +27,12 @@ What the overhead per trial is made of: the driver's seconds per trial in Tune's
 grows with the number of trials), in Optuna (TPE fits its estimators to every finished trial at each suggestion)
 and in uda-ray's results callback (parquet rows, compaction, progress lines), timed by wrapping those methods.
 
+uda-ray's share of that growth, without Ray: the same numbers of trials (``--sizes``) driven through uda-ray's results
+callback alone, in this process, as Tune calls it (a start, ``--iterations`` reports of as many metrics as a tiny
+trial reports, the last with the evaluation, a checkpoint, the end; ``--callback-fit-s`` of sleep per trial for its
+training, which spaces the compactions as a search's trials do), with no trial processes competing for the CPUs:
+milliseconds per trial at each N, and the ratio between the largest and the smallest.
+
 The Optuna study's storage, side by side: ``--study-trials`` trials of the searcher's calls (ask, two suggestions,
 two user attributes, an intermediate value, tell; two trials at a time, TPE as the search samples) against the
 journal file a search keeps its study in and against the SQLite file it kept it in before, alternating, twice; and
@@ -128,6 +134,49 @@ def study_storages(tmp: Path, trials: int, rounds: int = 2) -> dict[str, list[tu
     return out
 
 
+# the numeric metrics of a tiny trial's reports besides "iteration" (train losses and timings, the evaluation's)
+REPORT_METRICS = 34
+
+
+def callback_alone_ms(n: int, cache: Path, work: Path, iterations: int, fit_s: float) -> float:
+    """Milliseconds per trial that ``ResultsCallback`` takes for ``n`` trials driven as Tune drives it, in this
+    process (the end of the experiment, its last compaction, included)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from uda_ray.config import apply_overrides, load_config
+    from uda_ray.tune.callback import ResultsCallback, TrialInfo
+
+    cfg = apply_overrides(load_config(SYNTHETIC), tiny(cache, iterations))
+    cb = ResultsCallback(root=str(work), experiment="alone", kind="search", metric="val/miou", mode="max",
+                         trial_info=lambda c: TrialInfo(config=cfg, overrides={"optim.lr": c["lr"]}))
+    keys = [f"train/m{i}" for i in range(REPORT_METRICS - 1)]
+    spent = 0.0
+
+    def call(hook, *args) -> None:
+        nonlocal spent
+        t0 = time.perf_counter()
+        hook(*args)
+        spent += time.perf_counter() - t0
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the progress lines are timed, not shown
+        for k in range(n):
+            trial = SimpleNamespace(trial_id=f"t{k:05d}", config={"lr": 1e-3}, error_file=None, last_result={})
+            call(cb.on_trial_start, 0, [], trial)
+            for it in range(1, iterations + 1):
+                result = {"iteration": it, **{key: 1.0 / it for key in keys}}
+                if it == iterations:
+                    result["val/miou"] = (k % 17) / 100
+                trial.last_result = result
+                call(cb.on_trial_result, 0, [], trial, result)
+                time.sleep(fit_s / iterations)
+            call(cb.on_checkpoint, 0, [], trial, SimpleNamespace(path=str(work / f"ckpt{k}")))
+            call(cb.on_trial_complete, 0, [], trial)
+        call(cb.on_experiment_end, [])
+    return 1000 * spent / n
+
+
 def fresh_import_s(code: str, runs: int) -> float:
     """Median seconds of a fresh interpreter running ``code`` (its start-up included)."""
     times = []
@@ -205,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fit-runs", type=int, default=3)
     p.add_argument("--import-runs", type=int, default=3, help="fresh processes timed per import")
     p.add_argument("--study-trials", type=int, default=200, help="trials of the study storages' side by side")
+    p.add_argument("--callback-fit-s", type=float, default=0.05,
+                   help="seconds of training per trial when the callback is driven alone")
     args = p.parse_args(argv)
     if min(args.sizes) < 1 or args.concurrent < 1:
         p.error(f"--sizes {args.sizes} / --concurrent {args.concurrent}: expected positive numbers")
@@ -224,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         t_floor = fresh_import_s(FLOOR_IMPORT, args.import_runs)
         t_trial = fresh_import_s(TRIAL_IMPORT, args.import_runs)
         storages = study_storages(tmp, args.study_trials)
+        alone = {n: callback_alone_ms(n, cache, tmp / f"alone{n}", args.iterations, args.callback_fit_s)
+                 for n in args.sizes}
         t0 = time.perf_counter()
         local_ray.start(num_cpus=args.cpus or args.concurrent, log_to_driver=False)  # as a search starts one
         t_ray = time.perf_counter() - t0
@@ -264,6 +317,10 @@ def main(argv: list[str] | None = None) -> None:
         for p in parts:
             first, last = (rows[0]["driver"].get(p, 0.0) / rows[0]["n"], rows[-1]["driver"].get(p, 0.0) / rows[-1]["n"])
             print(f"  {p}: {last - first:+.3f} s per trial from N = {rows[0]['n']} to {rows[-1]['n']}")
+    print(f"uda-ray's callback driven alone (no Ray, no trial processes; {args.callback_fit_s:g} s of training per "
+          f"trial): " + ", ".join(f"{alone[n]:.1f} ms" for n in args.sizes) + " per trial at N = "
+          + ", ".join(str(n) for n in args.sizes)
+          + (f"; largest / smallest {max(alone.values()) / min(alone.values()):.2f}" if len(alone) > 1 else ""))
     print(f"\nthe Optuna study's storage, side by side ({args.study_trials} trials of the searcher's calls, rounds "
           f"alternating):")
     for kind, runs in storages.items():
