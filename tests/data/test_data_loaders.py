@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from uda_ray.data.loaders import InfiniteSampler, build_train_loader, build_val_loader, val_indices
 
@@ -118,3 +118,33 @@ class IntKeys(Echo):
     def __getitem__(self, key):
         assert isinstance(key, int)
         return super().__getitem__((key, 0))
+
+
+def test_train_loader_starts_its_workers_at_the_first_batch():
+    """A stream the run never reads (the target's in a source-only stage) starts no worker processes."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    torch.set_num_threads(1)
+    it = build_train_loader(Echo(6), batch_size=2, seed=1, num_workers=1)
+    assert {p.pid for p in me.children()} == before
+    assert next(it)["image"].shape == (2, 3, 2, 2)
+    assert {p.pid for p in me.children()} - before  # its worker now runs
+    del it
+
+
+def test_train_loader_draws_its_seed_as_iterating_a_dataloader_does():
+    """Building the stream advances torch's global generator as ``iter(DataLoader)`` does, and gives its workers the
+    same base seed, though they start later: a run's dropout draws and a resumed run's restored state are unchanged."""
+    ds = Echo(6)
+    torch.manual_seed(5)
+    build_train_loader(ds, batch_size=2, seed=1)
+    after_build = torch.get_rng_state()
+    torch.manual_seed(5)
+    it = iter(DataLoader(ds, batch_size=2, sampler=InfiniteSampler(len(ds), seed=1, batch_size=2), drop_last=True))
+    assert torch.equal(after_build, torch.get_rng_state())
+    torch.manual_seed(5)
+    lazy = build_train_loader(ds, batch_size=2, seed=1)
+    next(lazy)
+    assert lazy._it._base_seed == it._base_seed

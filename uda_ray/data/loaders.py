@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uda_ray.data.class_balanced import ClassBalancedSpec
@@ -97,9 +98,30 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank: in
         rcs.check_dataset(dataset)
         sampler = RareClassSampler(rcs, seed=seed, rank=rank, world_size=world_size, start=start,
                                    batch_size=batch_size)
+    # the workers start at the first batch (_OnFirstNext), but their seeds' base is drawn here from torch's global
+    # generator, as iter(DataLoader) draws it: from a generator in the global one's state, which the draw then
+    # advances, so a run's later random draws (dropout, a resumed run's restored state) are what they were
+    base = torch.Generator()
+    base.set_state(torch.get_rng_state())
+    torch.empty((), dtype=torch.int64).random_()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                        persistent_workers=num_workers > 0)
-    return iter(loader)
+                        persistent_workers=num_workers > 0, generator=base)
+    return _OnFirstNext(loader)
+
+
+class _OnFirstNext(Iterator[dict[str, Any]]):
+    """``iter(loader)`` at the first ``next``: a loader's worker processes start, and begin to read ahead, when it is
+    first iterated, so the stream a run never reads (the target's in a source-only stage, the source's when a stage
+    trains on target labels alone) starts none and reads nothing."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._loader = loader
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = iter(self._loader)
+        return next(self._it)
 
 
 def val_indices(size: int, *, rank: int = 0, world_size: int = 1, max_images: int = 0) -> list[int]:
