@@ -84,7 +84,8 @@ def batches_read(settings: StepSettings, terms: Sequence[Term]) -> tuple[bool, b
     """Whether an iteration reads the source batch and the target batch. A term that reads only the source pass
     (``context.SRC``) uses no target image, one that reads only the target pass (``TGT``) no source image; the
     mixed pass and every other term read both. A source-only warm-up thus draws no target batch and self-training
-    on offline target labels no source batch: the loader of the other domain is never asked for one."""
+    on offline target labels no source batch: the loader of the other domain is never asked for one, and so
+    never starts its workers (``uda_ray.data.loaders``)."""
     s = settings
     source = s.source_weight > 0 or s.mix_weight > 0 or any(t.reads != {TGT} for t in terms)
     target = s.mix_weight > 0 or s.target_labels or any(t.reads != {SRC} for t in terms)
