@@ -178,6 +178,25 @@ def test_chain_errors_are_reported_before_training(tmp_path: Path, synthetic_cac
     assert not (tmp_path / "results" / "stages").exists()  # nothing ran
 
 
+def test_the_checks_of_many_chains_read_a_shared_root_and_file_once(tmp_path: Path, synthetic_cache: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ablation's or a retrain's chains (one recipe, several seeds) share their data and checkpoint files: the
+    data is checked once, and each checkpoint stage's file is loaded once into each network that reads it."""
+    import uda_ray.models.released
+    import uda_ray.preflight
+    from uda_ray.stages.check import preflight_chain
+
+    (tmp_path / "warm.pt").write_bytes(b"read by the stub below")
+    chain = load_chain(write_chain(tmp_path / "chain.yaml", synthetic_cache, {
+        "warm": {"kind": "checkpoint", "path": "warm.pt"}, "adapt": {"kind": "train", "init": "warm"}}))
+    scanned, loaded = [], []
+    real_scan = uda_ray.preflight.data_problems
+    monkeypatch.setattr(uda_ray.preflight, "data_problems", lambda cfg: scanned.append(cfg) or real_scan(cfg))
+    monkeypatch.setattr(uda_ray.models.released, "load_released", lambda model, path, **kw: loaded.append(path))
+    preflight_chain(*(chain.with_seed(s) for s in (0, 1, 2)), storage=str(tmp_path / "results"))
+    assert len(scanned) == 1 and len(loaded) == 1
+
+
 def test_a_stage_that_raises_is_named_in_the_error(tmp_path: Path, synthetic_cache: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     chain = load_chain(write_chain(tmp_path / "chain.yaml", synthetic_cache, {

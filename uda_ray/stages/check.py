@@ -29,17 +29,23 @@ def _readers(chain: Chain, name: str) -> list[tuple[str, Config]]:
     return out
 
 
-def check_checkpoint_stages(chain: Chain) -> None:
-    """Each checkpoint stage's file exists and loads into the network of every stage that reads it."""
+def check_checkpoint_stages(chain: Chain, checked: set[tuple] | None = None) -> None:
+    """Each checkpoint stage's file exists and loads into the network of every stage that reads it; a (file, network)
+    already in ``checked`` (another chain's, the same recipe with another seed or cell) is not loaded again."""
     from uda_ray.models.released import load_released
     from uda_ray.train.loop import build_model
 
+    checked = set() if checked is None else checked
     for s in chain.stages:
         if s.kind != "checkpoint":
             continue
         if "://" not in s.path and not Path(s.path).is_file():
             raise PreflightError(f"{chain.source}: stage '{s.name}' key 'path' = {s.path!r}: no such file")
         for reader, cfg in _readers(chain, s.name):
+            key = (s.path, s.weights, cfg.model, cfg.loss)  # what build_model reads
+            if key in checked:
+                continue
+            checked.add(key)
             model = build_model(cfg, load_pretrained=False)
             try:
                 load_released(model, s.path, weights=s.weights)
@@ -48,7 +54,11 @@ def check_checkpoint_stages(chain: Chain) -> None:
                                  f"network of stage '{reader}': {e}") from None
 
 
-def preflight_chain(chain: Chain, *, storage: str | None = None, storage_option: str = "--storage") -> None:
-    """``preflight`` for every stage's config, then the checkpoint stages' files."""
-    preflight(chain_configs(chain), storage=storage, storage_option=storage_option)
-    check_checkpoint_stages(chain)
+def preflight_chain(*chains: Chain, storage: str | None = None, storage_option: str = "--storage") -> None:
+    """``preflight`` for every stage's config of ``chains`` at once (a data root that many chains share, the cells
+    and seeds of an ablation, is checked once), then the checkpoint stages' files."""
+    preflight([cfg for chain in chains for cfg in chain_configs(chain)], storage=storage,
+              storage_option=storage_option)
+    checked: set[tuple] = set()
+    for chain in chains:
+        check_checkpoint_stages(chain, checked)

@@ -102,9 +102,10 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
     # every run config is built (and validated) here, so trials never read the YAML files on cluster nodes
     runs: dict[tuple[str, int], Run] = {(e["cell"], e["seed"]): cell_config(spec, e) for e in entries}
     chains = [r for r in runs.values() if isinstance(r, Chain)]  # all of them with a chain base, else none
-    preflight([r for r in runs.values() if not isinstance(r, Chain)], storage=exp.root)
-    for chain in chains:
-        preflight_chain(chain, storage=exp.root)
+    if chains:
+        preflight_chain(*chains, storage=exp.root)
+    else:
+        preflight(runs.values(), storage=exp.root)
     if check:
         cells = expand(spec)
         iterations = sorted({final_config(r).run.iterations for r in runs.values()})

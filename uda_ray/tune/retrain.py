@@ -227,8 +227,7 @@ def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1
     exp = choose_retrain(source, resume=resume)
     stage_storage = source.rsplit("/", 1)[0]  # the search's results root: its stages/ holds the cache
     preflight([r.config for r in runs if r.chain is None], storage=source, storage_option="the source experiment")
-    for chain in {r.chain.to_json(): r.chain for r in runs if r.chain is not None}.values():
-        preflight_chain(chain)
+    preflight_chain(*{r.chain.to_json(): r.chain for r in runs if r.chain is not None}.values())
     request = {**_request(source, metric, mode, runs), "reuse_stages": reuse_stages}
     if resume:
         _check_resume_request(exp, request)
