@@ -22,7 +22,6 @@ from uda_ray.results.schema import FINISHED, is_percent_metric, metric_value_tex
 from uda_ray.results.store import load_trials
 from uda_ray.stages.chain import Chain, Run, final_config
 from uda_ray.stages.check import preflight_chain
-from uda_ray.stages.run import stage_columns
 from uda_ray.tune.ablation import AblationSpec, cell_config, expand, grid, load_ablation
 from uda_ray.tune.callback import TrialInfo
 from uda_ray.tune.driver import (
@@ -123,11 +122,9 @@ def run_ablation(spec_path: str | Path, *, address: str | None = None, storage: 
         return runs[(e["cell"], e["seed"])]
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
-        e, run = _entry(tune_config), run_of(tune_config)
-        chain = run if isinstance(run, Chain) else None
-        return TrialInfo(config=final_config(run), overrides=own_overrides(spec, e["overrides"]), cell=e["cell"],
-                         seed=e["seed"], chain=chain.to_json() if chain else None,
-                         stages=stage_columns(chain, exp.root) if chain else None)
+        e = _entry(tune_config)
+        return TrialInfo.of_run(run_of(tune_config), exp.root, overrides=own_overrides(spec, e["overrides"]),
+                                cell=e["cell"], seed=e["seed"])
 
     run = run_experiment(ExperimentSpec(
         experiment=exp, kind="ablation", metric=spec.metric, mode=spec.mode,

@@ -57,6 +57,8 @@ from uda_ray.results.store import (
     trial_row,
     trials_table,
 )
+from uda_ray.stages.chain import Chain, Run
+from uda_ray.stages.run import stage_columns
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,14 @@ class TrialInfo:
     source_trial_id: str | None = None
     chain: str | None = None  # the trial's chain of stages (JSON), when its run is one
     stages: dict[str, str] | None = None  # stage/<name>/key and stage/<name>/uri of the stages it uses
+
+    @classmethod
+    def of_run(cls, run: Run, stage_root: str, **fields: Any) -> TrialInfo:
+        """The info of a trial that runs ``run``: its config, or a chain's final config with the chain and the
+        columns of its stages (cached under ``stage_root``); ``fields`` are the others."""
+        if isinstance(run, Chain):
+            return cls(config=run.final_config, chain=run.to_json(), stages=stage_columns(run, stage_root), **fields)
+        return cls(config=run, **fields)
 
 
 NON_RETRYABLE_KEY = "uda_ray_non_retryable"  # no "/": never a metric

@@ -47,7 +47,6 @@ from uda_ray.results.schema import is_percent_metric, metric_value_text
 from uda_ray.results.store import exists, join, load_trials, read_bytes, write_bytes
 from uda_ray.stages.chain import Chain
 from uda_ray.stages.check import preflight_chain
-from uda_ray.stages.run import stage_columns
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo
 from uda_ray.tune.driver import (
@@ -245,9 +244,8 @@ def run_retrain(results_path: str, *, top: int = 1, seeds: Sequence[int] = (0, 1
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
         r = run_of(tune_config)
-        return TrialInfo(config=r.config, overrides=r.overrides, seed=r.seed, source_trial_id=r.source_trial_id,
-                         chain=r.chain.to_json() if r.chain else None,
-                         stages=stage_columns(r.chain, stage_storage) if r.chain else None)
+        return TrialInfo.of_run(r.chain or r.config, stage_storage, overrides=r.overrides, seed=r.seed,
+                                source_trial_id=r.source_trial_id)
 
     entries = [{"source_trial_id": r.source_trial_id, "seed": r.seed} for r in runs]
     run = run_experiment(ExperimentSpec(

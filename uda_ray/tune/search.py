@@ -15,7 +15,6 @@ from uda_ray.config import Config
 from uda_ray.preflight import preflight
 from uda_ray.stages.chain import Chain, final_config
 from uda_ray.stages.check import preflight_chain
-from uda_ray.stages.run import stage_columns
 from uda_ray.train.worker import Scaling
 from uda_ray.tune.callback import TrialInfo, error_of
 from uda_ray.tune.driver import (
@@ -198,11 +197,8 @@ def run_search(space_path: str | Path, *, address: str | None = None, storage: s
                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
     def trial_info(tune_config: dict[str, Any]) -> TrialInfo:
-        run = trial_run(spec, tune_config)
-        chain = run if isinstance(run, Chain) else None
-        return TrialInfo(config=final_config(run), overrides=own_overrides(spec, trial_overrides(spec, tune_config)),
-                         chain=chain.to_json() if chain else None,
-                         stages=stage_columns(chain, exp.root) if chain else None)
+        return TrialInfo.of_run(trial_run(spec, tune_config), exp.root,
+                                overrides=own_overrides(spec, trial_overrides(spec, tune_config)))
 
     run = run_experiment(ExperimentSpec(
         experiment=exp, kind="search", metric=metric, mode=mode,
