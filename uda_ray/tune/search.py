@@ -117,10 +117,10 @@ def load_study(where: str | Path) -> optuna.Study:
     if not location.startswith("sqlite:///"):
         path = Path(location)
         if path.is_dir():
-            if not _study_file(path).is_file():
-                raise FileNotFoundError(f"{path}: no Optuna study ({STUDY_FILE} or {SQLITE_STUDY_FILE}); the study "
+            folder, path = path, _study_file(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder}: no Optuna study ({STUDY_FILE} or {SQLITE_STUDY_FILE}); the study "
                                         f"of a search is in the local folder of its experiment")
-            path = _study_file(path)
         elif not path.is_file():
             raise FileNotFoundError(f"{path}: no such experiment folder or study file")
         location = _location(path)
